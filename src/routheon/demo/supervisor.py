@@ -93,9 +93,11 @@ class Supervisor:
         previous = self.children.get(name)
         if previous is not None and previous.running():
             raise StartError(f"{name} is already running (pid {previous.pid})")
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         child = Child(name, list(argv), self.log_dir / f"{name}.log", dict(env or {}))
-        with child.log_path.open("ab") as log_file:
+        # prompts and answers may end up in a log: only the owner reads them
+        descriptor = os.open(child.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(descriptor, "ab") as log_file:
             try:
                 child.popen = subprocess.Popen(
                     child.argv,
