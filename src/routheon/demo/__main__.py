@@ -89,7 +89,7 @@ def _commands(stack: Stack) -> None:
         words = line.split()
         if len(words) != 2 or words[0] not in ("stop", "start"):
             if words:
-                print("commands: stop llama-server-N, start llama-server-N; Ctrl-C quits")
+                print("commands: stop llama-server-N, start llama-server-N; Ctrl-C quits", flush=True)
             continue
         action, service = words
         try:
@@ -98,12 +98,12 @@ def _commands(stack: Stack) -> None:
             else:
                 stack.start_backend(service)
         except KeyError:
-            print(f"no such service {service}; try llama-server-1 or llama-server-2")
+            print(f"no such service {service}; try llama-server-1 or llama-server-2", flush=True)
             continue
         except StartError as exc:
-            print(exc)
+            print(exc, flush=True)
             continue
-        print(f"{service} {'stopped' if action == 'stop' else 'started'}")
+        print(f"{service} {'stopped' if action == 'stop' else 'started'}", flush=True)
     signal.pause()
 
 
