@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,16 @@ def write_mapping(folder: Path, name: str, url: str) -> Path:
         f'          - url: "{url}"\n'
     )
     return path
+
+
+def eventually(condition: Callable[[], bool], within: float = 20.0) -> bool:
+    """Poll until ``condition`` holds; the bound is a hang guard, not a speed assertion."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
 
 
 @dataclass

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import openai
 import pytest
-from server_helpers import Backends, backends, model_ids, request, running_backends, running_server, write_mapping
+from server_helpers import Backends, backends, eventually, model_ids, request, running_backends, running_server, write_mapping
 from support import free_port
 
 __all__ = ["backends"]  # the fixture, imported for pytest
-
-
-def eventually(condition: Callable[[], bool], within: float = 20.0) -> bool:
-    """Poll until ``condition`` holds; the bound is a hang guard, not a speed assertion."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 @pytest.fixture
