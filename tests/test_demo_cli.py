@@ -102,7 +102,7 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         assert len(model_ids(url, "API_KEY-1")) == 1
         with urllib.request.urlopen(f"{url}/stats", timeout=10) as response:
             stats = json.load(response)
-        assert "memory" in stats and "disk" not in stats, "the demo shows only a subset of /stats"
+        assert "memory" in stats and "system" not in stats, "the demo shows only a subset of /stats"
 
         assert proc.stdin is not None
         proc.stdin.write("stop llama-server-2\n")

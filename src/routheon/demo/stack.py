@@ -15,8 +15,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -26,7 +25,7 @@ from routheon.demo.supervisor import Child, StartError, Supervisor, http_ok
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-REPO_TRAEFIK = Path(__file__).resolve().parents[3] / "traefik"
+REPO = Path(__file__).resolve().parents[3]
 SERVER_MAPPING = "routheon-server.yml"
 ENTRY_POINT = "llama-servers"
 
@@ -54,8 +53,8 @@ class StackConfig:
     context: int = 2048
     n_predict: int = 256
     threads: int = 1
-    traefik_dir: Path = REPO_TRAEFIK
-    stats_config: Path = field(default_factory=lambda: Path(str(resources.files(__package__) / "stats-config.yml")))
+    traefik_dir: Path = REPO / "traefik"
+    stats_config: Path = REPO / "stats-config.yml"
     startup_timeout: float = 120.0
 
     @property
