@@ -67,7 +67,9 @@ class StackConfig:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether nothing listens on ``port``; connections still closing (TIME_WAIT) do not count."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
