@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from routheon.demo import cache_root
 from routheon.demo.download import DownloadError
 from routheon.demo.llama import BuildError, ensure_llama_server
 from routheon.demo.models import DEMO_MODELS, ModelError, ensure_model
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare(jobs: int | None) -> tuple[Path, list[Path]]:
-    log.info("Getting llama-server and the demo models (cached under ~/.cache/routheon)")
+    log.info("Getting llama-server and the demo models (cached under %s)", cache_root())
     binary = ensure_llama_server(jobs)
     models = [ensure_model(spec) for spec in DEMO_MODELS]
     return binary, models
