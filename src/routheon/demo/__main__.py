@@ -41,17 +41,20 @@ curl {url}/v1/chat/completions \\
    ]
  }}'
 
-Chat through API_KEY-2 ({alias2}), streamed:
+A streamed answer:
 
 curl -N {url}/v1/chat/completions \\
 -H "Content-Type: application/json" \\
--H "Authorization: Bearer API_KEY-2" \\
--d '{{"model": "{alias2}", "stream": true, "messages": [{{"role": "user", "content": "Say hello."}}]}}'
+-H "Authorization: Bearer API_KEY-1" \\
+-d '{{"model": "{alias1}", "stream": true, "messages": [{{"role": "user", "content": "Say hello."}}]}}'
+
+API_KEY-2 reaches {alias2} instead (a pretrained base model: it continues text
+rather than following instructions).
 
 All models (no key), the model behind one key, host stats:
 
 curl {url}/v1/models
-curl {url}/v1/models -H "Authorization: Bearer API_KEY-1"
+curl {url}/v1/models -H "Authorization: Bearer API_KEY-2"
 curl {url}/stats
 
 Type `stop llama-server-2` and then `curl {url}/v1/models` lists one model;
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prepare:
         return 0
     backends = tuple(
-        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port))
+        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.chat_template)
         for n, (key, path, spec, port) in enumerate(zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS), start=1)
     )
     config = StackConfig(

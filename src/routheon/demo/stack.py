@@ -39,6 +39,7 @@ class Backend:
     model: Path
     alias: str
     port: int
+    chat_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Stack:
 
     def llama_argv(self, backend: Backend) -> list[str]:
         cfg = self.config
+        template = ["--chat-template", backend.chat_template] if backend.chat_template else []
         return [
             str(cfg.llama_server),
             "--model", str(backend.model),
@@ -137,6 +139,7 @@ class Stack:
             "--n-predict", str(cfg.n_predict),
             "--threads", str(cfg.threads),
             "--parallel", "1",
+            *template,
         ]
 
     def start_backend(self, service: str) -> Child:
