@@ -17,7 +17,7 @@ from routheon.demo import cache_root
 from routheon.demo.download import DownloadError
 from routheon.demo.llama import BuildError, ensure_llama_server
 from routheon.demo.models import DEMO_MODELS, ModelError, ensure_model
-from routheon.demo.stack import Backend, Stack, StackConfig, free_port
+from routheon.demo.stack import Backend, Stack, StackConfig, check_entry_port, free_port
 from routheon.demo.supervisor import StartError, Supervisor
 
 log = logging.getLogger("routheon.demo")
@@ -112,6 +112,8 @@ def _commands(stack: Stack) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.prepare:
+        check_entry_port(args.port)
     binary, models = prepare(args.jobs)
     if args.prepare:
         return 0

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import yaml
 
-from routheon.demo.supervisor import Child, StartError, Supervisor, http_ok
+from routheon.demo.supervisor import Child, StartError, Supervisor
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[3]
 SERVER_MAPPING = "routheon-server.yml"
+MARKER = ".routheon-demo"
 ENTRY_POINT = "llama-servers"
 
 
@@ -76,6 +77,15 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def check_entry_port(port: int) -> None:
+    """Fail with advice, before anything starts, when Traefik could not listen on ``port``."""
+    if not port_is_free(port):
+        raise StartError(
+            f"port {port} on {LOOPBACK} is already in use: stop what listens there "
+            "(another demo or Traefik?) or pick another port with --port"
+        )
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -158,11 +168,19 @@ class Stack:
     # -- configuration files -------------------------------------------------------------
 
     def _reset_mappings(self) -> None:
-        """Start from an empty demo mappings folder holding only routheon-server's mapping."""
-        mappings = self.config.mappings
+        """Start from an empty demo mappings folder holding only routheon-server's mapping.
+
+        The folder is emptied only when the demo made it (a marker file says so), so that a
+        mistyped ``--workdir`` cannot wipe a real mappings folder.
+        """
+        workdir, mappings = self.config.workdir, self.config.mappings
         if mappings.exists():
+            if not (workdir / MARKER).is_file():
+                raise StartError(f"{mappings} exists and was not made by the demo; choose another --workdir")
             shutil.rmtree(mappings)
-        mappings.mkdir(parents=True, mode=0o700)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / MARKER).touch()
+        mappings.mkdir(mode=0o700)
         template = (self.config.traefik_dir / "mappings" / SERVER_MAPPING).read_text(encoding="utf-8")
         local = template.replace("http://routheon-server:9080", f"http://{LOOPBACK}:{self.config.server_port}")
         (mappings / SERVER_MAPPING).write_text(local, encoding="utf-8")
@@ -196,12 +214,7 @@ class Stack:
     def start(self) -> None:
         """Start everything and return once a request through Traefik lists every model."""
         cfg = self.config
-        if not port_is_free(cfg.entry_port):
-            raise StartError(
-                f"port {cfg.entry_port} on {LOOPBACK} is already in use: stop what listens there "
-                "(another demo or Traefik?) or pick another port with --port"
-            )
-        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        check_entry_port(cfg.entry_port)
         self._reset_mappings()
         for backend in cfg.backends:
             log.info("Starting %s (%s) on port %d", backend.service, backend.alias, backend.port)
@@ -229,6 +242,3 @@ class Stack:
             f"{expected} listed by {cfg.entry_url}/v1/models",
             cfg.startup_timeout,
         )
-
-    def healthy(self) -> bool:
-        return http_ok(f"{self.config.entry_url}/v1/models")
