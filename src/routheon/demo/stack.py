@@ -215,6 +215,10 @@ class Stack:
         """Start everything and return once a request through Traefik lists every model."""
         cfg = self.config
         check_entry_port(cfg.entry_port)
+        needed = (cfg.traefik_dir / "traefik.yml", cfg.traefik_dir / "mappings" / SERVER_MAPPING, cfg.stats_config)
+        missing = [str(path) for path in needed if not path.is_file()]
+        if missing:
+            raise StartError(f"the demo runs from a Routheon clone (`make demo`); missing: {', '.join(missing)}")
         self._reset_mappings()
         for backend in cfg.backends:
             log.info("Starting %s (%s) on port %d", backend.service, backend.alias, backend.port)
