@@ -46,7 +46,7 @@ A streamed answer:
 curl -N {url}/v1/chat/completions \\
 -H "Content-Type: application/json" \\
 -H "Authorization: Bearer API_KEY-1" \\
--d '{{"model": "{alias1}", "stream": true, "messages": [{{"role": "user", "content": "Say hello."}}]}}'
+-d '{{"model": "{alias1}", "stream": true, "messages": [{{"role": "user", "content": "Write a haiku about the sea."}}]}}'
 
 API_KEY-2 reaches {alias2} instead (a pretrained base model: it continues text
 rather than following instructions).
