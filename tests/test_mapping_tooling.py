@@ -274,3 +274,18 @@ def test_shipped_mappings_pass_the_check(tmp_path: Path) -> None:
     assert routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY).returncode == 0
     assert "routheon-errors" in (tmp_path / "alpha.yml").read_text()
     assert not has_errors(check_folder(tmp_path)), findings(tmp_path)
+
+
+def test_the_error_pages_file_cannot_be_removed_while_keys_use_it(tmp_path: Path) -> None:
+    shipped = (REPO / "traefik" / "mappings" / "routheon-server.yml").read_text()
+    (tmp_path / "routheon-server.yml").write_text(shipped)
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    refused = routheon(tmp_path, "mapping", "remove", "--service", "routheon-server")
+    assert refused.returncode == 1 and "alpha.yml" in refused.stderr
+    assert (tmp_path / "routheon-server.yml").exists()
+
+
+def test_forcing_error_pages_without_their_definition_warns(tmp_path: Path) -> None:
+    result = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--error-pages")
+    assert result.returncode == 0 and "Traefik disables this router" in result.stderr
+    assert "middleware 'routheon-errors' is not defined" in "\n".join(findings(tmp_path))

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from support import REPO, VENV_BIN, Proc, free_port, wait_http
 
+STATIC_CONFIG = REPO / "traefik" / "traefik.yml"
 SERVER_MAPPING = REPO / "traefik" / "mappings" / "routheon-server.yml"
 FAKE_LLAMA = REPO / "tests" / "fake_llama.py"
 
@@ -79,14 +82,14 @@ class Stack:
         return self.workdir / "mappings"
 
     def _static_config(self) -> Path:
+        """The shipped traefik.yml, moved to a free loopback port and this stack's folder."""
+        config = yaml.safe_load(STATIC_CONFIG.read_text())
+        config["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{self.port}"
+        config["providers"]["file"]["directory"] = str(self.mappings)
+        config["providers"]["providersThrottleDuration"] = "200ms"
+        config["log"]["level"] = "INFO"
         path = self.workdir / "traefik.yml"
-        path.write_text(
-            "global:\n  checkNewVersion: false\n  sendAnonymousUsage: false\n"
-            f"entryPoints:\n  llama-servers:\n    address: '127.0.0.1:{self.port}'\n"
-            f"providers:\n  providersThrottleDuration: 200ms\n"
-            f"  file:\n    directory: '{self.mappings}'\n    watch: true\n"
-            "log:\n  level: INFO\n"
-        )
+        path.write_text(yaml.safe_dump(config))
         return path
 
     def install_server_mapping(self) -> None:

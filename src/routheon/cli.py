@@ -16,8 +16,14 @@ from pathlib import Path
 from routheon import __version__
 from routheon.keys import InvalidKeyError, generate_key, key_warnings, mask_key
 from routheon.mapping_check import check_folder, has_errors
-from routheon.mapping_store import MappingConflictError, add_mapping, remove_keys, remove_service
-from routheon.mappings import ENTRY_POINT, MappingFormatError, MappingSpec, scan_folder
+from routheon.mapping_store import (
+    MappingConflictError,
+    add_mapping,
+    defines_error_pages,
+    remove_keys,
+    remove_service,
+)
+from routheon.mappings import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec, scan_folder
 from routheon.rules import rule_keys
 
 DEFAULT_MAPPINGS = "/etc/traefik/mappings"
@@ -75,7 +81,15 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     for key in keys:
         for warning in key_warnings(key):
             log.warning("%s", warning)
-    changes = add_mapping(Path(args.mappings), spec, replace=args.replace, error_pages=args.error_pages)
+    folder = Path(args.mappings)
+    if args.error_pages and not defines_error_pages(scan_folder(folder).files):
+        log.warning(
+            "no file in %s defines the %s middleware: Traefik disables this router (its keys do not route)"
+            " until routheon-server.yml is installed",
+            folder,
+            ERRORS_MIDDLEWARE,
+        )
+    changes = add_mapping(folder, spec, replace=args.replace, error_pages=args.error_pages)
     for change in changes:
         log.info("%s", change)
     if generated is not None:
@@ -137,6 +151,8 @@ def cmd_mapping_check(args: argparse.Namespace) -> int:
 
 
 def cmd_key_generate(args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= 1000:
+        raise CommandError("--count must be between 1 and 1000")
     for _ in range(args.count):
         print(generate_key())
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from routheon.keys import InvalidKeyError, validate_key
 from routheon.mappings import (
+    ERRORS_MIDDLEWARE,
     HEALTH_PATH,
     KeyLines,
     MappingFile,
@@ -151,6 +152,18 @@ def _cross_file(checked: list[tuple[MappingFile, KeyLines]]) -> list[Finding]:
                     )
         for router, clause in mapping.key_clauses():
             key_owners[clause.key].append((mapping.path, router.name))
+        if ERRORS_MIDDLEWARE in defined["middlewares"]:
+            for router in {router for router, _ in mapping.key_clauses()}:
+                if ERRORS_MIDDLEWARE not in router.middlewares:
+                    findings.append(
+                        Finding(
+                            mapping.path,
+                            f"router {router.name!r} does not use {ERRORS_MIDDLEWARE}: a down backend answers"
+                            " plain-text 'Bad Gateway' instead of an OpenAI error (re-run `routheon mapping add`)",
+                            WARNING,
+                            lines_of[mapping.path].get("http", "routers", router.name),
+                        )
+                    )
     for owners in key_owners.values():
         if len(owners) > 1:
             (first_path, first_router), *others = owners
