@@ -79,6 +79,7 @@ def test_several_keys_and_replicas_in_one_service(tmp_path: Path) -> None:
     assert keys_by_file(tmp_path) == {"alpha.yml": [KEY, "sk-second-0123456789abcd"]}
     assert scan_folder(tmp_path).backend_urls() == urls
     assert "healthCheck" in (tmp_path / "alpha.yml").read_text()
+    assert check_folder(tmp_path) == []
 
 
 def test_changing_a_mapping_needs_replace_and_keeps_a_private_backup(tmp_path: Path) -> None:
@@ -273,7 +274,9 @@ def test_shipped_mappings_pass_the_check(tmp_path: Path) -> None:
     (tmp_path / "routheon-server.yml").write_text(shipped)
     assert routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY).returncode == 0
     assert "routheon-errors" in (tmp_path / "alpha.yml").read_text()
-    assert not has_errors(check_folder(tmp_path)), findings(tmp_path)
+    assert findings(tmp_path) == []
+    listing = routheon(tmp_path, "mapping", "list").stdout.splitlines()
+    assert [line.split()[:2] for line in listing[1:]] == [["alpha", "sk-t...cdef"], ["routheon-server", "-"]]
 
 
 def test_the_error_pages_file_cannot_be_removed_while_keys_use_it(tmp_path: Path) -> None:
@@ -289,3 +292,13 @@ def test_forcing_error_pages_without_their_definition_warns(tmp_path: Path) -> N
     result = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--error-pages")
     assert result.returncode == 0 and "Traefik disables this router" in result.stderr
     assert "middleware 'routheon-errors' is not defined" in "\n".join(findings(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another group needs root")
+def test_files_take_the_folder_group_so_traefik_can_read_them(tmp_path: Path) -> None:
+    group = 4242
+    os.chown(tmp_path, -1, group)
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8012", "--key", KEY, "--replace")
+    for path in [tmp_path / "alpha.yml", *tmp_path.glob("alpha.yml.bak.*")]:
+        assert (path.stat().st_gid, mode(path)) == (group, 0o640), path

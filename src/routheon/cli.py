@@ -105,13 +105,15 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
     rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
     for mapping in folder.files:
         urls = {service.name: service.urls for service in mapping.services}
+        keys_of: dict[str, list[str]] = {}
         for router in mapping.routers:
-            keys = [clause.key for clause in rule_keys(router.rule) or ()]
+            keys_of.setdefault(router.service, []).extend(clause.key for clause in rule_keys(router.rule) or ())
+        for service, keys in keys_of.items():
             rows.append(
                 (
-                    router.service,
+                    service,
                     ",".join(mask_key(key) for key in keys) or "-",
-                    ",".join(urls.get(router.service, ())) or "-",
+                    ",".join(urls.get(service, ())) or "-",
                     mapping.path.name,
                 )
             )

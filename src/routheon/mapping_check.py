@@ -29,7 +29,7 @@ from routheon.mappings import (
     is_mapping_name,
     parse_mapping,
 )
-from routheon.rules import mentions_authorization, rule_keys
+from routheon.rules import selects_by_key, rule_keys
 
 ERROR = "error"
 WARNING = "warning"
@@ -74,7 +74,7 @@ def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[F
         line = lines.get("http", "routers", router.name)
         clauses = rule_keys(router.rule)
         if clauses is None:
-            if mentions_authorization(router.rule):
+            if selects_by_key(router.rule):
                 findings.append(
                     Finding(path, f"router {router.name!r}: rule not understood, its keys are not checked", WARNING, line)
                 )

@@ -62,8 +62,8 @@ class KeyLines:
 
     def _walk(self, node: yaml.Node, path: tuple[str, ...]) -> None:
         if isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                self._walk(item, path)
+            for index, item in enumerate(node.value):
+                self._walk(item, (*path, f"[{index}]"))
         if not isinstance(node, yaml.MappingNode):
             return
         for key_node, value_node in node.value:
