@@ -302,3 +302,24 @@ def test_files_take_the_folder_group_so_traefik_can_read_them(tmp_path: Path) ->
     routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8012", "--key", KEY, "--replace")
     for path in [tmp_path / "alpha.yml", *tmp_path.glob("alpha.yml.bak.*")]:
         assert (path.stat().st_gid, mode(path)) == (group, 0o640), path
+
+
+def test_a_missing_folder_is_named(tmp_path: Path) -> None:
+    absent = tmp_path / "absent"
+    for args in (["mapping", "add", "--service", "a", "--port", "1", "--key", KEY], ["mapping", "list"], ["mapping", "check"]):
+        result = routheon(absent, *args)
+        assert result.returncode == 1 and "does not exist" in result.stdout + result.stderr, args
+    assert not absent.exists()
+
+
+def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -> None:
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    (tmp_path / "copy.yaml").write_text((tmp_path / "alpha.yml").read_text().replace(KEY, "sk-copy-0123456789abcdef"))
+    (tmp_path / "dangling.yml").write_text(
+        "http:\n  routers:\n    dangling:\n      rule: 'Header(`Authorization`, `Bearer sk-dangling-0123456789`)'\n"
+        "      service: nowhere\n"
+    )
+    text = "\n".join(findings(tmp_path))
+    assert "copy.yaml:5: error: router 'alpha' is also defined in alpha.yml" in text
+    assert "copy.yaml:11: error: service 'alpha' is also defined in alpha.yml" in text
+    assert "dangling.yml:3: error: router 'dangling': service 'nowhere' is not defined" in text

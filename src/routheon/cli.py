@@ -65,6 +65,13 @@ def _backend_urls(args: argparse.Namespace) -> tuple[str, ...]:
     return (f"{args.host.rstrip('/')}:{args.port}",)
 
 
+def _existing_folder(name: str) -> Path:
+    folder = Path(name)
+    if not folder.is_dir():
+        raise CommandError(f"the mappings folder {folder} does not exist (create it, or pass --mappings DIR)")
+    return folder
+
+
 def cmd_mapping_add(args: argparse.Namespace) -> int:
     keys = list(args.key or [])
     if args.key_file:
@@ -81,7 +88,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     for key in keys:
         for warning in key_warnings(key):
             log.warning("%s", warning)
-    folder = Path(args.mappings)
+    folder = _existing_folder(args.mappings)
     if args.error_pages and not defines_error_pages(scan_folder(folder).files):
         log.warning(
             "no file in %s defines the %s middleware: Traefik disables this router (its keys do not route)"
@@ -126,7 +133,7 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
 
 
 def cmd_mapping_remove(args: argparse.Namespace) -> int:
-    folder = Path(args.mappings)
+    folder = _existing_folder(args.mappings)
     keys = list(args.key or [])
     if args.key_file:
         keys += _read_key_file(args.key_file)
