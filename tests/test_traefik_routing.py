@@ -107,6 +107,16 @@ def test_a_stopped_backend_gives_an_openai_5xx_without_the_key(two_backends: Sta
     assert two_backends.backend_of(BETA_KEY) == "beta"
 
 
+def test_a_backend_that_answers_too_late_gives_an_openai_504(tmp_path: Path) -> None:
+    with Stack(tmp_path, response_timeout="1s") as stack:
+        backend = stack.start_backend("slow")
+        stack.routheon("mapping", "add", "--service", "slow", "--url", backend.url, "--key", ALPHA_KEY)
+        stack.wait_for(lambda: stack.backend_of(ALPHA_KEY, "/quick") == "slow")
+        response = stack.request("/v1/completions?sleep=5", key=ALPHA_KEY, method="POST", body={})
+        error = assert_openai_error(response, 504, "backend_timeout")
+        assert "did not answer in time" in error["message"]
+
+
 def test_a_rotated_key_moves_to_its_new_backend_without_restart(two_backends: Stack) -> None:
     gamma = two_backends.start_backend("gamma")
     script = REPO / "traefik" / "create-mapping" / "create-mapping.sh"

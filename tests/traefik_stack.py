@@ -60,10 +60,14 @@ class Backend:
 
 @dataclass
 class Stack:
-    """Traefik on a free port watching ``workdir/mappings``, optionally with routheon-server."""
+    """Traefik on a free port watching ``workdir/mappings``, optionally with routheon-server.
+
+    ``response_timeout`` bounds how long Traefik waits for a backend's response headers.
+    """
 
     workdir: Path
     with_server: bool = True
+    response_timeout: str | None = None
     port: int = field(default_factory=free_port)
     server_port: int = field(default_factory=free_port)
     procs: list[Proc] = field(default_factory=list)
@@ -88,6 +92,8 @@ class Stack:
         config["providers"]["file"]["directory"] = str(self.mappings)
         config["providers"]["providersThrottleDuration"] = "200ms"
         config["log"]["level"] = "INFO"
+        if self.response_timeout:
+            config["serversTransport"] = {"forwardingTimeouts": {"responseHeaderTimeout": self.response_timeout}}
         path = self.workdir / "traefik.yml"
         path.write_text(yaml.safe_dump(config))
         return path
