@@ -201,3 +201,15 @@ def test_without_routheon_server_keys_still_route(tmp_path: Path) -> None:
         bare.wait_for(lambda: bare.backend_of(ALPHA_KEY) == "solo")
         unknown = bare.request("/v1/models", key="sk-nope-0123456789abcdef")
         assert unknown.status == 404 and "X-Backend" not in unknown.headers
+
+
+def test_keys_keep_routing_while_routheon_server_is_stopped(two_backends: Stack) -> None:
+    server = two_backends.procs[0]
+    assert "routheon-server" in server.argv[0]
+    server.stop()
+    assert two_backends.backend_of(ALPHA_KEY) == "alpha"
+    unknown = two_backends.request("/v1/models", key="sk-nope-0123456789abcdef")
+    assert (unknown.status, unknown.body) == (502, b"Bad Gateway")
+    two_backends.backends[0].stop()
+    down = two_backends.request("/v1/models", key=ALPHA_KEY)
+    assert down.status in (502, 503) and down.body == b"Bad Gateway"
