@@ -153,7 +153,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str
 def test_concurrent_adds_keep_every_mapping(tmp_path: Path) -> None:
     def add(index: int) -> int:
         key = f"sk-concurrent-{index:02d}-0123456789"
-        return routheon(tmp_path, "mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", key).returncode
+        args = ["mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", key]
+        return routheon(tmp_path, *args).returncode
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         assert list(pool.map(add, range(12))) == [0] * 12
@@ -306,7 +307,8 @@ def test_files_take_the_folder_group_so_traefik_can_read_them(tmp_path: Path) ->
 
 def test_a_missing_folder_is_named(tmp_path: Path) -> None:
     absent = tmp_path / "absent"
-    for args in (["mapping", "add", "--service", "a", "--port", "1", "--key", KEY], ["mapping", "list"], ["mapping", "check"]):
+    add = ["mapping", "add", "--service", "a", "--port", "1", "--key", KEY]
+    for args in (add, ["mapping", "list"], ["mapping", "check"]):
         result = routheon(absent, *args)
         assert result.returncode == 1 and "does not exist" in result.stdout + result.stderr, args
     assert not absent.exists()

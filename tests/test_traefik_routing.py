@@ -75,7 +75,8 @@ def test_keys_full_of_regex_characters_match_only_themselves(stack: Stack) -> No
 
 
 def test_missing_or_unknown_key_gets_401_on_every_path(two_backends: Stack) -> None:
-    for path, method in (("/v1/chat/completions", "POST"), ("/v1/completions", "POST"), ("/", "GET"), ("/stats/x", "GET")):
+    paths = (("/v1/chat/completions", "POST"), ("/v1/completions", "POST"), ("/", "GET"), ("/stats/x", "GET"))
+    for path, method in paths:
         missing = two_backends.request(path, method=method, body={} if method == "POST" else None)
         assert_openai_error(missing, 401, "missing_api_key")
         unknown = two_backends.request(path, key="sk-nope-0123456789abcdef", method=method)

@@ -126,7 +126,7 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
             )
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
     for problem in folder.problems:
         log.error("%s", problem)
     return 1 if folder.problems else 0
@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--service", required=True, help="service name; also the file name SERVICE.yml")
     add.add_argument("--url", action="append", metavar="URL", help="backend URL; repeat for replicas")
     add.add_argument("--port", type=int, help="backend port on --host (instead of --url)")
-    add.add_argument("--host", default=DEFAULT_HOST, help=f"backend scheme and host for --port (default: {DEFAULT_HOST})")
+    add.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"backend scheme and host for --port (default: {DEFAULT_HOST})"
+    )
     _add_key_flags(add, "route")
     add.add_argument(
         "--replace",

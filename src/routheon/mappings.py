@@ -196,9 +196,11 @@ def validate_url(url: str) -> None:
     if any(char.isspace() or char in "'\"`{}" or not char.isprintable() for char in url):
         raise ValueError(f"invalid backend URL {url!r}: it holds a character a URL cannot have here")
     try:
-        parts.port
+        port = parts.port
     except ValueError:
-        raise ValueError(f"invalid backend URL {url!r}: the port is not a number from 0 to 65535") from None
+        port = 0
+    if port == 0:
+        raise ValueError(f"invalid backend URL {url!r}: the port is not a number from 1 to 65535")
 
 
 def render_mapping(spec: MappingSpec) -> str:
@@ -357,7 +359,9 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         raise MappingFormatError("not a Traefik mapping: 'http' must be a mapping")
     middlewares = http.get("middlewares")
     if middlewares is not None and not isinstance(middlewares, dict):
-        raise MappingFormatError("http.middlewares must be a mapping of middleware names", where=("http", "middlewares"))
+        raise MappingFormatError(
+            "http.middlewares must be a mapping of middleware names", where=("http", "middlewares")
+        )
     return MappingFile(
         path,
         _parse_routers(http.get("routers")),
