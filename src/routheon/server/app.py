@@ -83,8 +83,7 @@ async def health(request: web.Request) -> web.Response:
     """
     folder = await request.app[FOLDER].current()
     problems = [
-        {"file": problem.path.name, "line": problem.line, "message": problem.message}
-        for problem in folder.problems
+        {"file": problem.path.name, "line": problem.line, "message": problem.message} for problem in folder.problems
     ]
     return _json(
         {
@@ -113,9 +112,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Start what the handlers share (HTTP client, folder scan, CPU sampler); stop it after."""
     config = app[CONFIG]
     folder = FolderWatch(config.mappings, config.skip_mapping, max_age=TTL)
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=None)
-    )
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=None))
     app[FOLDER] = folder
     app[CATALOG] = ModelCatalog(folder, session, config.mapping_timeout)
     await app[STATS].start()

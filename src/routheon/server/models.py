@@ -78,11 +78,15 @@ def parse_models_answer(body: bytes) -> Mapping[str, Any]:
     return payload
 
 
-async def fetch_models(session: aiohttp.ClientSession, url: str, timeout: float, clock: Callable[[], float]) -> BackendAnswer:
+async def fetch_models(
+    session: aiohttp.ClientSession, url: str, timeout: float, clock: Callable[[], float]
+) -> BackendAnswer:
     """Ask one backend for its models; every failure becomes an answer with an error."""
 
     async def ask() -> Mapping[str, Any]:
-        async with session.get(f"{url}/v1/models", allow_redirects=False, headers={"Accept": "application/json"}) as response:
+        async with session.get(
+            f"{url}/v1/models", allow_redirects=False, headers={"Accept": "application/json"}
+        ) as response:
             if response.status != 200:
                 raise BackendError(f"answered HTTP {response.status}")
             return parse_models_answer(await _read_capped(response, MAX_BODY))

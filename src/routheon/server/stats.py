@@ -28,6 +28,7 @@ SECTIONS = ("timestamp", "system", "cpu", "memory", "swap", "disk", "network", "
 # A config may hide anything but the moment the numbers were taken.
 ALWAYS_SHOWN = "timestamp"
 SAMPLE_INTERVAL = 1.0
+NETWORK_FIELDS = ("bytes_sent", "bytes_recv", "packets_sent", "packets_recv", "errin", "errout", "dropin", "dropout")
 _GIB = 1024**3
 
 
@@ -86,7 +87,9 @@ def parse_stats_config(text: str, source: str) -> StatsConfig:
         raise StatsConfigError(f"{source}: the top level must be a mapping with enabled_sections and/or enabled_fields")
     unknown_keys = sorted(str(key) for key in document if key not in ("enabled_sections", "enabled_fields"))
     if unknown_keys:
-        raise StatsConfigError(f"{source}: unknown setting(s) {', '.join(unknown_keys)}; use enabled_sections and enabled_fields")
+        raise StatsConfigError(
+            f"{source}: unknown setting(s) {', '.join(unknown_keys)}; use enabled_sections and enabled_fields"
+        )
     sections_raw = document.get("enabled_sections")
     sections = None if sections_raw is None else _string_list(sections_raw, f"{source}: enabled_sections")
     fields_raw = document.get("enabled_fields") or {}
@@ -98,7 +101,9 @@ def parse_stats_config(text: str, source: str) -> StatsConfig:
     }
     unknown = sorted((set(sections or ()) | set(fields)) - set(SECTIONS))
     if unknown:
-        log.warning("%s names unknown /stats section(s): %s (known: %s)", source, ", ".join(unknown), ", ".join(SECTIONS))
+        log.warning(
+            "%s names unknown /stats section(s): %s (known: %s)", source, ", ".join(unknown), ", ".join(SECTIONS)
+        )
     config = StatsConfig(sections, fields)
     if not config.limits_anything:
         log.warning("%s limits no section or field: /stats shows everything", source)
@@ -172,10 +177,7 @@ def collect(cpu_percent: float, identity: Mapping[str, str], now: float | None =
         },
         "swap": _usage(swap.total, swap.used, swap.free, swap.percent),
         "disk": _usage(disk.total, disk.used, disk.free, disk.percent),
-        "network": {
-            name: getattr(net, name, 0) if net else 0
-            for name in ("bytes_sent", "bytes_recv", "packets_sent", "packets_recv", "errin", "errout", "dropin", "dropout")
-        },
+        "network": {name: getattr(net, name, 0) if net else 0 for name in NETWORK_FIELDS},
         "processes": {"count": len(psutil.pids())},
     }
 
@@ -212,7 +214,7 @@ class StatsService:
             await asyncio.sleep(SAMPLE_INTERVAL)
             try:
                 self._cpu_percent = psutil.cpu_percent(interval=None)
-            except Exception:  # noqa: BLE001 - a sampler that dies would freeze the value silently
+            except Exception:
                 log.exception("CPU sampling failed")
 
     def body(self) -> bytes | None:
@@ -221,7 +223,7 @@ class StatsService:
         if self._body is None or now - self._built_at >= SAMPLE_INTERVAL:
             try:
                 stats = collect(self._cpu_percent, self._identity)
-            except Exception:  # noqa: BLE001 - keep serving the last good numbers
+            except Exception:
                 log.exception("collecting host stats failed")
                 return self._body
             self._body = json.dumps(self._config.apply(stats)).encode()
