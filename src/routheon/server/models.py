@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -97,9 +98,20 @@ async def fetch_models(
         return BackendAnswer(url, None, f"no answer within {timeout:g}s", timed_out=True, at=clock())
     except BackendError as exc:
         return BackendAnswer(url, None, str(exc), at=clock())
+    except aiohttp.ClientConnectorError as exc:
+        return BackendAnswer(url, None, f"cannot connect: {_reason(exc.os_error)}", at=clock())
+    except aiohttp.InvalidURL:
+        return BackendAnswer(url, None, "not a valid URL", at=clock())
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         return BackendAnswer(url, None, f"unreachable: {exc or type(exc).__name__}", at=clock())
     return BackendAnswer(url, payload, at=clock())
+
+
+def _reason(error: OSError) -> str:
+    """'Connection refused' rather than asyncio's 'Connect call failed (...)'."""
+    if error.errno and error.errno > 0:
+        return os.strerror(error.errno)
+    return error.strerror or str(error)
 
 
 def _usable_id(value: Any) -> str | None:
