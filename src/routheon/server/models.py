@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from routheon.mappings import Folder
 from routheon.server.discovery import FolderWatch
 
 log = logging.getLogger(__name__)
@@ -190,15 +191,22 @@ class ModelCatalog:
         self._backends: dict[str, _Backend] = {}
         self._snapshot = EMPTY
         self._snapshot_of: tuple[BackendAnswer, ...] = ()
+        self._folder_seen: Folder | None = None
+        self._urls: list[str] = []
+        self._fresh_until = float("-inf")
 
     async def snapshot(self) -> Snapshot:
         folder = await self._folder.current()
-        urls = sorted(folder.backend_urls())  # 1.0.7 visits backends in sorted URL order
-        for gone in self._backends.keys() - set(urls):
-            del self._backends[gone]
         now = self._clock()
+        if folder is self._folder_seen and now < self._fresh_until:
+            return self._snapshot  # the common case: nothing to look at, nothing to build
+        if folder is not self._folder_seen:
+            self._folder_seen = folder
+            self._urls = sorted(folder.backend_urls())  # 1.0.7 visits backends in sorted URL order
+            for gone in self._backends.keys() - set(self._urls):
+                del self._backends[gone]
         waits = []
-        for url in urls:
+        for url in self._urls:
             backend = self._backends.setdefault(url, _Backend())
             answer = backend.answer
             age = now - answer.at if answer else float("inf")
@@ -210,9 +218,13 @@ class ModelCatalog:
         if waits:
             # asyncio.wait, unlike gather, leaves the shared refreshes running if we are cancelled
             await asyncio.wait(waits)
-        answers = tuple(answer for url in urls if (answer := self._backends[url].answer) is not None)
+        answers = tuple(answer for url in self._urls if (answer := self._backends[url].answer) is not None)
         if answers != self._snapshot_of:
             self._snapshot, self._snapshot_of = Snapshot.of(answers), answers
+        if len(answers) == len(self._urls):
+            self._fresh_until = min((answer.at for answer in answers), default=float("inf")) + self._ttl
+        else:
+            self._fresh_until = float("-inf")
         return self._snapshot
 
     def _start_refresh(self, url: str, backend: _Backend) -> asyncio.Task[BackendAnswer]:
