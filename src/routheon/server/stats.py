@@ -80,7 +80,8 @@ def parse_stats_config(text: str, source: str) -> StatsConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise StatsConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise StatsConfigError(f"{where}: not valid YAML: {problem}") from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -92,7 +93,8 @@ def parse_stats_config(text: str, source: str) -> StatsConfig:
         )
     sections_raw = document.get("enabled_sections")
     sections = None if sections_raw is None else _string_list(sections_raw, f"{source}: enabled_sections")
-    fields_raw = document.get("enabled_fields") or {}
+    fields_raw = document.get("enabled_fields")
+    fields_raw = {} if fields_raw is None else fields_raw
     if not isinstance(fields_raw, dict):
         raise StatsConfigError(f"{source}: enabled_fields must be a mapping of section name to a list of field names")
     fields = {
