@@ -325,3 +325,13 @@ def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -
     assert "copy.yaml:5: error: router 'alpha' is also defined in alpha.yml" in text
     assert "copy.yaml:11: error: service 'alpha' is also defined in alpha.yml" in text
     assert "dangling.yml:3: error: router 'dangling': service 'nowhere' is not defined" in text
+
+
+def test_a_mapping_cannot_replace_the_error_pages_file(tmp_path: Path) -> None:
+    shipped = (REPO / "traefik" / "mappings" / "routheon-server.yml").read_text()
+    (tmp_path / "routheon-server.yml").write_text(shipped)
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    args = ["mapping", "add", "--service", "routheon-server", "--port", "9080", "--key", "sk-x-0123456789abcdef"]
+    refused = routheon(tmp_path, *args, "--replace")
+    assert refused.returncode == 1 and "alpha.yml" in refused.stderr
+    assert (tmp_path / "routheon-server.yml").read_text() == shipped

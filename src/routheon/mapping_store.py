@@ -178,12 +178,15 @@ def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) 
     return changes
 
 
-def _users_of(files: list[MappingFile], target: Path) -> list[str]:
-    """Other files whose routers use a service or middleware that ``target`` defines."""
+def _users_of(files: list[MappingFile], target: Path, kept: frozenset[str] = frozenset()) -> list[str]:
+    """Other files whose routers use a service or middleware that ``target`` defines.
+
+    Names in ``kept`` stay defined after the change, so their users do not count.
+    """
     provided: set[str] = set()
     for mapping in files:
         if mapping.path == target:
-            provided = {service.name for service in mapping.services} | set(mapping.middlewares)
+            provided = ({service.name for service in mapping.services} | set(mapping.middlewares)) - kept
     return sorted(
         {
             mapping.path.name
@@ -247,6 +250,11 @@ def add_mapping(
                 changes.append(Change("unchanged", target, detail))
             elif not replace:
                 raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
+            elif users := _users_of(files, target, kept=frozenset({spec.service})):
+                raise MappingConflictError(
+                    f"{target.name} defines what {', '.join(users)} use; replacing it would make Traefik "
+                    "disable their routers: choose another --service"
+                )
             else:
                 saved = backup(target)
                 write_atomic(target, data)
