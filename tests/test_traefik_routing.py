@@ -214,3 +214,15 @@ def test_keys_keep_routing_while_routheon_server_is_stopped(two_backends: Stack)
     two_backends.backends[0].stop()
     down = two_backends.request("/v1/models", key=ALPHA_KEY)
     assert down.status in (502, 503) and down.body == b"Bad Gateway"
+
+
+def test_replicas_share_the_load_and_a_dead_one_is_left_out(stack: Stack) -> None:
+    first, second = stack.start_backend("replica-1"), stack.start_backend("replica-2")
+    stack.routheon("mapping", "add", "--service", "pool", "--url", first.url, "--url", second.url, "--key", ALPHA_KEY)
+    seen: set[str | None] = set()
+    stack.wait_for(lambda: seen.add(stack.backend_of(ALPHA_KEY)) or {"replica-1", "replica-2"} <= seen)
+    first.stop()
+    # The health check takes the dead replica out of the rotation within one interval.
+    stack.wait_for(
+        lambda: all(stack.backend_of(ALPHA_KEY) == "replica-2" for _ in range(4)), timeout=30, what="failover"
+    )
