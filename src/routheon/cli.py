@@ -15,8 +15,9 @@ from pathlib import Path
 
 from routheon import __version__
 from routheon.keys import InvalidKeyError, generate_key, key_warnings, mask_key
-from routheon.mapping_check import check_folder, has_errors
+from routheon.mapping_check import ERROR, check_folder, has_errors
 from routheon.mapping_store import (
+    Change,
     MappingConflictError,
     add_mapping,
     defines_error_pages,
@@ -72,6 +73,19 @@ def _existing_folder(name: str) -> Path:
     return folder
 
 
+def _report(changes: list[Change], folder: Path) -> None:
+    """Say what changed, and whether Traefik can apply it: a broken file elsewhere stops it."""
+    for change in changes:
+        log.info("%s", change)
+    errors = [finding for finding in check_folder(folder) if finding.severity == ERROR]
+    for finding in errors:
+        log.warning("%s", finding)
+    if errors:
+        log.warning(
+            "Traefik may not apply this change until the problems above are fixed (see `routheon mapping check`)"
+        )
+
+
 def cmd_mapping_add(args: argparse.Namespace) -> int:
     keys = list(args.key or [])
     if args.key_file:
@@ -96,9 +110,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
             folder,
             ERRORS_MIDDLEWARE,
         )
-    changes = add_mapping(folder, spec, replace=args.replace, error_pages=args.error_pages)
-    for change in changes:
-        log.info("%s", change)
+    _report(add_mapping(folder, spec, replace=args.replace, error_pages=args.error_pages), folder)
     if generated is not None:
         log.info("generated API key for %s (shown only now):", spec.service)
         print(generated)
@@ -143,8 +155,7 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
         changes = remove_service(folder, args.service) if args.service else remove_keys(folder, keys)
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
-    for change in changes:
-        log.info("%s", change)
+    _report(changes, folder)
     return 0
 
 
