@@ -81,7 +81,9 @@ def test_docker_mappings_are_what_the_cli_writes(tmp_path: Path) -> None:
     """The committed mapping files must not drift from the project's own renderer."""
     docker_mappings = REPO / "docker" / "mappings"
     server = "routheon-server.yml"
-    assert (docker_mappings / server).read_text() == (REPO / "traefik" / "mappings" / server).read_text()
+    assert (docker_mappings / server).read_text() == (REPO / "traefik" / "mappings" / server).read_text(), (
+        "run make docker-mappings"
+    )
     shutil.copy(docker_mappings / server, tmp_path / server)
     for n in (1, 2):
         subprocess.run(
@@ -90,4 +92,4 @@ def test_docker_mappings_are_what_the_cli_writes(tmp_path: Path) -> None:
             check=True, capture_output=True,
         )
         name = f"llama-server-{n}.yml"
-        assert (docker_mappings / name).read_text() == (tmp_path / name).read_text(), name
+        assert (docker_mappings / name).read_text() == (tmp_path / name).read_text(), f"{name}: run make docker-mappings"
