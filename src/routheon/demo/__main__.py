@@ -71,7 +71,7 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m routheon.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m routheon.demo", description="Run the Routheon demo stack on 127.0.0.1 until Ctrl-C.")
     parser.add_argument("--prepare", action="store_true", help="only build/download llama-server and the models")
     parser.add_argument("--port", type=int, default=8080, help="Traefik's port on 127.0.0.1 (default: 8080)")
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="mappings, configs, logs (default: .demo)")
