@@ -77,7 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="mappings, configs, logs (default: .demo)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile jobs for llama-server (default: 2)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every process start and stop")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    return args
 
 
 def prepare(jobs: int | None) -> tuple[Path, list[Path]]:
