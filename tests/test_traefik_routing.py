@@ -203,10 +203,11 @@ def test_without_routheon_server_keys_still_route(tmp_path: Path) -> None:
         unknown = bare.request("/v1/models", key="sk-nope-0123456789abcdef")
         assert unknown.status == 404 and "X-Backend" not in unknown.headers
         # Why error pages are opt-in there: Traefik disables a router whose middleware is missing.
-        forced = bare.routheon("mapping", "add", "--service", "forced", "--url", backend.url, "--key", BETA_KEY,
-                               "--error-pages")
-        assert "Traefik disables this router" in forced.stderr
-        bare.wait_for(lambda: "routheon-errors@file" in bare.procs[0].log(), what="Traefik to read forced.yml")
+        forced = ["mapping", "add", "--service", "forced", "--url", backend.url, "--key", BETA_KEY, "--error-pages"]
+        assert "Traefik disables this router" in bare.routheon(*forced).stderr
+        traefik = bare.traefik
+        assert traefik is not None
+        bare.wait_for(lambda: "routheon-errors@file" in traefik.log(), what="Traefik to read forced.yml")
         assert bare.request("/v1/models", key=BETA_KEY).status == 404
 
 
@@ -222,9 +223,8 @@ def test_backups_and_temporary_files_are_not_read_by_traefik(two_backends: Stack
 
 
 def test_keys_keep_routing_while_routheon_server_is_stopped(two_backends: Stack) -> None:
-    server = two_backends.procs[0]
-    assert "routheon-server" in server.argv[0]
-    server.stop()
+    assert two_backends.server is not None
+    two_backends.server.stop()
     assert two_backends.backend_of(ALPHA_KEY) == "alpha"
     unknown = two_backends.request("/v1/models", key="sk-nope-0123456789abcdef")
     assert (unknown.status, unknown.body) == (502, b"Bad Gateway")
