@@ -202,12 +202,29 @@ def test_without_routheon_server_keys_still_route(tmp_path: Path) -> None:
         bare.wait_for(lambda: bare.backend_of(ALPHA_KEY) == "solo")
         unknown = bare.request("/v1/models", key="sk-nope-0123456789abcdef")
         assert unknown.status == 404 and "X-Backend" not in unknown.headers
+        # Why error pages are opt-in there: Traefik disables a router whose middleware is missing.
+        forced = ["mapping", "add", "--service", "forced", "--url", backend.url, "--key", BETA_KEY, "--error-pages"]
+        assert "Traefik disables this router" in bare.routheon(*forced).stderr
+        traefik = bare.traefik
+        assert traefik is not None
+        bare.wait_for(lambda: "routheon-errors@file" in traefik.log(), what="Traefik to read forced.yml")
+        assert bare.request("/v1/models", key=BETA_KEY).status == 404
+
+
+def test_backups_and_temporary_files_are_not_read_by_traefik(two_backends: Stack) -> None:
+    ghost = "sk-ghost-0123456789abcdef"
+    text = (two_backends.mappings / "alpha.yml").read_text().replace(ALPHA_KEY, ghost).replace("'alpha'", "'ghost'")
+    for name in ("ghost.yml.bak.20250101-000000", ".ghost.yml.abc123.tmp", "ghost.yml.bak.20250101-000000.1"):
+        (two_backends.mappings / name).write_text(text)
+    (two_backends.mappings / "visible.yml").write_text(text.replace("'ghost'", "'visible'"))
+    two_backends.wait_for(lambda: two_backends.backend_of(ghost) == "alpha", what="visible.yml to be read")
+    (two_backends.mappings / "visible.yml").unlink()
+    two_backends.wait_for(lambda: two_backends.request("/v1/models", key=ghost).status == 401, what="ghost gone")
 
 
 def test_keys_keep_routing_while_routheon_server_is_stopped(two_backends: Stack) -> None:
-    server = two_backends.procs[0]
-    assert "routheon-server" in server.argv[0]
-    server.stop()
+    assert two_backends.server is not None
+    two_backends.server.stop()
     assert two_backends.backend_of(ALPHA_KEY) == "alpha"
     unknown = two_backends.request("/v1/models", key="sk-nope-0123456789abcdef")
     assert (unknown.status, unknown.body) == (502, b"Bad Gateway")
