@@ -92,4 +92,5 @@ def test_docker_mappings_are_what_the_cli_writes(tmp_path: Path) -> None:
             check=True, capture_output=True,
         )
         name = f"llama-server-{n}.yml"
-        assert (docker_mappings / name).read_text() == (tmp_path / name).read_text(), f"{name}: run make docker-mappings"
+        written = (tmp_path / name).read_text()
+        assert (docker_mappings / name).read_text() == written, f"{name}: run make docker-mappings"
