@@ -305,13 +305,20 @@ def test_files_take_the_folder_group_so_traefik_can_read_them(tmp_path: Path) ->
         assert (path.stat().st_gid, mode(path)) == (group, 0o640), path
 
 
-def test_a_missing_folder_is_named(tmp_path: Path) -> None:
+def test_a_missing_folder_is_named_when_reading(tmp_path: Path) -> None:
     absent = tmp_path / "absent"
-    add = ["mapping", "add", "--service", "a", "--port", "1", "--key", KEY]
-    for args in (add, ["mapping", "list"], ["mapping", "check"]):
+    for args in (["mapping", "list"], ["mapping", "check"], ["mapping", "remove", "--service", "a"]):
         result = routheon(absent, *args)
         assert result.returncode == 1 and "does not exist" in result.stdout + result.stderr, args
     assert not absent.exists()
+
+
+def test_add_creates_a_missing_folder_like_the_seed_script(tmp_path: Path) -> None:
+    absent = tmp_path / "etc" / "mappings"
+    result = routheon(absent, "mapping", "add", "--service", "a", "--port", "8011", "--key", KEY)
+    assert result.returncode == 0, result.stderr
+    assert mode(absent) == 0o750
+    assert scan_folder(absent).backend_urls() == ["http://127.0.0.1:8011"]
 
 
 def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -> None:

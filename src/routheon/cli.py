@@ -73,6 +73,22 @@ def _existing_folder(name: str) -> Path:
     return folder
 
 
+def _folder_to_write(name: str) -> Path:
+    """The folder ``mapping add`` writes into, created (not world-readable) when missing.
+
+    The seed's create-mapping.sh created it too, so a llama-server unit that chains it keeps
+    working on a fresh host.
+    """
+    folder = Path(name)
+    if not folder.is_dir():
+        try:
+            folder.mkdir(mode=0o750, parents=True)
+        except OSError as exc:
+            raise CommandError(f"cannot create the mappings folder {folder}: {exc.strerror}") from None
+        log.info("created the mappings folder %s (mode 0750)", folder)
+    return folder
+
+
 def _report(changes: list[Change], folder: Path) -> None:
     """Say what changed, and whether Traefik can apply it: a broken file elsewhere stops it."""
     for change in changes:
@@ -102,7 +118,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     for key in keys:
         for warning in key_warnings(key):
             log.warning("%s", warning)
-    folder = _existing_folder(args.mappings)
+    folder = _folder_to_write(args.mappings)
     if args.error_pages and not defines_error_pages(scan_folder(folder).files):
         log.warning(
             "no file in %s defines the %s middleware: Traefik disables this router (its keys do not route)"
