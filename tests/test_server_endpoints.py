@@ -27,19 +27,111 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield running
 
 
+def write_router(folder: Path, name: str, rule: str, middlewares: tuple[str, ...] = ()) -> None:
+    """A mapping file with one router and its service; ``rule`` is written into a YAML double-quoted string."""
+    lines = [
+        "http:",
+        "  routers:",
+        f"    {name}:",
+        f'      rule: "{rule}"',
+        f"      service: {name}",
+        *([f"      middlewares: [{', '.join(middlewares)}]"] if middlewares else []),
+        "  services:",
+        f"    {name}:",
+        "      loadBalancer:",
+        "        servers:",
+        '          - url: "http://127.0.0.1:1"',
+    ]
+    (folder / f"{name}.yml").write_text("\n".join(lines) + "\n")
+
+
+def key_rule(key: str) -> str:
+    return f"Header(`Authorization`, `Bearer {key}`)"
+
+
+def health(server: Server) -> dict:
+    return request(f"{server.base}/health").json()
+
+
+def problems(server: Server) -> dict[str, str]:
+    return {problem["file"]: problem["message"] for problem in health(server)["mappings"]["problems"]}
+
+
 def test_health_names_broken_files(tmp_path: Path, folder: Path) -> None:
-    write_mapping(folder, "good.yml", "http://127.0.0.1:1")
+    write_mapping(folder, "good.yml", "http://127.0.0.1:1").chmod(0o644)
     with running_server(tmp_path, ["--mappings", str(folder)]) as server:
-        healthy = request(f"{server.base}/health").json()
+        healthy = health(server)
         assert healthy["status"] == "ok"
+        (warning,) = healthy["mappings"].pop("warnings")
+        assert warning["file"] == "good.yml" and "every user can read it" in warning["message"]
         assert healthy["mappings"] == {"folder": str(folder), "exists": True, "files": 1, "problems": []}
         assert healthy["version"]
         (folder / "bad.yml").write_text("http: [\n")
-        assert eventually(lambda: request(f"{server.base}/health").json()["status"] == "degraded")
+        assert eventually(lambda: health(server)["status"] == "degraded")
         degraded = request(f"{server.base}/health")
         assert degraded.status == 200
         (problem,) = degraded.json()["mappings"]["problems"]
         assert problem["file"] == "bad.yml" and "YAML" in problem["message"]
+
+
+def test_health_reports_what_traefik_would_reject_or_misroute(tmp_path: Path, folder: Path) -> None:
+    write_router(folder, "a", key_rule("KEY-shared"))
+    write_router(folder, "b", key_rule("KEY-shared"))
+    with running_server(tmp_path, ["--mappings", str(folder), "--log-level", "INFO"]) as server:
+        assert health(server)["status"] == "degraded"
+        assert problems(server) == {"b.yml": "router 'b': an API key here is also routed by 'a' in a.yml"}
+
+        write_router(folder, "c", key_rule("KEY-c"), middlewares=("no-such-middleware",))
+        assert eventually(lambda: "c.yml" in problems(server))
+        assert "middleware 'no-such-middleware' is not defined" in problems(server)["c.yml"]
+        assert "b.yml" in problems(server)
+
+        write_router(folder, "b", key_rule("KEY-b"))
+        write_router(folder, "c", key_rule("KEY-c"))
+        assert eventually(lambda: health(server)["status"] == "ok")
+        assert health(server)["mappings"]["problems"] == []
+        assert health(server)["mappings"]["files"] == 3
+        log = server.proc.log().splitlines()
+
+    # each error is logged once when it appears and once when it is gone, not once per scan
+    for what in ("also routed by 'a'", "'no-such-middleware' is not defined"):
+        assert len([line for line in log if " WARNING " in line and what in line]) == 1
+        assert len([line for line in log if " INFO " in line and "gone" in line and what in line]) == 1
+
+
+def test_skipped_files_are_checked_but_not_asked(tmp_path: Path, folder: Path) -> None:
+    """routheon-server.yml is no backend, but Traefik reads it: its errors count, its middleware exists."""
+    write_router(folder, "routheon-server", key_rule("KEY-x"), middlewares=("also-missing",))
+    (folder / "routheon-server.yml").write_text(
+        (folder / "routheon-server.yml").read_text() + "  middlewares:\n    routheon-errors:\n      errors: {}\n"
+    )
+    write_router(folder, "a", key_rule("KEY-a"), middlewares=("routheon-errors",))
+    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+        assert health(server)["mappings"]["files"] == 1
+        assert list(problems(server)) == ["routheon-server.yml"]
+        assert "'also-missing' is not defined" in problems(server)["routheon-server.yml"]
+
+
+HOSTILE = "sk-HOSTILE-0123456789"
+
+
+def test_health_and_log_never_show_a_key(tmp_path: Path, folder: Path) -> None:
+    """/health is reachable through Traefik without a key: not one of these keys may leak."""
+    write_router(folder, "quote", key_rule(f"{HOSTILE}'q"))
+    write_router(folder, "template", key_rule(f"{HOSTILE}{{{{.Name}}}}"))
+    write_router(folder, "space", key_rule(f"{HOSTILE} tail"))
+    write_router(folder, "regexp", f"HeaderRegexp(`Authorization`, `^Bearer {HOSTILE}.*$`)")
+    write_router(folder, "escape", key_rule(f"{HOSTILE}\\q"))  # not valid YAML: an unknown escape
+    write_router(folder, "shared1", key_rule(HOSTILE))
+    write_router(folder, "shared2", key_rule(HOSTILE))
+    write_router(folder, "opaque", f"Header(`Authorization`, `Bearer {HOSTILE}`) || Host(`{HOSTILE}`)")
+    with running_server(tmp_path, ["--mappings", str(folder), "--log-level", "DEBUG"]) as server:
+        answer = request(f"{server.base}/health")
+        found = set(problems(server))
+        log = server.proc.log()
+    assert {"quote.yml", "template.yml", "space.yml", "regexp.yml", "escape.yml", "shared2.yml"} <= found
+    assert "HOSTILE" not in answer.body.decode()
+    assert "HOSTILE" not in log
 
 
 def test_unknown_path_and_wrong_method_are_openai_errors(server: Server) -> None:

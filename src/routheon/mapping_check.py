@@ -230,14 +230,32 @@ def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
     ]
 
 
-def check_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> list[Finding]:
-    """Every problem of a mappings folder, errors and warnings, in file order."""
+@dataclass(frozen=True)
+class FolderCheck:
+    """One read of a folder: its findings, and the files that parsed along the way.
+
+    routheon-server needs both every couple of seconds; getting the parsed files from the
+    same pass spares it reading and parsing the folder a second time.
+    """
+
+    exists: bool
+    files: tuple[MappingFile, ...]
+    findings: tuple[Finding, ...]
+
+
+def inspect_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> FolderCheck:
+    """Check every file of ``folder``, as ``check_folder`` does, keeping the parsed files."""
     folder = Path(folder)
+    missing = FolderCheck(False, (), (Finding(folder, "the mappings folder does not exist"),))
     if not folder.is_dir():
-        return [Finding(folder, "the mappings folder does not exist")]
+        return missing
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except FileNotFoundError:  # removed since is_dir() looked
+        return missing
     findings: list[Finding] = []
     checked: Checked = []
-    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+    for entry in entries:
         path = Path(entry.path)
         if entry.is_dir():
             findings.append(
@@ -253,7 +271,13 @@ def check_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeo
     findings += _cross_file(checked)
     if connect:
         findings += _connect_findings(checked, timeout)
-    return sorted(findings, key=lambda finding: (finding.path.name, finding.line or 0))
+    findings.sort(key=lambda finding: (finding.path.name, finding.line or 0))
+    return FolderCheck(True, tuple(mapping for mapping, _ in checked), tuple(findings))
+
+
+def check_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> list[Finding]:
+    """Every problem of a mappings folder, errors and warnings, in file order."""
+    return list(inspect_folder(folder, connect=connect, timeout=timeout).findings)
 
 
 def has_errors(findings: Iterable[Finding]) -> bool:

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from routheon import __version__
+from routheon.mappings import MappingProblem
 from routheon.server import errors
 from routheon.server.config import ServerConfig
 from routheon.server.discovery import FolderWatch
@@ -75,25 +76,29 @@ async def stats(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+def _problem_json(problem: MappingProblem) -> dict[str, Any]:
+    return {"file": problem.path.name, "line": problem.line, "message": problem.message}
+
+
 async def health(request: web.Request) -> web.Response:
-    """Liveness, plus what an operator must fix: a missing folder or broken mapping files.
+    """Liveness, plus what an operator must fix in the mappings folder.
 
     Always 200 while the process serves: a broken mapping file is no reason for a
-    supervisor to restart this server.
+    supervisor to restart this server. Anyone may ask through Traefik without a key, so the
+    answer names files, lines and reasons, never a key or a rule.
     """
-    folder = await request.app[FOLDER].current()
-    problems = [
-        {"file": problem.path.name, "line": problem.line, "message": problem.message} for problem in folder.problems
-    ]
+    scan = await request.app[FOLDER].latest()
+    folder = scan.folder
     return _json(
         {
-            "status": "ok" if folder.exists and not problems else "degraded",
+            "status": "ok" if folder.exists and not folder.problems else "degraded",
             "version": __version__,
             "mappings": {
                 "folder": str(folder.path),
                 "exists": folder.exists,
                 "files": len(folder.files),
-                "problems": problems,
+                "problems": [_problem_json(problem) for problem in folder.problems],
+                "warnings": [_problem_json(problem) for problem in scan.warnings],
             },
         }
     )

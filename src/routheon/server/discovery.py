@@ -1,8 +1,10 @@
-"""Which backends exist: the mappings folder, re-read at most once per interval.
+"""Which backends exist, and what is wrong with the mappings folder, re-read at most once per interval.
 
 The folder is re-scanned on demand rather than watched, so there is nothing to miss and
-nothing to set up when the folder appears later. Broken files are reported when they
-become broken and when they are fixed, never once per request.
+nothing to set up when the folder appears later. Each scan is one pass of
+``routheon.mapping_check``: the same findings ``routheon mapping check`` prints, so there is
+one definition of what is wrong with a folder. Errors are logged when they appear and when
+they go away, never once per request.
 """
 
 from __future__ import annotations
@@ -12,11 +14,49 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from routheon.mappings import Folder, MappingProblem, scan_folder
+from routheon.mapping_check import ERROR, inspect_folder
+from routheon.mappings import Folder, MappingProblem
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One read of the mappings folder.
+
+    ``folder.files`` are the backends' files; ``folder.problems`` are the errors (Traefik
+    rejects the folder, disables a router or routes a key the wrong way until they are
+    fixed); ``warnings`` are findings that do not stop anything from working.
+    """
+
+    folder: Folder
+    warnings: tuple[MappingProblem, ...] = ()
+
+
+def scan_mappings(path: Path, skip: Sequence[re.Pattern[str]]) -> Scan:
+    """Check the whole folder, but take backends only from the files ``skip`` does not name.
+
+    ``skip`` (routheon-server.yml at least) is about *backends*: this server must not ask
+    itself, or the files someone chose to leave out, for models. Traefik, however, reads every
+    file, so a broken routheon-server.yml rejects the whole folder just like any other broken
+    file, and it defines the ``routheon-errors`` middleware that key routers reference: checking
+    without it would report every such reference as dangling. So findings cover every file.
+    """
+    checked = inspect_folder(path)
+    if not checked.exists:
+        return Scan(Folder(path, exists=False))
+    usable = tuple(
+        mapping for mapping in checked.files if not any(pattern.search(mapping.path.name) for pattern in skip)
+    )
+    errors: list[MappingProblem] = []
+    warnings: list[MappingProblem] = []
+    for finding in checked.findings:
+        problem = MappingProblem(finding.path, finding.message, finding.line)
+        (errors if finding.severity == ERROR else warnings).append(problem)
+    return Scan(Folder(path, usable, tuple(errors)), tuple(warnings))
 
 
 class FolderWatch:
@@ -33,39 +73,45 @@ class FolderWatch:
         self._skip = tuple(skip)
         self._max_age = max_age
         self._clock = clock
-        self._folder: Folder | None = None
+        self._scan: Scan | None = None
         self._scanned_at = float("-inf")
-        self._scan: asyncio.Task[Folder] | None = None
+        self._rescanning: asyncio.Task[Scan] | None = None
 
     async def current(self) -> Folder:
-        if self._folder is not None and self._clock() - self._scanned_at < self._max_age:
-            return self._folder
-        if self._scan is None:
-            self._scan = asyncio.create_task(self._rescan())
-        # shielded: a client hanging up must not cancel the scan other requests wait for
-        return await asyncio.shield(self._scan)
+        """The files to take backends from (the same object until the folder is re-read)."""
+        return (await self.latest()).folder
 
-    async def _rescan(self) -> Folder:
+    async def latest(self) -> Scan:
+        if self._scan is not None and self._clock() - self._scanned_at < self._max_age:
+            return self._scan
+        if self._rescanning is None:
+            self._rescanning = asyncio.create_task(self._rescan())
+        # shielded: a client hanging up must not cancel the scan other requests wait for
+        return await asyncio.shield(self._rescanning)
+
+    async def _rescan(self) -> Scan:
         try:
             try:
-                folder = await asyncio.to_thread(scan_folder, self.path, self._skip)
+                fresh = await asyncio.to_thread(scan_mappings, self.path, self._skip)
             except OSError as exc:  # e.g. a folder we may not list: report it like a broken file
-                folder = Folder(self.path, problems=(MappingProblem(self.path, f"cannot list folder: {exc}"),))
-            self._report_changes(self._folder, folder)
-            self._folder, self._scanned_at = folder, self._clock()
-            return folder
+                fresh = Scan(Folder(self.path, problems=(MappingProblem(self.path, f"cannot list folder: {exc}"),)))
+            self._report_changes(self._scan.folder if self._scan else None, fresh.folder)
+            self._scan, self._scanned_at = fresh, self._clock()
+            return fresh
         finally:
-            self._scan = None
+            self._rescanning = None
 
     def _report_changes(self, before: Folder | None, after: Folder) -> None:
         if not after.exists and (before is None or before.exists):
             log.warning("mappings folder %s does not exist (yet): no backends until it appears", self.path)
         elif after.exists and before is not None and not before.exists:
             log.info("mappings folder %s appeared", self.path)
-        old = {(p.path.name, p.message) for p in before.problems} if before else set()
-        new = {(p.path.name, p.message) for p in after.problems}
-        for problem in after.problems:
-            if (problem.path.name, problem.message) not in old:
-                log.warning("cannot use %s (skipped until fixed)", problem)
-        for name in sorted({name for name, _ in old} - {name for name, _ in new}):
-            log.info("mapping file %s is no longer broken (or was removed)", name)
+        # identified without the line, so an edit above a problem does not report it again
+        old = {(p.path.name, p.message): p for p in before.problems} if before else {}
+        new = {(p.path.name, p.message): p for p in after.problems}
+        for identity, problem in new.items():
+            if identity not in old:
+                log.warning("mapping error: %s", problem)
+        for identity, problem in old.items():
+            if identity not in new:
+                log.info("mapping error gone (fixed, or its file removed): %s", problem)
