@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support import REPO, VENV_BIN, Proc, free_port, wait_http
+from support import REPO, VENV_BIN, Proc, free_port, request, wait_http
 
 SERVER_BIN = VENV_BIN / "routheon-server"
 
@@ -37,35 +32,6 @@ def write_mapping(folder: Path, name: str, url: str) -> Path:
         f'          - url: "{url}"\n'
     )
     return path
-
-
-def eventually(condition: Callable[[], bool], within: float = 20.0) -> bool:
-    """Poll until ``condition`` holds; the bound is a hang guard, not a speed assertion."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def request(url: str, method: str = "GET", headers: dict[str, str] | None = None, timeout: float = 30) -> Reply:
-    req = urllib.request.Request(url, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            return Reply(response.status, dict(response.headers), response.read())
-    except urllib.error.HTTPError as exc:
-        return Reply(exc.code, dict(exc.headers), exc.read())
 
 
 def model_ids(base: str) -> list[str]:

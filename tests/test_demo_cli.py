@@ -18,7 +18,7 @@ import pytest
 from routheon.demo.llama import installed_binary
 from routheon.demo.models import DEMO_MODELS
 from routheon.demo.stack import model_ids
-from support import REPO, free_port
+from support import REPO, eventually, free_port
 
 pytestmark = [pytest.mark.llama, pytest.mark.traefik]
 
@@ -74,15 +74,6 @@ class Output:
         raise AssertionError(f"no {marker!r} from the demo; it printed:\n{''.join(self.seen)}")
 
 
-def _eventually(check, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 def _post(url: str, key: str, body: dict) -> dict:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(),
@@ -121,12 +112,12 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         proc.stdin.write("stop llama-server-2\n")
         proc.stdin.flush()
         output.until("llama-server-2 stopped", timeout=30)
-        assert _eventually(lambda: len(model_ids(url)) == 1)
+        assert eventually(lambda: len(model_ids(url)) == 1)
         proc.stdin.write("start llama-server-2\n")
         proc.stdin.flush()
         output.until("llama-server-2 started", timeout=120)
         assert _post(f"{url}/v1/chat/completions", "API_KEY-2", SEED_CHAT)["choices"], "usable once 'started' shows"
-        assert _eventually(lambda: len(model_ids(url)) == 2)
+        assert eventually(lambda: len(model_ids(url)) == 2)
 
         current = _children(proc.pid)
         proc.send_signal(signal.SIGINT)

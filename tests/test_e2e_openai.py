@@ -8,8 +8,7 @@ free loopback ports. ``make test`` builds or finds llama-server and the model fi
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -19,7 +18,7 @@ from routheon.demo.llama import installed_binary
 from routheon.demo.models import SMOLLM2
 from routheon.demo.stack import Backend, Stack, StackConfig, model_ids
 from routheon.demo.supervisor import Supervisor
-from support import free_port
+from support import eventually, free_port
 
 pytestmark = [pytest.mark.llama, pytest.mark.traefik]
 
@@ -28,16 +27,6 @@ KEY_2 = "e2e-key-two-8d1e6b0c95a2"
 ALIAS_1 = "smollm2-one"
 ALIAS_2 = "smollm2-two"
 PROMPT = [{"role": "user", "content": "Say hello in five words."}]
-
-
-def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll ``check`` until it holds; the bound only keeps a broken stack from hanging the run."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 @pytest.fixture(scope="module")

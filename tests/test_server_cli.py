@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from server_helpers import SERVER_BIN, request, running_server
+from server_helpers import SERVER_BIN, running_server
+from support import request
 
 from routheon import __version__
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import Backends, backends, request, running_server, write_mapping
-from support import free_port
+from server_helpers import Backends, backends, running_server, write_mapping
+from support import free_port, request
 
 __all__ = ["backends"]
 

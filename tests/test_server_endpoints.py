@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_helpers import Server, eventually, request, running_server, write_mapping
+from server_helpers import Server, running_server, write_mapping
+from support import eventually, request
 
 ERROR_KEYS = {"message", "type", "code"}
 
@@ -197,7 +198,7 @@ def test_access_log_at_info(tmp_path: Path, folder: Path) -> None:
     with running_server(tmp_path, ["--mappings", str(folder), "--log-level", "info"]) as server:
         request(f"{server.base}/v1/models", headers={"Authorization": "Bearer s3cret-KEY"})
         server.proc.stop()
-    log = server.proc.log_path.read_text()
+    log = server.proc.log()
     assert any('"GET /v1/models HTTP/1.1" 200' in line for line in log.splitlines())
     assert "s3cret" not in log
 
@@ -207,4 +208,4 @@ def test_signals_stop_cleanly(tmp_path: Path, folder: Path, sig: signal.Signals)
     with running_server(tmp_path, ["--mappings", str(folder)]) as server:
         request(f"{server.base}/v1/models")
         assert server.proc.stop(sig) == 0
-    assert "Traceback" not in server.proc.log_path.read_text()
+    assert "Traceback" not in server.proc.log()

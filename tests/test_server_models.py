@@ -6,17 +6,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from server_helpers import (
-    Backends,
-    backends,
-    eventually,
-    model_ids,
-    request,
-    running_backends,
-    running_server,
-    write_mapping,
-)
-from support import free_port
+from server_helpers import Backends, backends, model_ids, running_backends, running_server, write_mapping
+from support import eventually, free_port, request
 
 __all__ = ["backends"]  # the fixture, imported for pytest
 

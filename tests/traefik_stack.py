@@ -12,12 +12,8 @@ tests wait for the routing they expect with ``Stack.wait_for`` instead of sleepi
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,21 +21,11 @@ from typing import Any
 
 import yaml
 
-from support import REPO, VENV_BIN, Proc, free_port, wait_http
+from support import REPO, VENV_BIN, Proc, Reply, eventually, free_port, request, wait_http
 
 STATIC_CONFIG = REPO / "traefik" / "traefik.yml"
 SERVER_MAPPING = REPO / "traefik" / "mappings" / "routheon-server.yml"
 FAKE_LLAMA = REPO / "tests" / "fake_llama.py"
-
-
-@dataclass
-class Response:
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 @dataclass
@@ -175,21 +161,12 @@ class Stack:
         body: Any = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = 10.0,
-    ) -> Response:
-        """One request through Traefik; HTTP errors are returned, not raised."""
+    ) -> Reply:
+        """One request through Traefik, sent with ``key`` as the bearer token."""
         all_headers = dict(headers or {})
         if key is not None:
             all_headers["Authorization"] = f"Bearer {key}"
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            all_headers.setdefault("Content-Type", "application/json")
-        request = urllib.request.Request(self.url + path, data=data, headers=all_headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return Response(response.status, dict(response.headers), response.read())
-        except urllib.error.HTTPError as error:
-            return Response(error.code, dict(error.headers), error.read())
+        return request(self.url + path, method=method, headers=all_headers, body=body, timeout=timeout)
 
     def backend_of(self, key: str | None, path: str = "/v1/models") -> str | None:
         """Which fake backend answered a request with ``key`` (None when none did)."""
@@ -197,10 +174,6 @@ class Stack:
 
     @staticmethod
     def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "routing change") -> None:
-        """Poll until ``condition`` holds: Traefik applies file changes asynchronously."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"{what} did not happen within {timeout}s")
+        """Like ``eventually``, but a failure says which change never came."""
+        if not eventually(condition, timeout, interval=0.1):
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
