@@ -12,26 +12,12 @@ import pytest
 
 from routheon.mapping_check import check_folder, has_errors
 from routheon.mappings import scan_folder
+from samples import SEED_MAPPING
 from support import REPO, VENV_BIN
 
 ROUTHEON = str(VENV_BIN / "routheon")
 SCRIPT = REPO / "traefik" / "create-mapping" / "create-mapping.sh"
 KEY = "sk-test-0123456789abcdef"
-SEED_MAPPING = """\
-http:
-  routers:
-    llama-server-1:
-      rule: "HeaderRegexp(`Authorization`, `^Bearer (API_KEY-1)$`)"
-      service: llama-server-1
-      entryPoints:
-        - llama-servers
-
-  services:
-    llama-server-1:
-      loadBalancer:
-        servers:
-          - url: "http://127.0.0.1:8011/"
-"""
 
 
 def routheon(folder: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -4,22 +4,7 @@ import re
 from pathlib import Path
 
 from routheon.mappings import is_mapping_name, scan_folder
-
-SEED_MAPPING = """\
-http:
-  routers:
-    llama-server-1:
-      rule: "HeaderRegexp(`Authorization`, `^Bearer (API_KEY-1)$`)"
-      service: llama-server-1
-      entryPoints:
-        - llama-servers
-
-  services:
-    llama-server-1:
-      loadBalancer:
-        servers:
-          - url: "http://127.0.0.1:8011/"
-"""
+from samples import SEED_MAPPING
 
 
 def test_seed_mapping_gives_its_backend(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from samples import SEED_MAPPING
 from support import REPO, VENV_BIN
 from traefik_stack import Stack
 
@@ -162,12 +163,7 @@ def test_streamed_chunks_arrive_as_they_are_sent(stack: Stack) -> None:
 
 def test_a_hand_written_seed_mapping_keeps_working(stack: Stack) -> None:
     backend = stack.start_backend("seed")
-    (stack.mappings / "llama-server-1.yml").write_text(
-        "http:\n  routers:\n    llama-server-1:\n"
-        '      rule: "HeaderRegexp(`Authorization`, `^Bearer (API_KEY-1)$`)"\n'
-        "      service: llama-server-1\n      entryPoints:\n        - llama-servers\n"
-        f'  services:\n    llama-server-1:\n      loadBalancer:\n        servers:\n          - url: "{backend.url}/"\n'
-    )
+    (stack.mappings / "llama-server-1.yml").write_text(SEED_MAPPING.replace("http://127.0.0.1:8011", backend.url))
     stack.wait_for(lambda: stack.backend_of("API_KEY-1") == "seed")
     listing = stack.routheon("mapping", "list").stdout
     assert "llama-server-1" in listing and backend.url in listing
