@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,16 +274,23 @@ def _tuple_of_str(value: Any, what: str, where: tuple[str, ...]) -> tuple[str, .
     raise MappingFormatError(f"{what} must be a list of strings", where=where)
 
 
-def _parse_services(raw: Any) -> tuple[Service, ...]:
+def _named_entries(raw: Any, kind: str) -> Iterator[tuple[Any, dict[str, Any], tuple[str, ...]]]:
+    """``(name, body, where)`` for each entry of ``http.<kind>s``, insisting on mappings at both levels."""
     if raw is None:
-        return ()
+        return
+    section = f"{kind}s"
     if not isinstance(raw, dict):
-        raise MappingFormatError("http.services must be a mapping of service names", where=("http", "services"))
-    services = []
+        raise MappingFormatError(f"http.{section} must be a mapping of {kind} names", where=("http", section))
     for name, body in raw.items():
-        where = ("http", "services", str(name))
+        where = ("http", section, str(name))
         if not isinstance(body, dict):
-            raise MappingFormatError(f"service {name!r} must be a mapping", where=where)
+            raise MappingFormatError(f"{kind} {name!r} must be a mapping", where=where)
+        yield name, body, where
+
+
+def _parse_services(raw: Any) -> tuple[Service, ...]:
+    services = []
+    for name, body, where in _named_entries(raw, "service"):
         balancer = body.get("loadBalancer")
         if balancer is None:
             # weighted, mirroring and failover services hold no URLs of their own
@@ -303,15 +310,8 @@ def _parse_services(raw: Any) -> tuple[Service, ...]:
 
 
 def _parse_routers(raw: Any) -> tuple[Router, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, dict):
-        raise MappingFormatError("http.routers must be a mapping of router names", where=("http", "routers"))
     routers = []
-    for name, body in raw.items():
-        where = ("http", "routers", str(name))
-        if not isinstance(body, dict):
-            raise MappingFormatError(f"router {name!r} must be a mapping", where=where)
+    for name, body, where in _named_entries(raw, "router"):
         rule, service = body.get("rule"), body.get("service")
         if not isinstance(rule, str) or not isinstance(service, str):
             raise MappingFormatError(f"router {name!r} needs a rule and a service", where=where)
