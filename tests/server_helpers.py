@@ -34,6 +34,15 @@ def write_mapping(folder: Path, name: str, url: str) -> Path:
     return path
 
 
+def mapping_folder(tmp: Path, urls: dict[str, str]) -> Path:
+    """``tmp/mappings`` holding a ``write_mapping`` file for each ``file name: backend URL``."""
+    folder = tmp / "mappings"
+    folder.mkdir()
+    for name, url in urls.items():
+        write_mapping(folder, name, url)
+    return folder
+
+
 def model_ids(base: str) -> list[str]:
     return [entry["id"] for entry in request(f"{base}/v1/models").json()["data"]]
 

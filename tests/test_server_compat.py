@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import Backends, backends, running_server, write_mapping
+from server_helpers import Backends, backends, mapping_folder, running_server
 from support import free_port, request
 
 __all__ = ["backends"]
@@ -44,19 +44,22 @@ def original() -> Path:
 
 def test_same_model_ids_as_the_original(tmp_path: Path, backends: Backends, original: Path) -> None:
     """Only backends 1.0.7 survives: it stops answering on a JSON array or a broken file."""
-    folder = tmp_path / "mappings"
-    folder.mkdir()
-    write_mapping(folder, "one.yml", backends.url("ok/TinyLlama_Chat"))
-    write_mapping(folder, "two.yaml", backends.url("ok/mistral-tiny,shared"))
-    write_mapping(folder, "three.yml", backends.url("ok/shared,Zeta,alpha"))
-    write_mapping(folder, "openai.yml", backends.url("openai/only-data"))
-    write_mapping(folder, "slow.yml", backends.url("slow/0.3/slowpoke"))
-    write_mapping(folder, "html.yml", backends.url("html500"))
-    write_mapping(folder, "garbage.yml", backends.url("garbage"))
-    write_mapping(folder, "closed.yml", f"http://127.0.0.1:{free_port()}")
-    write_mapping(folder, "routheon-server.yml", backends.url("ok/self"))
-    write_mapping(folder, "old.yml.bak.20250101-000000", backends.url("ok/archived"))
-    write_mapping(folder, "private.yml", backends.url("ok/private"))
+    folder = mapping_folder(
+        tmp_path,
+        {
+            "one.yml": backends.url("ok/TinyLlama_Chat"),
+            "two.yaml": backends.url("ok/mistral-tiny,shared"),
+            "three.yml": backends.url("ok/shared,Zeta,alpha"),
+            "openai.yml": backends.url("openai/only-data"),
+            "slow.yml": backends.url("slow/0.3/slowpoke"),
+            "html.yml": backends.url("html500"),
+            "garbage.yml": backends.url("garbage"),
+            "closed.yml": f"http://127.0.0.1:{free_port()}",
+            "routheon-server.yml": backends.url("ok/self"),
+            "old.yml.bak.20250101-000000": backends.url("ok/archived"),
+            "private.yml": backends.url("ok/private"),
+        },
+    )
     args = ["--mappings", str(folder), "--mapping-timeout", "2", "--skip-mapping", "^priv"]
     with running_server(tmp_path, args, binary=original) as theirs:
         expected = request(f"{theirs.base}/v1/models").json()

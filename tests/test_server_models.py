@@ -6,29 +6,41 @@ from pathlib import Path
 
 import openai
 import pytest
-from server_helpers import Backends, backends, model_ids, running_backends, running_server, write_mapping
+from server_helpers import (
+    Backends,
+    backends,
+    mapping_folder,
+    model_ids,
+    running_backends,
+    running_server,
+    write_mapping,
+)
 from support import eventually, free_port, request
 
 __all__ = ["backends"]  # the fixture, imported for pytest
+
+BAD_MODES = ("hang", "garbage", "html500", "array", "nodata", "huge")  # ways tests/backends.py misbehaves
 
 
 @pytest.fixture
 def mixed_folder(tmp_path: Path, backends: Backends) -> Path:
     """Two good backends among every kind of bad one, a broken file, a .bak and the skipped file."""
-    folder = tmp_path / "mappings"
-    folder.mkdir()
-    write_mapping(folder, "a-ok.yml", backends.url("ok/alpha"))
-    write_mapping(folder, "b-several.yaml", backends.url("ok/beta,gamma"))
-    write_mapping(folder, "c-slow.yml", backends.url("slow/0.2/delta"))
-    write_mapping(folder, "d-openai.yml", backends.url("openai/epsilon"))
-    for mode in ("hang", "garbage", "html500", "array", "nodata", "huge"):
-        write_mapping(folder, f"bad-{mode}.yml", backends.url(mode))
-    write_mapping(folder, "closed.yml", f"http://127.0.0.1:{free_port()}")
+    folder = mapping_folder(
+        tmp_path,
+        {
+            "a-ok.yml": backends.url("ok/alpha"),
+            "b-several.yaml": backends.url("ok/beta,gamma"),
+            "c-slow.yml": backends.url("slow/0.2/delta"),
+            "d-openai.yml": backends.url("openai/epsilon"),
+            **{f"bad-{mode}.yml": backends.url(mode) for mode in BAD_MODES},
+            "closed.yml": f"http://127.0.0.1:{free_port()}",
+            "old.yml.bak.20250101-000000": backends.url("ok/from-bak"),
+            "routheon-server.yml": backends.url("ok/from-self"),
+            "private.yml": backends.url("ok/from-private"),
+        },
+    )
     (folder / "broken.yml").write_text("http:\n  services: [\n")
     (folder / "not-traefik.yml").write_text("- just\n- a list\n")
-    write_mapping(folder, "old.yml.bak.20250101-000000", backends.url("ok/from-bak"))
-    write_mapping(folder, "routheon-server.yml", backends.url("ok/from-self"))
-    write_mapping(folder, "private.yml", backends.url("ok/from-private"))
     return folder
 
 
@@ -47,7 +59,7 @@ def test_bad_backends_and_files_are_left_out(tmp_path: Path, mixed_folder: Path)
             assert model_ids(server.base) == ["alpha", "beta", "delta", "epsilon", "gamma"]
         log = server.proc.log()
     assert log.count("broken.yml") == 1 and log.count("not-traefik.yml") == 1
-    for mode in ("hang", "garbage", "html500", "array", "nodata", "huge"):
+    for mode in BAD_MODES:
         assert backends_url_logged(log, mode)
     assert "Traceback" not in log
 
@@ -57,9 +69,7 @@ def backends_url_logged(log: str, mode: str) -> bool:
 
 
 def test_one_model_by_id(tmp_path: Path, backends: Backends) -> None:
-    folder = tmp_path / "mappings"
-    folder.mkdir()
-    write_mapping(folder, "one.yml", backends.url("ok/org/model-1"))
+    folder = mapping_folder(tmp_path, {"one.yml": backends.url("ok/org/model-1")})
     with running_server(tmp_path, ["--mappings", str(folder)]) as server:
         found = request(f"{server.base}/v1/models/org/model-1")
         assert found.status == 200 and found.json()["id"] == "org/model-1"
@@ -69,11 +79,8 @@ def test_one_model_by_id(tmp_path: Path, backends: Backends) -> None:
 
 
 def test_first_backend_in_url_order_wins(tmp_path: Path, backends: Backends) -> None:
-    folder = tmp_path / "mappings"
-    folder.mkdir()
     # file order and URL order disagree: the sorted URL decides, as in 1.0.7
-    write_mapping(folder, "a.yml", backends.url("ok/zz,shared"))
-    write_mapping(folder, "b.yml", backends.url("ok/aa,shared"))
+    folder = mapping_folder(tmp_path, {"a.yml": backends.url("ok/zz,shared"), "b.yml": backends.url("ok/aa,shared")})
     with running_server(tmp_path, ["--mappings", str(folder)]) as server:
         body = request(f"{server.base}/v1/models").json()
     shared = next(entry for entry in body["data"] if entry["id"] == "shared")
@@ -100,19 +107,14 @@ def test_folder_and_backend_changes_show_without_restart(tmp_path: Path) -> None
 
 
 def test_hanging_backend_does_not_hide_the_others(tmp_path: Path, backends: Backends) -> None:
-    folder = tmp_path / "mappings"
-    folder.mkdir()
-    write_mapping(folder, "hang.yml", backends.url("hang"))
-    write_mapping(folder, "ok.yml", backends.url("ok/alive"))
+    folder = mapping_folder(tmp_path, {"hang.yml": backends.url("hang"), "ok.yml": backends.url("ok/alive")})
     with running_server(tmp_path, ["--mappings", str(folder), "--mapping-timeout", "0.5"]) as server:
         for _ in range(5):
             assert model_ids(server.base) == ["alive"]
 
 
 def test_openai_client_lists_models(tmp_path: Path, backends: Backends) -> None:
-    folder = tmp_path / "mappings"
-    folder.mkdir()
-    write_mapping(folder, "ok.yml", backends.url("ok/alpha,beta"))
+    folder = mapping_folder(tmp_path, {"ok.yml": backends.url("ok/alpha,beta")})
     with running_server(tmp_path, ["--mappings", str(folder)]) as server:
         client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0)
         assert [model.id for model in client.models.list()] == ["alpha", "beta"]
