@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from routheon.demo.llama import installed_binary
 from routheon.demo.models import DEMO_MODELS
 from routheon.demo.stack import model_ids
-from support import REPO, eventually, free_port
+from support import REPO, eventually, free_port, request
 
 pytestmark = [pytest.mark.llama, pytest.mark.traefik]
 
@@ -74,13 +72,12 @@ class Output:
         raise AssertionError(f"no {marker!r} from the demo; it printed:\n{''.join(self.seen)}")
 
 
-def _post(url: str, key: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.load(response)
+def _chat(url: str, key: str) -> dict:
+    """The seed's chat request with ``key``; the answer must be a 200."""
+    headers = {"Authorization": f"Bearer {key}"}
+    reply = request(f"{url}/v1/chat/completions", method="POST", headers=headers, body=SEED_CHAT, timeout=120)
+    assert reply.status == 200, reply.body
+    return reply.json()
 
 
 def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
@@ -100,12 +97,11 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         assert len(started) == 4, "two llama-servers, routheon-server and Traefik"
 
         for key in ("API_KEY-1", "API_KEY-2"):
-            answer = _post(f"{url}/v1/chat/completions", key, SEED_CHAT)
+            answer = _chat(url, key)
             assert answer["choices"][0]["message"]["content"].strip()
         assert len(model_ids(url)) == 2
         assert len(model_ids(url, "API_KEY-1")) == 1
-        with urllib.request.urlopen(f"{url}/stats", timeout=10) as response:
-            stats = json.load(response)
+        stats = request(f"{url}/stats", timeout=10).json()
         assert "memory" in stats and "system" not in stats, "the demo shows only a subset of /stats"
 
         assert proc.stdin is not None
@@ -116,7 +112,7 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         proc.stdin.write("start llama-server-2\n")
         proc.stdin.flush()
         output.until("llama-server-2 started", timeout=120)
-        assert _post(f"{url}/v1/chat/completions", "API_KEY-2", SEED_CHAT)["choices"], "usable once 'started' shows"
+        assert _chat(url, "API_KEY-2")["choices"], "usable once 'started' shows"
         assert eventually(lambda: len(model_ids(url)) == 2)
 
         current = _children(proc.pid)
