@@ -1,0 +1,1 @@
+"""routheon-server: the HTTP companion of Traefik (aggregated models, host stats, error bodies)."""

@@ -1,0 +1,74 @@
+"""``routheon-server``: parse flags, set up logging, serve until SIGTERM or SIGINT.
+
+Exit status: 0 after a signal, 2 for a bad flag or stats config, 1 when the address cannot
+be listened on. Start-up errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from routheon.server.app import create_app
+from routheon.server.config import EXIT_USAGE, PROG, ServerConfig, parse_args
+from routheon.server.stats import StatsConfig, StatsConfigError, load_stats_config
+
+log = logging.getLogger("routheon.server")
+
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+SHUTDOWN_GRACE = 5.0
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+async def serve(config: ServerConfig, stats_config: StatsConfig | None) -> int:
+    runner = web.AppRunner(
+        create_app(config, stats_config),
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=SHUTDOWN_GRACE,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            return _fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", 1)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("listening on http://%s:%d, mappings from %s", config.host, config.port, config.mappings)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        stats_config = load_stats_config(config.stats_config_file) if config.stats_config_file else None
+    except StatsConfigError as exc:
+        sys.exit(_fail(str(exc), EXIT_USAGE))
+    try:
+        sys.exit(asyncio.run(serve(config, stats_config)))
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The HTTP surface: routes, the OpenAI-error middleware, and the resources behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from routheon import __version__
+from routheon.server import errors
+from routheon.server.config import ServerConfig
+from routheon.server.discovery import FolderWatch
+from routheon.server.models import TTL, ModelCatalog
+from routheon.server.stats import StatsConfig, StatsService
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", ServerConfig)
+FOLDER = web.AppKey("folder", FolderWatch)
+CATALOG = web.AppKey("catalog", ModelCatalog)
+STATS = web.AppKey("stats", StatsService)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json")
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's plain-text errors (and our own crashes) into OpenAI error JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if isinstance(exc, web.HTTPNotFound):
+            return errors.not_found(request.path).response()
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = set(exc.allowed_methods)
+            return errors.method_not_allowed(request.method, request.path, allowed).response(
+                headers={"Allow": ", ".join(sorted(allowed))}
+            )
+        return errors.for_status(exc.status).response()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("error while answering %s %s", request.method, request.path)
+        return errors.internal_error().response()
+
+
+async def list_models(request: web.Request) -> web.Response:
+    snapshot = await request.app[CATALOG].snapshot()
+    return web.Response(body=snapshot.body, content_type="application/json")
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    snapshot = await request.app[CATALOG].snapshot()
+    if model_id not in snapshot.by_id:
+        return errors.model_not_found(model_id).response()
+    return _json(snapshot.by_id[model_id])
+
+
+async def stats(request: web.Request) -> web.Response:
+    body = request.app[STATS].body()
+    if body is None:
+        return errors.stats_unavailable().response()
+    return web.Response(body=body, content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness, plus what an operator must fix: a missing folder or broken mapping files.
+
+    Always 200 while the process serves: a broken mapping file is no reason for a
+    supervisor to restart this server.
+    """
+    folder = await request.app[FOLDER].current()
+    problems = [
+        {"file": problem.path.name, "line": problem.line, "message": problem.message}
+        for problem in folder.problems
+    ]
+    return _json(
+        {
+            "status": "ok" if folder.exists and not problems else "degraded",
+            "version": __version__,
+            "mappings": {
+                "folder": str(folder.path),
+                "exists": folder.exists,
+                "files": len(folder.files),
+                "problems": problems,
+            },
+        }
+    )
+
+
+async def error_page(request: web.Request) -> web.Response:
+    """The body Traefik shows for a bad key (``/errors/401``) or a failing backend (502-504)."""
+    text = request.match_info["status"]
+    status = int(text) if text.isdigit() and len(text) == 3 else 0
+    if not 400 <= status <= 599:
+        return errors.not_found(request.path).response()
+    return errors.for_status(status, has_authorization="Authorization" in request.headers).response()
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Start what the handlers share (HTTP client, folder scan, CPU sampler); stop it after."""
+    config = app[CONFIG]
+    folder = FolderWatch(config.mappings, config.skip_mapping, max_age=TTL)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=None)
+    )
+    app[FOLDER] = folder
+    app[CATALOG] = ModelCatalog(folder, session, config.mapping_timeout)
+    await app[STATS].start()
+    await folder.current()  # reports a missing folder or broken files at start-up
+    try:
+        yield
+    finally:
+        await app[STATS].stop()
+        await session.close()
+
+
+def create_app(config: ServerConfig, stats_config: StatsConfig | None = None) -> web.Application:
+    app = web.Application(middlewares=[openai_errors])
+    app[CONFIG] = config
+    app[STATS] = StatsService(stats_config)
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/health", health)
+    app.router.add_route("*", "/errors/{status}", error_page)
+    return app
