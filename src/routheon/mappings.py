@@ -15,12 +15,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
+
+from routheon.keys import validate_key
+from routheon.rules import KeyClause, header_rule, rule_keys
 
 log = logging.getLogger(__name__)
 
 MAPPING_SUFFIXES = (".yml", ".yaml")
+ENTRY_POINT = "llama-servers"
+ERRORS_MIDDLEWARE = "routheon-errors"
+HEALTH_PATH = "/health"
+HEALTH_INTERVAL = "10s"
+HEALTH_TIMEOUT = "3s"
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_MAX_SERVICE_NAME = 100
 
 
 class MappingFormatError(ValueError):
@@ -58,10 +69,15 @@ class MappingFile:
     path: Path
     routers: tuple[Router, ...] = ()
     services: tuple[Service, ...] = ()
+    middlewares: tuple[str, ...] = ()
 
     @property
     def urls(self) -> tuple[str, ...]:
         return tuple(url for service in self.services for url in service.urls)
+
+    def key_clauses(self) -> list[tuple[Router, KeyClause]]:
+        """Every key this file routes, with the router that holds it."""
+        return [(router, clause) for router in self.routers for clause in rule_keys(router.rule) or ()]
 
 
 @dataclass(frozen=True)
@@ -95,9 +111,118 @@ class Folder:
         return list(seen)
 
 
+@dataclass(frozen=True)
+class MappingSpec:
+    """What one Routheon-written mapping file says: these keys reach these llama-servers."""
+
+    service: str
+    urls: tuple[str, ...]
+    keys: tuple[str, ...]
+    error_pages: bool = False
+    entry_point: str = ENTRY_POINT
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.service}.yml"
+
+    def validate(self) -> None:
+        """Raise ValueError (InvalidKeyError for keys) naming the first thing that cannot be written."""
+        validate_service_name(self.service)
+        if not self.urls:
+            raise ValueError("a mapping needs at least one backend URL")
+        for url in self.urls:
+            validate_url(url)
+        if not self.keys:
+            raise ValueError("a mapping needs at least one API key")
+        for key in self.keys:
+            validate_key(key)
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError("the same API key is given twice")
+
+
+def validate_service_name(name: str) -> None:
+    """Service names become file names and Traefik names: keep them to a safe alphabet."""
+    if not _SERVICE_NAME.fullmatch(name) or len(name) > _MAX_SERVICE_NAME:
+        raise ValueError(
+            f"invalid service name {name!r}: use letters, digits, '.', '_' and '-',"
+            f" starting with a letter or digit, at most {_MAX_SERVICE_NAME} characters"
+        )
+    if name.lower().endswith((".yml", ".yaml", ".toml")) or ".bak" in name.lower():
+        raise ValueError(f"invalid service name {name!r}: it must not look like a mapping or backup file name")
+
+
+def validate_url(url: str) -> None:
+    """A backend URL Traefik can use, with nothing that would break the file around it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid backend URL {url!r}: it must look like http://127.0.0.1:8011")
+    if any(char.isspace() or char in "'\"`{}" or not char.isprintable() for char in url):
+        raise ValueError(f"invalid backend URL {url!r}: it holds a character a URL cannot have here")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"invalid backend URL {url!r}: the port is not a number from 0 to 65535") from None
+
+
+def render_mapping(spec: MappingSpec) -> str:
+    """The text of a mapping file for ``spec``.
+
+    Written by hand rather than by a YAML dumper so the layout stays stable and readable; every
+    value that can hold user input sits in a single-quoted YAML scalar, in which only ``'`` is
+    special, and ``'`` is refused in keys and URLs. ``parse_rendered`` checks the result.
+    """
+    spec.validate()
+    name = spec.service
+    lines = [
+        f"# Traefik dynamic configuration: API keys that reach service {name}.",
+        "# Written by `routheon mapping add`; check the folder with `routheon mapping check`.",
+        "http:",
+        "  routers:",
+        f"    '{name}':",
+        f"      rule: '{header_rule(spec.keys)}'",
+        f"      service: '{name}'",
+        "      entryPoints:",
+        f"        - {spec.entry_point}",
+    ]
+    if spec.error_pages:
+        lines += ["      middlewares:", f"        - {ERRORS_MIDDLEWARE}"]
+    lines += [
+        "  services:",
+        f"    '{name}':",
+        "      loadBalancer:",
+        "        servers:",
+        *(f"          - url: '{url}'" for url in spec.urls),
+        "        healthCheck:",
+        f"          path: {HEALTH_PATH}",
+        f"          interval: {HEALTH_INTERVAL}",
+        f"          timeout: {HEALTH_TIMEOUT}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_rendered(text: str, spec: MappingSpec, path: Path) -> MappingFile:
+    """Read rendered text back and insist it says exactly what ``spec`` asked for."""
+    mapping = parse_mapping(text, path)
+    clauses = [clause for _, clause in mapping.key_clauses()]
+    wanted_middlewares = (ERRORS_MIDDLEWARE,) if spec.error_pages else ()
+    if (
+        [clause.key for clause in clauses] != list(spec.keys)
+        or any(clause.regex for clause in clauses)
+        or [router.service for router in mapping.routers] != [spec.service]
+        or [router.middlewares for router in mapping.routers] != [wanted_middlewares]
+        or mapping.urls != tuple(url.rstrip("/") for url in spec.urls)
+    ):
+        raise MappingFormatError("the rendered mapping does not read back as written; nothing was written")
+    return mapping
+
+
 def is_mapping_name(name: str) -> bool:
-    """Whether Traefik's file provider would read this file (rotated ``.bak.*`` files are not)."""
-    return name.endswith(MAPPING_SUFFIXES) and not name.startswith(".")
+    """Whether Traefik's file provider reads this file as YAML (rotated ``.bak.*`` files it skips).
+
+    Traefik goes by the extension alone, case-insensitively, hidden files included; it also
+    reads ``*.toml``, which Routheon never writes and ``routheon mapping check`` reports.
+    """
+    return name.lower().endswith(MAPPING_SUFFIXES)
 
 
 def _tuple_of_str(value: Any, what: str) -> tuple[str, ...]:
@@ -182,7 +307,15 @@ def parse_mapping(text: str, path: Path) -> MappingFile:
         return MappingFile(path)
     if not isinstance(http, dict):
         raise MappingFormatError("not a Traefik mapping: 'http' must be a mapping")
-    return MappingFile(path, _parse_routers(http.get("routers")), _parse_services(http.get("services")))
+    middlewares = http.get("middlewares")
+    if middlewares is not None and not isinstance(middlewares, dict):
+        raise MappingFormatError("http.middlewares must be a mapping of middleware names")
+    return MappingFile(
+        path,
+        _parse_routers(http.get("routers")),
+        _parse_services(http.get("services")),
+        tuple(str(name) for name in middlewares or ()),
+    )
 
 
 def mapping_paths(folder: Path, skip: Sequence[re.Pattern[str]] = ()) -> list[Path]:
@@ -220,15 +353,22 @@ def scan_folder(folder: str | os.PathLike[str], skip: Iterable[re.Pattern[str]] 
 
 
 __all__ = [
+    "ENTRY_POINT",
+    "ERRORS_MIDDLEWARE",
     "Folder",
     "MappingFile",
     "MappingFormatError",
     "MappingProblem",
+    "MappingSpec",
     "Router",
     "Service",
     "is_mapping_name",
     "mapping_paths",
     "parse_mapping",
+    "parse_rendered",
     "read_mapping",
+    "render_mapping",
     "scan_folder",
+    "validate_service_name",
+    "validate_url",
 ]

@@ -1,0 +1,259 @@
+"""``routheon``: the operator's command for the mappings folder that Traefik routes by.
+
+Every change goes through ``routheon.mapping_store`` (atomic writes, backups, a folder lock)
+and every file it writes is rendered by ``routheon.mappings``, so this command,
+create-mapping.sh (which calls it) and routheon-server agree on one file format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from routheon import __version__
+from routheon.keys import InvalidKeyError, generate_key, key_warnings, mask_key
+from routheon.mapping_check import check_folder, has_errors
+from routheon.mapping_store import MappingConflictError, add_mapping, remove_keys, remove_service
+from routheon.mappings import ENTRY_POINT, MappingFormatError, MappingSpec, scan_folder
+from routheon.rules import rule_keys
+
+DEFAULT_MAPPINGS = "/etc/traefik/mappings"
+DEFAULT_HOST = "http://127.0.0.1"
+
+log = logging.getLogger("routheon")
+
+
+class _Formatter(logging.Formatter):
+    """Progress as plain lines; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+class CommandError(Exception):
+    """A failure to report as one line, without a traceback."""
+
+
+def _read_key_file(name: str) -> list[str]:
+    """Keys one per line from a file or ``-`` (stdin), so keys stay out of the process list."""
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(f"cannot read keys from {name}: {exc.strerror}") from None
+    return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
+
+
+def _backend_urls(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.url and args.port is not None:
+        raise CommandError("give either --url or --port (with --host), not both")
+    if args.url:
+        return tuple(args.url)
+    if args.port is None:
+        raise CommandError("give the backend with --port PORT (and --host) or --url URL")
+    if not 0 < args.port < 65536:
+        raise CommandError(f"--port {args.port} is not a port number (1-65535)")
+    return (f"{args.host.rstrip('/')}:{args.port}",)
+
+
+def cmd_mapping_add(args: argparse.Namespace) -> int:
+    keys = list(args.key or [])
+    if args.key_file:
+        keys += _read_key_file(args.key_file)
+    generated = None
+    if not keys:
+        generated = generate_key()
+        keys = [generated]
+    spec = MappingSpec(args.service, _backend_urls(args), tuple(keys), entry_point=args.entry_point)
+    try:
+        spec.validate()
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    for key in keys:
+        for warning in key_warnings(key):
+            log.warning("%s", warning)
+    changes = add_mapping(Path(args.mappings), spec, replace=args.replace, error_pages=args.error_pages)
+    for change in changes:
+        log.info("%s", change)
+    if generated is not None:
+        log.info("generated API key for %s (shown only now):", spec.service)
+        print(generated)
+    return 0
+
+
+def cmd_mapping_list(args: argparse.Namespace) -> int:
+    folder = scan_folder(args.mappings)
+    if not folder.exists:
+        raise CommandError(f"the mappings folder {args.mappings} does not exist")
+    rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
+    for mapping in folder.files:
+        urls = {service.name: service.urls for service in mapping.services}
+        for router in mapping.routers:
+            keys = [clause.key for clause in rule_keys(router.rule) or ()]
+            rows.append(
+                (
+                    router.service,
+                    ",".join(mask_key(key) for key in keys) or "-",
+                    ",".join(urls.get(router.service, ())) or "-",
+                    mapping.path.name,
+                )
+            )
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    for problem in folder.problems:
+        log.error("%s", problem)
+    return 1 if folder.problems else 0
+
+
+def cmd_mapping_remove(args: argparse.Namespace) -> int:
+    folder = Path(args.mappings)
+    keys = list(args.key or [])
+    if args.key_file:
+        keys += _read_key_file(args.key_file)
+    if bool(args.service) == bool(keys):
+        raise CommandError("give either --service NAME or the keys to remove (--key / --key-file)")
+    try:
+        changes = remove_service(folder, args.service) if args.service else remove_keys(folder, keys)
+    except (FileNotFoundError, LookupError) as exc:
+        raise CommandError(str(exc).strip("'\"")) from None
+    for change in changes:
+        log.info("%s", change)
+    return 0
+
+
+def cmd_mapping_check(args: argparse.Namespace) -> int:
+    findings = check_folder(args.mappings, connect=args.connect, timeout=args.timeout)
+    for finding in findings:
+        print(finding)
+    if has_errors(findings):
+        print(f"{args.mappings}: Traefik would not route as intended; fix the errors above", file=sys.stderr)
+        return 1
+    print(f"{args.mappings}: ok" + (f" ({len(findings)} warning(s))" if findings else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    for _ in range(args.count):
+        print(generate_key())
+    return 0
+
+
+def _add_mappings_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mappings",
+        default=DEFAULT_MAPPINGS,
+        metavar="DIR",
+        help=f"Traefik's file-provider folder (default: {DEFAULT_MAPPINGS})",
+    )
+
+
+def _add_key_flags(parser: argparse.ArgumentParser, action: str) -> None:
+    parser.add_argument(
+        "--key", action="append", metavar="KEY", help=f"an API key to {action}; repeat for several keys"
+    )
+    parser.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="read keys from FILE, one per line ('-' for stdin), keeping them out of the process list",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="routheon",
+        description=(
+            "Manage the Traefik mapping files that route each 'Authorization: Bearer KEY' to its "
+            "llama-server. Keys match literally; files are written atomically, backed up as "
+            "NAME.yml.bak.TIMESTAMP and kept unreadable to other users."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and generated keys")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mapping = commands.add_parser("mapping", help="add, list, remove and check mappings")
+    mapping_commands = mapping.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    add = mapping_commands.add_parser(
+        "add",
+        help="route API keys to a service (writes SERVICE.yml)",
+        description=(
+            "Write SERVICE.yml routing the given keys to the given backends. Without --key a new "
+            "key is generated and printed once on stdout. Running it again with the same "
+            "arguments changes nothing."
+        ),
+    )
+    add.add_argument("--service", required=True, help="service name; also the file name SERVICE.yml")
+    add.add_argument("--url", action="append", metavar="URL", help="backend URL; repeat for replicas")
+    add.add_argument("--port", type=int, help="backend port on --host (instead of --url)")
+    add.add_argument("--host", default=DEFAULT_HOST, help=f"backend scheme and host for --port (default: {DEFAULT_HOST})")
+    _add_key_flags(add, "route")
+    add.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace an existing SERVICE.yml with other content, and move keys used by other services",
+    )
+    add.add_argument(
+        "--error-pages",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="answer down backends with routheon-server's JSON errors (default: when the folder defines them)",
+    )
+    add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
+    _add_mappings_flag(add)
+    add.set_defaults(handler=cmd_mapping_add)
+
+    listing = mapping_commands.add_parser("list", help="show services, masked keys and backends")
+    _add_mappings_flag(listing)
+    listing.set_defaults(handler=cmd_mapping_list)
+
+    remove = mapping_commands.add_parser(
+        "remove", help="stop routing a service or some keys (old content kept as a backup)"
+    )
+    remove.add_argument("--service", help="retire SERVICE.yml")
+    _add_key_flags(remove, "stop routing")
+    _add_mappings_flag(remove)
+    remove.set_defaults(handler=cmd_mapping_remove)
+
+    check = mapping_commands.add_parser(
+        "check",
+        help="find what would make Traefik ignore the folder or misroute a key",
+        description="Print every problem as FILE:LINE: severity: message; exit 1 when there is an error.",
+    )
+    _add_mappings_flag(check)
+    check.add_argument(
+        "--no-connect", dest="connect", action="store_false", help="do not try to reach the backends"
+    )
+    check.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each backend (default: 2)")
+    check.set_defaults(handler=cmd_mapping_check)
+
+    key = commands.add_parser("key", help="API key helpers")
+    key_commands = key.add_subparsers(dest="action", required=True, metavar="ACTION")
+    generate = key_commands.add_parser("generate", help="print new random API keys")
+    generate.add_argument("--count", type=int, default=1, help="how many keys (default: 1)")
+    generate.set_defaults(handler=cmd_key_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.addHandler(handler)
+    log.setLevel(logging.ERROR if args.quiet else logging.INFO)
+    try:
+        return args.handler(args)
+    except (CommandError, InvalidKeyError, MappingConflictError, MappingFormatError, ValueError) as exc:
+        print(f"routheon: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"routheon: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Finding what would make Traefik ignore a mappings folder, or route a key the wrong way.
+
+Traefik drops the whole folder when one file is invalid and only logs it, so a revoked key
+keeps working and a new key never starts. This module names each such problem with its file
+and line before that happens; ``routheon mapping check`` prints the findings and
+routheon-server can report them on ``/health``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from routheon.keys import InvalidKeyError, validate_key
+from routheon.mappings import (
+    HEALTH_PATH,
+    MappingFile,
+    MappingFormatError,
+    is_mapping_name,
+    parse_mapping,
+)
+from routheon.rules import mentions_authorization, rule_keys
+
+ERROR = "error"
+WARNING = "warning"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: where it is, how bad it is, and what to do about it."""
+
+    path: Path
+    message: str
+    severity: str = ERROR
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else str(self.path)
+        return f"{where}: {self.severity}: {self.message}"
+
+
+class _Lines:
+    """Line numbers of the names under ``http.<section>`` and the duplicate keys of a file.
+
+    Go's YAML reader rejects a mapping that repeats a key; PyYAML keeps the last one silently,
+    so duplicates are looked for in the node tree.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.names: dict[tuple[str, str], int] = {}
+        self.duplicates: list[tuple[str, int]] = []
+        root = yaml.compose(text)
+        if root is not None:
+            self._walk(root, ())
+
+    def _walk(self, node: yaml.Node, path: tuple[str, ...]) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            if isinstance(node, yaml.SequenceNode):
+                for item in node.value:
+                    self._walk(item, path)
+            return
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.duplicates.append((".".join((*path, key)), line))
+            seen.add(key)
+            if len(path) == 2 and path[0] == "http":
+                self.names[(path[1], key)] = line
+            self._walk(value_node, (*path, key))
+
+    def of(self, section: str, name: str) -> int | None:
+        return self.names.get((section, name))
+
+
+def _check_file(path: Path) -> tuple[MappingFile | None, _Lines | None, list[Finding]]:
+    findings: list[Finding] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, None, [Finding(path, f"cannot read: {exc}")]
+    try:
+        mapping = parse_mapping(text, path)
+    except MappingFormatError as exc:
+        return None, None, [Finding(path, str(exc), line=exc.line)]
+    lines = _Lines(text)
+    for dotted, line in lines.duplicates:
+        findings.append(Finding(path, f"{dotted} is defined twice; Traefik rejects the file", line=line))
+    for number, content in enumerate(text.splitlines(), start=1):
+        if "{{" in content:
+            findings.append(
+                Finding(path, "'{{' starts a Go template: Traefik rewrites it before reading the file", line=number)
+            )
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mapping.key_clauses() and mode & 0o004:
+        findings.append(Finding(path, "holds API keys but every user can read it (chmod o-rwx)", WARNING))
+    for router in mapping.routers:
+        line = lines.of("routers", router.name)
+        clauses = rule_keys(router.rule)
+        if clauses is None:
+            if mentions_authorization(router.rule):
+                findings.append(
+                    Finding(path, f"router {router.name!r}: rule not understood, its keys are not checked", WARNING, line)
+                )
+            continue
+        for clause in clauses:
+            if clause.regex and not clause.literal:
+                findings.append(
+                    Finding(
+                        path,
+                        f"router {router.name!r}: HeaderRegexp rule reads the key as a regular expression,"
+                        " so other keys match it too; rewrite it with `routheon mapping add`",
+                        ERROR,
+                        line,
+                    )
+                )
+            elif clause.regex:
+                findings.append(
+                    Finding(
+                        path,
+                        f"router {router.name!r}: seed-format HeaderRegexp rule; it works for this key,"
+                        " but Header(`Authorization`, `Bearer KEY`) matches keys literally",
+                        WARNING,
+                        line,
+                    )
+                )
+            else:
+                try:
+                    validate_key(clause.key)
+                except InvalidKeyError as exc:
+                    findings.append(Finding(path, f"router {router.name!r}: {exc}", ERROR, line))
+    return mapping, lines, findings
+
+
+def _cross_file(checked: list[tuple[MappingFile, _Lines]]) -> list[Finding]:
+    findings: list[Finding] = []
+    lines_of = {mapping.path: lines for mapping, lines in checked}
+    defined: dict[str, dict[str, list[Path]]] = {"routers": {}, "services": {}, "middlewares": {}}
+    for mapping, _ in checked:
+        for section, names in (
+            ("routers", [router.name for router in mapping.routers]),
+            ("services", [service.name for service in mapping.services]),
+            ("middlewares", list(mapping.middlewares)),
+        ):
+            for name in names:
+                defined[section].setdefault(name, []).append(mapping.path)
+    for section, names in defined.items():
+        for name, paths in names.items():
+            for path in paths[1:]:
+                findings.append(
+                    Finding(
+                        path,
+                        f"{section[:-1]} {name!r} is also defined in {paths[0].name}; Traefik uses only one of them",
+                        ERROR,
+                        lines_of[path].of(section, name),
+                    )
+                )
+    key_owners: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    for mapping, lines in checked:
+        for router in mapping.routers:
+            line = lines.of("routers", router.name)
+            if "@" not in router.service and router.service not in defined["services"]:
+                findings.append(
+                    Finding(mapping.path, f"router {router.name!r}: service {router.service!r} is not defined", ERROR, line)
+                )
+            for middleware in router.middlewares:
+                if "@" not in middleware and middleware not in defined["middlewares"]:
+                    findings.append(
+                        Finding(
+                            mapping.path,
+                            f"router {router.name!r}: middleware {middleware!r} is not defined,"
+                            " so Traefik disables this router and its keys do not route",
+                            ERROR,
+                            line,
+                        )
+                    )
+        for router, clause in mapping.key_clauses():
+            key_owners[clause.key].append((mapping.path, router.name))
+    for owners in key_owners.values():
+        if len(owners) > 1:
+            (first_path, first_router), *others = owners
+            for path, router in others:
+                findings.append(
+                    Finding(
+                        path,
+                        f"router {router!r}: an API key here is also routed by {first_router!r} in {first_path.name}",
+                        ERROR,
+                        lines_of[path].of("routers", router),
+                    )
+                )
+    return findings
+
+
+def _reachable(url: str, timeout: float) -> str | None:
+    """None when something answers HTTP at ``url``'s health path, else why not."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + HEALTH_PATH, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return str(reason)
+
+
+def _connect_findings(checked: Iterable[tuple[MappingFile, _Lines]], timeout: float) -> list[Finding]:
+    targets = [
+        (mapping.path, lines.of("services", service.name), service.name, url)
+        for mapping, lines in checked
+        for service in mapping.services
+        for url in service.urls
+    ]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        reasons = list(pool.map(lambda target: _reachable(target[3], timeout), targets))
+    return [
+        Finding(path, f"service {name!r}: backend {url} does not answer: {reason}", WARNING, line)
+        for (path, line, name, url), reason in zip(targets, reasons)
+        if reason is not None
+    ]
+
+
+def check_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> list[Finding]:
+    """Every problem of a mappings folder, errors and warnings, in file order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [Finding(folder, "the mappings folder does not exist")]
+    findings: list[Finding] = []
+    checked: list[tuple[MappingFile, _Lines]] = []
+    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+        path = Path(entry.path)
+        if entry.is_dir():
+            findings.append(Finding(path, "Traefik also reads the files in this subfolder; they are not checked", WARNING))
+        elif entry.name.lower().endswith(".toml"):
+            findings.append(Finding(path, "Traefik reads this TOML file; it is not checked", WARNING))
+        elif is_mapping_name(entry.name):
+            mapping, lines, problems = _check_file(path)
+            findings += problems
+            if mapping is not None and lines is not None:
+                checked.append((mapping, lines))
+    findings += _cross_file(checked)
+    if connect:
+        findings += _connect_findings(checked, timeout)
+    return sorted(findings, key=lambda finding: (finding.path.name, finding.line or 0))
+
+
+def has_errors(findings: Iterable[Finding]) -> bool:
+    return any(finding.severity == ERROR for finding in findings)

@@ -1,0 +1,264 @@
+"""Changing a mappings folder safely while Traefik watches it.
+
+Traefik re-reads the folder on every change and rejects all of it when one file is invalid,
+so every write here is whole-file and atomic (a temporary file in the same folder, renamed
+over the target), the old content is kept as ``NAME.yml.bak.TIMESTAMP`` (a name Traefik
+ignores), and a lock file serialises concurrent writers so no mapping is lost between one
+writer's read and another's write. Files that hold keys are never world-readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from routheon.mappings import (
+    ERRORS_MIDDLEWARE,
+    MappingFile,
+    MappingFormatError,
+    MappingSpec,
+    parse_mapping,
+    parse_rendered,
+    render_mapping,
+    scan_folder,
+)
+from routheon.rules import join_clauses, rule_keys
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".routheon.lock"
+KEY_FILE_MODE = 0o640
+
+
+class MappingConflictError(Exception):
+    """A change that would overwrite or move something; the caller must ask for it explicitly."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing done to the folder, for the operator to read."""
+
+    action: str
+    path: Path
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.path}" + (f" ({self.detail})" if self.detail else "")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder for one read-modify-write."""
+    fd = os.open(folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = KEY_FILE_MODE) -> None:
+    """Replace ``path`` with ``data`` in one rename, so a reader sees the old or the new file.
+
+    The file takes the folder's group (so a Traefik running as that group can read it) and
+    ``mode`` before it gets its name; the temporary name never ends in ``.yml``.
+    """
+    folder = path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            folder_gid = folder.stat().st_gid
+            if os.fstat(handle.fileno()).st_gid != folder_gid:
+                try:
+                    os.fchown(handle.fileno(), -1, folder_gid)
+                except PermissionError:
+                    log.debug("cannot give %s the folder's group %d", path, folder_gid)
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def backup(path: Path) -> Path:
+    """Copy ``path`` to a fresh ``NAME.bak.TIMESTAMP`` beside it, as private as a key file."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.bak.{stamp}")
+    counter = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.bak.{stamp}.{counter}")
+        counter += 1
+    write_atomic(target, path.read_bytes())
+    return target
+
+
+def _restrict_mode(path: Path) -> bool:
+    """Take away world access from an existing key file; True when it had any."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o007:
+        path.chmod(mode & ~0o007)
+        return True
+    return False
+
+
+def _parsed_files(folder: Path) -> list[MappingFile]:
+    return list(scan_folder(folder).files)
+
+
+def _without_keys(path: Path, keys: set[str]) -> dict[str, Any] | None:
+    """The document of ``path`` with ``keys`` taken out of its rules; None when nothing is left.
+
+    Routers left without a key go, and so do services no remaining router uses; clauses that
+    stay are kept as written, seed-format ones included.
+    """
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    http = document["http"]
+    routers: dict[str, Any] = http.get("routers") or {}
+    for name in list(routers):
+        clauses = rule_keys(routers[name]["rule"])
+        if clauses is None:
+            continue
+        kept = [clause.text for clause in clauses if clause.key not in keys]
+        if kept:
+            routers[name]["rule"] = join_clauses(kept)
+        else:
+            del routers[name]
+    services: dict[str, Any] = http.get("services") or {}
+    used = {router.get("service") for router in routers.values()}
+    for name in list(services):
+        if name not in used:
+            del services[name]
+    if not routers and not http.get("middlewares"):
+        return None
+    return document
+
+
+def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) -> list[Change]:
+    """Take ``keys`` out of every file but ``skip``: rewrite a file, or retire it when emptied."""
+    changes: list[Change] = []
+    for mapping in files:
+        if mapping.path == skip:
+            continue
+        found = {clause.key for _, clause in mapping.key_clauses()} & keys
+        if not found:
+            continue
+        saved = backup(mapping.path)
+        document = _without_keys(mapping.path, found)
+        if document is None:
+            mapping.path.unlink()
+            changes.append(Change("retired", mapping.path, f"its keys moved or removed; old content in {saved.name}"))
+            continue
+        text = yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=10**6)
+        reread = parse_mapping(text, mapping.path)
+        left = {clause.key for _, clause in reread.key_clauses()}
+        if left & found:
+            raise MappingFormatError(f"{mapping.path}: could not take the key out; nothing was written")
+        write_atomic(mapping.path, text.encode("utf-8"))
+        changes.append(Change("rewrote", mapping.path, f"{len(found)} key(s) taken out; old content in {saved.name}"))
+    return changes
+
+
+def defines_error_pages(files: Iterable[MappingFile]) -> bool:
+    """Whether some file defines the errors middleware that key routers may reference."""
+    return any(ERRORS_MIDDLEWARE in mapping.middlewares for mapping in files)
+
+
+def add_mapping(
+    folder: Path, spec: MappingSpec, *, replace: bool = False, error_pages: bool | None = None
+) -> list[Change]:
+    """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file.
+
+    ``error_pages`` None means: reference the errors middleware only when the folder defines
+    it, because Traefik disables a router whose middleware does not exist (its keys would
+    stop working). Overwriting a different file or moving a key needs ``replace``.
+    """
+    spec.validate()
+    target = folder / spec.file_name
+    with folder_lock(folder):
+        files = _parsed_files(folder)
+        if error_pages is None:
+            error_pages = defines_error_pages(files)
+        spec = MappingSpec(spec.service, spec.urls, spec.keys, error_pages, spec.entry_point)
+        for mapping in files:
+            if mapping.path == target:
+                continue
+            names = {router.name for router in mapping.routers} | {service.name for service in mapping.services}
+            if spec.service in names:
+                raise MappingConflictError(
+                    f"{mapping.path} already defines a router or service named {spec.service!r}; "
+                    "remove it or choose another --service"
+                )
+        elsewhere = sorted(
+            {
+                mapping.path.name
+                for mapping in files
+                if mapping.path != target
+                and {clause.key for _, clause in mapping.key_clauses()} & set(spec.keys)
+            }
+        )
+        if elsewhere and not replace:
+            raise MappingConflictError(
+                f"an API key is already used in {', '.join(elsewhere)}; pass --replace to move it to {spec.service}"
+            )
+        text = render_mapping(spec)
+        parse_rendered(text, spec, target)
+        data = text.encode("utf-8")
+        changes: list[Change] = []
+        if target.exists():
+            if target.read_bytes() == data:
+                detail = "mode tightened to no world access" if _restrict_mode(target) else ""
+                changes.append(Change("unchanged", target, detail))
+            elif not replace:
+                raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
+            else:
+                saved = backup(target)
+                write_atomic(target, data)
+                changes.append(Change("replaced", target, f"old content in {saved.name}"))
+        else:
+            write_atomic(target, data)
+            changes.append(Change("wrote", target))
+        changes += _take_keys(files, set(spec.keys), skip=target)
+        return changes
+
+
+def remove_service(folder: Path, service: str) -> list[Change]:
+    """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing."""
+    target = folder / f"{service}.yml"
+    with folder_lock(folder):
+        if not target.exists():
+            raise FileNotFoundError(f"no mapping file {target}")
+        saved = backup(target)
+        target.unlink()
+        return [Change("removed", target, f"old content in {saved.name}")]
+
+
+def remove_keys(folder: Path, keys: Iterable[str]) -> list[Change]:
+    """Stop routing ``keys`` wherever they are, keeping every other key of their files."""
+    keys = set(keys)
+    with folder_lock(folder):
+        files = _parsed_files(folder)
+        known = {clause.key for mapping in files for _, clause in mapping.key_clauses()}
+        missing = keys - known
+        if missing:
+            raise LookupError(f"{len(missing)} of the given API keys are in no mapping file")
+        return _take_keys(files, keys, skip=None)

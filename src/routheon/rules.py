@@ -1,0 +1,114 @@
+"""Traefik rules that match API keys: building them literally and reading keys back out.
+
+Routheon writes Traefik 3's exact ``Header`` matcher, which compares the whole header value
+with the string given, so a key matches only itself whatever characters it holds. Files in the
+seed's format use ``HeaderRegexp`` with the key pasted into a regular expression; those are
+still read (to list, rotate and check them) and told apart, because a key holding ``.``, ``+``
+or ``*`` there matches other keys too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from routheon.keys import validate_key
+
+AUTH_HEADER = "Authorization"
+SCHEME = "Bearer "
+_SEPARATOR = " || "
+
+# Backticks cannot occur inside a Traefik backtick string, so `[^`]*` is exactly its content.
+_CLAUSE = re.compile(
+    r"\s*(?:Header\(\s*`Authorization`\s*,\s*`Bearer (?P<exact>[^`]*)`\s*\)"
+    r"|HeaderRegexp\(\s*`Authorization`\s*,\s*`\^Bearer (?P<regex>[^`]*)\$`\s*\))\s*"
+)
+_OR = re.compile(r"\|\|")
+_REGEX_META = set(".^$*+?{}[]|()\\")
+
+
+@dataclass(frozen=True)
+class KeyClause:
+    """One key a rule accepts.
+
+    ``regex`` marks the seed's ``HeaderRegexp`` form. ``literal`` says whether that expression
+    matches nothing but ``key`` (always true for ``Header``).
+    """
+
+    key: str
+    regex: bool = False
+    literal: bool = True
+    text: str = ""
+
+
+def key_clause(key: str) -> str:
+    """The exact-match clause for one key; the key must have passed validate_key."""
+    return f"Header(`{AUTH_HEADER}`, `{SCHEME}{key}`)"
+
+
+def join_clauses(clauses: Iterable[str]) -> str:
+    """Clauses that each accept one key, as one rule accepting any of them."""
+    return _SEPARATOR.join(clauses)
+
+
+def header_rule(keys: Iterable[str]) -> str:
+    """One rule that accepts any of ``keys``, each compared literally."""
+    keys = list(keys)
+    if not keys:
+        raise ValueError("a key rule needs at least one key")
+    for key in keys:
+        validate_key(key)
+    return join_clauses(key_clause(key) for key in keys)
+
+
+def _unescape_regex(body: str, text: str) -> KeyClause:
+    """Read the seed's ``(KEY)`` / ``KEY`` expression as the key its author meant."""
+    if body.startswith("(") and body.endswith(")"):
+        body = body[1:-1]
+    chars: list[str] = []
+    literal = True
+    escaped = False
+    for char in body:
+        if escaped:
+            if char.isalnum():
+                literal = False  # \d, \w, ...: a class, not a character
+            chars.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        else:
+            if char in _REGEX_META:
+                literal = False
+            chars.append(char)
+    if escaped:
+        literal = False
+        chars.append("\\")
+    return KeyClause("".join(chars), regex=True, literal=literal, text=text)
+
+
+def rule_keys(rule: str) -> tuple[KeyClause, ...] | None:
+    """The keys of a rule made only of Authorization clauses joined by ``||``; None otherwise."""
+    clauses: list[KeyClause] = []
+    position = 0
+    while True:
+        match = _CLAUSE.match(rule, position)
+        if match is None:
+            return None
+        text = match.group().strip()
+        if match.group("exact") is not None:
+            clauses.append(KeyClause(match.group("exact"), text=text))
+        else:
+            clauses.append(_unescape_regex(match.group("regex"), text))
+        position = match.end()
+        if position == len(rule):
+            return tuple(clauses)
+        separator = _OR.match(rule, position)
+        if separator is None:
+            return None
+        position = separator.end()
+
+
+def mentions_authorization(rule: str) -> bool:
+    """Whether a rule looks at the API key at all (used to flag rules we could not read)."""
+    return AUTH_HEADER.lower() in rule.lower()

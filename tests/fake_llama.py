@@ -1,0 +1,81 @@
+"""A stand-in for llama-server: the endpoints Routheon's routing touches, and nothing more.
+
+Every answer names the backend (``X-Backend`` header and the model id), so a test can tell
+where Traefik sent a request. Streaming answers send their chunks ``--chunk-interval``
+seconds apart and stamp each with the time it was sent, so a test can see buffering.
+
+Run as a process (``python tests/fake_llama.py --port P --name N``) so that a test can stop
+it like a crashed llama-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+
+def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
+    headers = {"X-Backend": name}
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"}, headers=headers)
+
+    async def models(_: web.Request) -> web.Response:
+        model = {"id": name, "object": "model", "created": 0, "owned_by": "llamacpp"}
+        return web.json_response({"object": "list", "data": [model]}, headers=headers)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": f"hello from {name}"}
+            return web.json_response(
+                {"object": "chat.completion", "model": name, "choices": [{"index": 0, "message": message}]},
+                headers=headers,
+            )
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(chunks):
+            if index:
+                await asyncio.sleep(chunk_interval)
+            chunk = {
+                "object": "chat.completion.chunk",
+                "model": name,
+                "sent_at": time.time(),
+                "choices": [{"index": 0, "delta": {"content": f"{index} "}}],
+            }
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"backend": name, "path": request.path}, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--chunks", type=int, default=5)
+    parser.add_argument("--chunk-interval", type=float, default=0.2)
+    args = parser.parse_args()
+    web.run_app(
+        build_app(args.name, args.chunks, args.chunk_interval),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()
