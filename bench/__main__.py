@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/<date>-<host>.json)")
     parser.add_argument("--publish", action="store_true",
                         help="also write docs/benchmarks.md and its plots from this run")
+    parser.add_argument("--fake-llama", action="store_true",
+                        help="token path against tests/fake_llama.py instead of llama-server (checks the harness)")
     parser.add_argument("--log-level", default="WARNING")
     return parser.parse_args(argv)
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if "startup" in args.parts:
             results["startup"] = servers.startup(profile, workdir, args.targets)
         if "tokenpath" in args.parts:
-            results["tokenpath"] = tokenpath.run(profile, workdir)
+            results["tokenpath"] = tokenpath.run(profile, workdir, args.fake_llama)
     results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results["goals"] = report.goals(results)
     out = args.out or RESULTS / f"{started:%Y-%m-%d}-{socket.gethostname()}.json"

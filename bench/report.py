@@ -166,7 +166,7 @@ SECTIONS = (
     ("routheon-server against the original and the floor (req/s, latency p50 / p99 in ms)", SERVER_HEADER, server_rows),
     ("Start-up: exec to first answer (ms)", ["server", "median", "min", "max", "runs"], startup_rows),
     ("Peak RSS under load (MiB, process and children)", ["case", "conns", "server", "peak RSS"], memory_rows),
-    ("Token path: sequential chat requests, real llama-server (ms)",
+    ("Token path: sequential chat requests (ms)",
      ["measure", "path", "n", "p50", "p99", "p50 vs direct"], chat_rows),
     ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM"], rps_rows),
     ("Goals from the issue", ["goal", "wanted", "measured", "status"], goal_rows),

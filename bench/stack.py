@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import yaml
 
+from routheon.mappings import MappingSpec, render_mapping
 from tests.support import Proc, free_port, wait_http
 
 from . import env
@@ -63,17 +63,12 @@ def fake_backends(stack: Stack, live: int, hang: int = 0) -> tuple[list[str], li
     return urls, [f"http://127.0.0.1:{port}" for port in hang_ports]
 
 
-def write_mappings(folder: Path, backends: dict[str, str]) -> Path:
-    """One Traefik mapping file per ``key → url``, as an operator would have them."""
+def write_mappings(folder: Path, backends: dict[str, str], error_pages: bool = False) -> Path:
+    """One mapping file per ``key → url``, written as ``routheon mapping add`` writes them."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, (key, url) in enumerate(backends.items()):
-        name = f"llama-server-{index}"
-        mapping = {"http": {
-            "routers": {name: {"entryPoints": ["llama-servers"], "service": name,
-                               "rule": f"Header(`Authorization`, `Bearer {key}`)"}},
-            "services": {name: {"loadBalancer": {"servers": [{"url": url}]}}},
-        }}
-        (folder / f"{name}.yml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+        spec = MappingSpec(service=f"llama-server-{index}", urls=(url,), keys=(key,), error_pages=error_pages)
+        (folder / spec.file_name).write_text(render_mapping(spec))
     return folder
 
 

@@ -1,1 +1,271 @@
-def run(*a): raise NotImplementedError
+"""The token path: what Traefik with Routheon's mappings adds between a client and llama-server,
+and what LiteLLM's proxy adds in the same place.
+
+Three paths to the same backends, measured the same way:
+- direct: the client talks to llama-server (or the fake backend) itself;
+- traefik: Traefik with the repo's static config, routheon-server.yml (401 catch-all, error
+  pages) and a key mapping as ``routheon mapping add`` writes it, errors middleware included;
+- litellm: LiteLLM's proxy with a master key and one model per backend.
+
+Latency comes from a small sequential client (the same code for every path, paths interleaved
+request by request so that a noisy moment hurts all of them alike); requests/s from wrk.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from tests.support import free_port
+
+from . import env, stack, wrk
+from .profile import Profile
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+TRAEFIK = Path(sys.executable).parent / "traefik"
+LLAMA_KEY = "bench-llama-key"
+FAKE_KEY = "bench-fake-key"
+MASTER_KEY = "sk-bench-master-key"
+LLAMA_MODEL = "smollm"
+FAKE_MODEL = "bench-fake"
+PROMPT = [{"role": "user", "content": "Name three colours."}]
+MAX_TOKENS = 8
+
+
+@dataclass
+class Route:
+    """One way to reach the backends: a base URL, the key header it needs, the proxy's pid."""
+
+    name: str
+    base: str
+    headers: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat_body(model: str, stream: bool) -> str:
+    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": MAX_TOKENS,
+                       "temperature": 0, "stream": stream})
+
+
+def _delta_text(line: bytes) -> str:
+    """The generated text in one SSE ``data:`` line (empty for role-only or closing chunks)."""
+    payload = line[len(b"data:"):].strip()
+    if not payload or payload == b"[DONE]":
+        return ""
+    choices = json.loads(payload).get("choices") or [{}]
+    return (choices[0].get("delta") or {}).get("content") or ""
+
+
+def timed_chat(route: Route, model: str, stream: bool) -> float:
+    """Seconds to the first generated text (stream) or to the whole answer (no stream)."""
+    url = urlsplit(route.base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    try:
+        began = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=chat_body(model, stream),
+                     headers={"Content-Type": "application/json", **route.headers})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{route.name}: HTTP {response.status}: {response.read()[:300]!r}")
+        if not stream:
+            answer = json.loads(response.read())
+            if not answer["choices"][0]["message"]["content"]:
+                raise RuntimeError(f"{route.name}: empty completion")
+            return time.perf_counter() - began
+        first: float | None = None
+        # read to the end so the next request never queues behind this one's generation
+        while line := response.readline():
+            if not line.startswith(b"data:"):
+                continue
+            if line.strip() == b"data: [DONE]":
+                break
+            if first is None and _delta_text(line):
+                first = time.perf_counter() - began
+        if first is None:
+            raise RuntimeError(f"{route.name}: the stream held no text")
+        return first
+    finally:
+        conn.close()
+
+
+def _percentile(samples: list[float], pct: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def latency(routes: list[Route], requests: int) -> list[dict]:
+    rows = []
+    for stream in (True, False):
+        samples: dict[str, list[float]] = {route.name: [] for route in routes}
+        for route in routes:  # warm-up: connections, prompt cache, LiteLLM's lazy imports
+            timed_chat(route, LLAMA_MODEL, stream)
+        for _ in range(requests):
+            for route in routes:
+                samples[route.name].append(timed_chat(route, LLAMA_MODEL, stream) * 1000)
+        for route in routes:
+            got = samples[route.name]
+            rows.append({"path": route.name, "stream": stream, "n": len(got),
+                         "p50_ms": round(statistics.median(got), 3), "p99_ms": round(_percentile(got, 99), 3),
+                         "mean_ms": round(statistics.fmean(got), 3)})
+            log.warning("%-8s %-6s p50 %.2f ms  p99 %.2f ms", route.name, "stream" if stream else "full",
+                        rows[-1]["p50_ms"], rows[-1]["p99_ms"])
+    return rows
+
+
+def _wait_ok(url: str, headers: dict[str, str], proc: stack.Proc, timeout: float) -> None:
+    """Until ``url`` answers 200: Traefik answers 401/404 before it has read its mappings."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"exited before {url} answered:\n{proc.log()[-2000:]}")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s:\n{proc.log()[-2000:]}")
+
+
+def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str]) -> tuple[stack.Proc, str]:
+    """Traefik with the repo's own static config and routheon-server mapping, on free ports."""
+    folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=True)
+    routheon_mapping = (REPO / "traefik" / "mappings" / "routheon-server.yml").read_text()
+    (folder / "routheon-server.yml").write_text(routheon_mapping.replace("http://routheon-server:9080", routheon_url))
+    static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
+    port = free_port()
+    static["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{port}"
+    static["providers"]["file"]["directory"] = str(folder)
+    static["log"] = {"level": "ERROR"}
+    config = stk.workdir / "traefik.yml"
+    config.write_text(yaml.safe_dump(static))
+    proc = stk.start("traefik", [str(TRAEFIK), f"--configFile={config}"])
+    base = f"http://127.0.0.1:{port}"
+    # Traefik answers 401/404 until it has read the folder: wait for a key-routed 200
+    _wait_ok(f"{base}/health", _bearer(next(iter(keys))), proc, timeout=30)
+    return proc, base
+
+
+def start_litellm(stk: stack.Stack, llama_url: str, fake_url: str) -> tuple[stack.Proc, str]:
+    config = {
+        "model_list": [
+            {"model_name": LLAMA_MODEL, "litellm_params": {"model": f"openai/{LLAMA_MODEL}",
+                                                           "api_base": f"{llama_url}/v1", "api_key": "none"}},
+            {"model_name": FAKE_MODEL, "litellm_params": {"model": f"openai/{FAKE_MODEL}",
+                                                          "api_base": f"{fake_url}/v1", "api_key": "none"}},
+        ],
+        "general_settings": {"master_key": MASTER_KEY},
+        "litellm_settings": {"telemetry": False},
+    }
+    path = stk.workdir / "litellm.yml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    # No network here: read the bundled model cost map instead of fetching it at start.
+    env_vars = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    proc = stk.start("litellm", [str(env.litellm()), "--config", str(path), "--host", "127.0.0.1",
+                                 "--port", str(port), "--num_workers", "1"], env_vars=env_vars)
+    base = f"http://127.0.0.1:{port}"
+    _wait_ok(f"{base}/health/liveliness", {}, proc, timeout=180)
+    return proc, base
+
+
+def start_llama(stk: stack.Stack, fake: bool) -> tuple[stack.Proc, str]:
+    """The real llama-server with SmolLM2, or (``fake``, to check the harness) the test stand-in."""
+    port = free_port()
+    if fake:
+        argv = [sys.executable, str(REPO / "tests" / "fake_llama.py"), "--port", str(port), "--name", LLAMA_MODEL,
+                "--chunks", str(MAX_TOKENS), "--chunk-interval", "0.005"]
+    else:
+        argv = [str(env.llama_server(wait_s=1200)), "-m", str(env.smollm_model()), "--host", "127.0.0.1",
+                "--port", str(port), "--alias", LLAMA_MODEL, "-c", "2048", "-np", "1", "--threads", "1"]
+    proc = stk.start("llama-server", argv)
+    base = f"http://127.0.0.1:{port}"
+    _wait_ok(f"{base}/health", {}, proc, timeout=120)
+    return proc, base
+
+
+def _versions(llama_argv: list[str]) -> dict:
+    def first_line(argv: list[str]) -> str:
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return next((line for line in text if "version" in line.lower()), text[0] if text else "?")
+
+    llama = first_line([llama_argv[0], "--version"]) if "fake_llama" not in " ".join(llama_argv) else "fake"
+    return {"traefik": first_line([str(TRAEFIK), "version"]), "llama-server": llama,
+            "litellm": env.LITELLM_VERSION}
+
+
+def _rps(case: str, title: str, routes: list[tuple[Route, wrk.Request]], profile: Profile) -> list[dict]:
+    rows = []
+    for connections in profile.connections:
+        for route, request in routes:
+            sampler = stack.RssSampler(route.pid) if route.pid else None
+            if sampler:
+                with sampler:
+                    result = wrk.run(request, connections, profile.duration_s)
+            else:
+                result = wrk.run(request, connections, profile.duration_s)
+            row = {"case": case, "title": title, "path": route.name, **result.to_json()}
+            if sampler:
+                row["proxy_rss_peak_mib"] = sampler.peak_mib
+            rows.append(row)
+            log.warning("%-7s %-8s c=%-2d %9.1f req/s  p50 %s ms  p99 %s ms  failed %d", case, route.name,
+                        connections, result.rps, result.p50_ms, result.p99_ms, result.failed)
+    return rows
+
+
+def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
+    with stack.Stack(workdir) as stk:
+        llama, llama_url = start_llama(stk, fake_llama)
+        fake_urls, _ = stack.fake_backends(stk, 1)
+        fake_url = fake_urls[0]
+        routheon_url = stack.start_server(stk, "routheon", workdir / "traefik-mappings")
+        traefik, traefik_url = start_traefik(stk, routheon_url, {LLAMA_KEY: llama_url, FAKE_KEY: fake_url})
+        litellm, litellm_url = start_litellm(stk, llama_url, fake_url)
+
+        direct = Route("direct", llama_url)
+        via_traefik = Route("traefik", traefik_url, _bearer(LLAMA_KEY), traefik.pid)
+        via_litellm = Route("litellm", litellm_url, _bearer(MASTER_KEY), litellm.pid)
+        rows_chat = latency([direct, via_traefik, via_litellm], profile.chat_requests)
+
+        health = [
+            (direct, wrk.Request(f"{llama_url}/health")),
+            (via_traefik, wrk.Request(f"{traefik_url}/health", headers=via_traefik.headers)),
+            # LiteLLM proxies no /health to a backend; its cheapest key-checked route is
+            # /v1/models, answered from its own config: a bound in LiteLLM's favour.
+            (via_litellm, wrk.Request(f"{litellm_url}/v1/models", headers=via_litellm.headers)),
+        ]
+        body = chat_body(FAKE_MODEL, False)
+        post = {"Content-Type": "application/json"}
+        chat = [
+            (Route("direct", fake_url), wrk.Request(f"{fake_url}/v1/chat/completions", "POST", post, body)),
+            (Route("traefik", traefik_url, pid=traefik.pid),
+             wrk.Request(f"{traefik_url}/v1/chat/completions", "POST", {**post, **_bearer(FAKE_KEY)}, body)),
+            (via_litellm, wrk.Request(f"{litellm_url}/v1/chat/completions", "POST",
+                                      {**post, **via_litellm.headers}, body)),
+        ]
+        rows_rps = (_rps("health", "key-routed /health (LiteLLM: key-checked /v1/models)", health, profile)
+                    + _rps("chat", "chat completion to an instant fake backend", chat, profile))
+        return {"chat": rows_chat, "rps": rows_rps, "versions": _versions(llama.argv),
+                "llama": {"backend": "tests/fake_llama.py" if fake_llama else "llama-server",
+                          "model": "fake" if fake_llama else env.SMOLLM_FILE, "max_tokens": MAX_TOKENS,
+                          "threads": 1}}
