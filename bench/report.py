@@ -21,7 +21,7 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else (f"{value:,.0f}×" if value >= 10 else f"{value:.2f}×")
 
 
-def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+def table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -178,7 +178,7 @@ def markdown_tables(results: dict, level: str = "###") -> str:
     for title, header, make in SECTIONS:
         rows = make(results)
         if rows:
-            parts.append(f"{level} {title}\n\n" + "\n".join(_table(header, rows)))
+            parts.append(f"{level} {title}\n\n" + "\n".join(table(header, rows)))
     return "\n\n".join(parts)
 
 

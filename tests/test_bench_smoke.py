@@ -1,0 +1,64 @@
+"""Keep the benchmark harness from rotting: its wrk parser, and one tiny run end to end.
+
+No timing is asserted here; the numbers only have to exist and come from real requests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench import report, wrk
+from tests.support import REPO
+
+SUMMARY = ('WRK_JSON {"requests":1500,"duration_us":3000000,"bytes":99,'
+           '"errors":{"connect":0,"read":1,"write":0,"status":2,"timeout":3},'
+           '"p50_us":250,"p90_us":900,"p99_us":4200,"max_us":9000}')
+
+
+def test_parse_reads_the_hook_line_among_wrks_own_output() -> None:
+    stdout = f"Running 3s test @ http://127.0.0.1:1/\n  1 threads and 4 connections\n{SUMMARY}\n"
+    result = wrk.parse_output(stdout, connections=4)
+    assert result.rps == 500.0
+    assert (result.p50_ms, result.p99_ms) == (0.25, 4.2)
+    assert result.failed == 6
+
+
+def test_parse_without_the_hook_line_says_so() -> None:
+    with pytest.raises(ValueError, match="no summary line"):
+        wrk.parse_output("Requests/sec: 10\n", connections=1)
+
+
+def test_no_completed_request_has_no_latency() -> None:
+    result = wrk.parse_output(SUMMARY.replace('"requests":1500', '"requests":0'), connections=1)
+    assert result.rps == 0 and result.p50_ms is None
+
+
+def test_header_values_cannot_break_out_of_the_lua_script() -> None:
+    script = wrk.lua_script(wrk.Request("http://x/", headers={"Authorization": "Bearer a]]b]=]c"}))
+    assert "[==[Bearer a]]b]=]c]==]" in script
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_quick_run_measures_routheon_against_the_floor(tmp_path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "servers", "--only", "models-2",
+         "--targets", "routheon,floor", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/v1/models, 2 live" in proc.stdout
+    results = json.loads(out.read_text())
+    rows = results["servers"]
+    assert {(row["target"], row["connections"]) for row in rows} == {
+        ("routheon", 1), ("routheon", 16), ("floor", 1), ("floor", 16)}
+    assert all(row["requests"] > 0 and row["failed"] == 0 for row in rows)
+    assert next(row for row in rows if row["target"] == "routheon")["answer"] == {"models": 2}
+    share = next(goal for goal in results["goals"] if goal["goal"].startswith("models-2"))
+    assert share["value"] is not None
+    assert report.text_tables(results) in proc.stdout
