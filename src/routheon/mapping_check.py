@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from routheon.keys import InvalidKeyError, validate_key
 from routheon.mappings import (
     HEALTH_PATH,
+    KeyLines,
     MappingFile,
     MappingFormatError,
     is_mapping_name,
@@ -48,42 +48,7 @@ class Finding:
         return f"{where}: {self.severity}: {self.message}"
 
 
-class _Lines:
-    """Line numbers of the names under ``http.<section>`` and the duplicate keys of a file.
-
-    Go's YAML reader rejects a mapping that repeats a key; PyYAML keeps the last one silently,
-    so duplicates are looked for in the node tree.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.names: dict[tuple[str, str], int] = {}
-        self.duplicates: list[tuple[str, int]] = []
-        root = yaml.compose(text)
-        if root is not None:
-            self._walk(root, ())
-
-    def _walk(self, node: yaml.Node, path: tuple[str, ...]) -> None:
-        if not isinstance(node, yaml.MappingNode):
-            if isinstance(node, yaml.SequenceNode):
-                for item in node.value:
-                    self._walk(item, path)
-            return
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                self.duplicates.append((".".join((*path, key)), line))
-            seen.add(key)
-            if len(path) == 2 and path[0] == "http":
-                self.names[(path[1], key)] = line
-            self._walk(value_node, (*path, key))
-
-    def of(self, section: str, name: str) -> int | None:
-        return self.names.get((section, name))
-
-
-def _check_file(path: Path) -> tuple[MappingFile | None, _Lines | None, list[Finding]]:
+def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[Finding]]:
     findings: list[Finding] = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -93,7 +58,7 @@ def _check_file(path: Path) -> tuple[MappingFile | None, _Lines | None, list[Fin
         mapping = parse_mapping(text, path)
     except MappingFormatError as exc:
         return None, None, [Finding(path, str(exc), line=exc.line)]
-    lines = _Lines(text)
+    lines = KeyLines(text)
     for dotted, line in lines.duplicates:
         findings.append(Finding(path, f"{dotted} is defined twice; Traefik rejects the file", line=line))
     for number, content in enumerate(text.splitlines(), start=1):
@@ -105,7 +70,7 @@ def _check_file(path: Path) -> tuple[MappingFile | None, _Lines | None, list[Fin
     if mapping.key_clauses() and mode & 0o004:
         findings.append(Finding(path, "holds API keys but every user can read it (chmod o-rwx)", WARNING))
     for router in mapping.routers:
-        line = lines.of("routers", router.name)
+        line = lines.get("http", "routers", router.name)
         clauses = rule_keys(router.rule)
         if clauses is None:
             if mentions_authorization(router.rule):
@@ -142,7 +107,7 @@ def _check_file(path: Path) -> tuple[MappingFile | None, _Lines | None, list[Fin
     return mapping, lines, findings
 
 
-def _cross_file(checked: list[tuple[MappingFile, _Lines]]) -> list[Finding]:
+def _cross_file(checked: list[tuple[MappingFile, KeyLines]]) -> list[Finding]:
     findings: list[Finding] = []
     lines_of = {mapping.path: lines for mapping, lines in checked}
     defined: dict[str, dict[str, list[Path]]] = {"routers": {}, "services": {}, "middlewares": {}}
@@ -162,13 +127,13 @@ def _cross_file(checked: list[tuple[MappingFile, _Lines]]) -> list[Finding]:
                         path,
                         f"{section[:-1]} {name!r} is also defined in {paths[0].name}; Traefik uses only one of them",
                         ERROR,
-                        lines_of[path].of(section, name),
+                        lines_of[path].get("http", section, name),
                     )
                 )
     key_owners: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     for mapping, lines in checked:
         for router in mapping.routers:
-            line = lines.of("routers", router.name)
+            line = lines.get("http", "routers", router.name)
             if "@" not in router.service and router.service not in defined["services"]:
                 findings.append(
                     Finding(mapping.path, f"router {router.name!r}: service {router.service!r} is not defined", ERROR, line)
@@ -195,7 +160,7 @@ def _cross_file(checked: list[tuple[MappingFile, _Lines]]) -> list[Finding]:
                         path,
                         f"router {router!r}: an API key here is also routed by {first_router!r} in {first_path.name}",
                         ERROR,
-                        lines_of[path].of("routers", router),
+                        lines_of[path].get("http", "routers", router),
                     )
                 )
     return findings
@@ -213,9 +178,9 @@ def _reachable(url: str, timeout: float) -> str | None:
         return str(reason)
 
 
-def _connect_findings(checked: Iterable[tuple[MappingFile, _Lines]], timeout: float) -> list[Finding]:
+def _connect_findings(checked: Iterable[tuple[MappingFile, KeyLines]], timeout: float) -> list[Finding]:
     targets = [
-        (mapping.path, lines.of("services", service.name), service.name, url)
+        (mapping.path, lines.get("http", "services", service.name), service.name, url)
         for mapping, lines in checked
         for service in mapping.services
         for url in service.urls
@@ -235,7 +200,7 @@ def check_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeo
     if not folder.is_dir():
         return [Finding(folder, "the mappings folder does not exist")]
     findings: list[Finding] = []
-    checked: list[tuple[MappingFile, _Lines]] = []
+    checked: list[tuple[MappingFile, KeyLines]] = []
     for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
         path = Path(entry.path)
         if entry.is_dir():

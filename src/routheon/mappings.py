@@ -35,11 +35,48 @@ _MAX_SERVICE_NAME = 100
 
 
 class MappingFormatError(ValueError):
-    """A file that Traefik would reject, or that is not a Traefik mapping at all."""
+    """A file that Traefik would reject, or that is not a Traefik mapping at all.
 
-    def __init__(self, message: str, line: int | None = None) -> None:
+    ``where`` is the key path of the offending entry; ``parse_mapping`` turns it into a line.
+    """
+
+    def __init__(self, message: str, line: int | None = None, where: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.line = line
+        self.where = where
+
+
+class KeyLines:
+    """The line of every mapping key of a YAML text, and the keys a mapping repeats.
+
+    PyYAML forgets lines once a document is loaded and silently keeps the last of two equal
+    keys, which Go's YAML reader (Traefik's) rejects; the node tree keeps both facts.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[tuple[str, ...], int] = {}
+        self.duplicates: list[tuple[str, int]] = []
+        root = yaml.compose(text)
+        if root is not None:
+            self._walk(root, ())
+
+    def _walk(self, node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._walk(item, path)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            key_path = (*path, str(key_node.value))
+            line = key_node.start_mark.line + 1
+            if key_path in self.lines:
+                self.duplicates.append((".".join(key_path), line))
+            else:
+                self.lines[key_path] = line
+            self._walk(value_node, key_path)
+
+    def get(self, *path: str) -> int | None:
+        return self.lines.get(path)
 
 
 @dataclass(frozen=True)
@@ -225,25 +262,26 @@ def is_mapping_name(name: str) -> bool:
     return name.lower().endswith(MAPPING_SUFFIXES)
 
 
-def _tuple_of_str(value: Any, what: str) -> tuple[str, ...]:
+def _tuple_of_str(value: Any, what: str, where: tuple[str, ...]) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return tuple(value)
-    raise MappingFormatError(f"{what} must be a list of strings")
+    raise MappingFormatError(f"{what} must be a list of strings", where=where)
 
 
 def _parse_services(raw: Any) -> tuple[Service, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, dict):
-        raise MappingFormatError("http.services must be a mapping of service names")
+        raise MappingFormatError("http.services must be a mapping of service names", where=("http", "services"))
     services = []
     for name, body in raw.items():
+        where = ("http", "services", str(name))
         if not isinstance(body, dict):
-            raise MappingFormatError(f"service {name!r} must be a mapping")
+            raise MappingFormatError(f"service {name!r} must be a mapping", where=where)
         balancer = body.get("loadBalancer")
         if balancer is None:
             # weighted, mirroring and failover services hold no URLs of their own
@@ -251,12 +289,12 @@ def _parse_services(raw: Any) -> tuple[Service, ...]:
             continue
         servers = balancer.get("servers") if isinstance(balancer, dict) else None
         if not isinstance(servers, list):
-            raise MappingFormatError(f"service {name!r}: loadBalancer.servers must be a list")
+            raise MappingFormatError(f"service {name!r}: loadBalancer.servers must be a list", where=where)
         urls = []
         for server in servers:
             url = server.get("url") if isinstance(server, dict) else None
             if not isinstance(url, str) or not url:
-                raise MappingFormatError(f"service {name!r}: every server needs a url")
+                raise MappingFormatError(f"service {name!r}: every server needs a url", where=where)
             urls.append(url.rstrip("/"))
         services.append(Service(str(name), tuple(urls)))
     return tuple(services)
@@ -266,24 +304,25 @@ def _parse_routers(raw: Any) -> tuple[Router, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, dict):
-        raise MappingFormatError("http.routers must be a mapping of router names")
+        raise MappingFormatError("http.routers must be a mapping of router names", where=("http", "routers"))
     routers = []
     for name, body in raw.items():
+        where = ("http", "routers", str(name))
         if not isinstance(body, dict):
-            raise MappingFormatError(f"router {name!r} must be a mapping")
+            raise MappingFormatError(f"router {name!r} must be a mapping", where=where)
         rule, service = body.get("rule"), body.get("service")
         if not isinstance(rule, str) or not isinstance(service, str):
-            raise MappingFormatError(f"router {name!r} needs a rule and a service")
+            raise MappingFormatError(f"router {name!r} needs a rule and a service", where=where)
         priority = body.get("priority")
         if priority is not None and not isinstance(priority, int):
-            raise MappingFormatError(f"router {name!r}: priority must be an integer")
+            raise MappingFormatError(f"router {name!r}: priority must be an integer", where=where)
         routers.append(
             Router(
                 name=str(name),
                 rule=rule,
                 service=service,
-                entry_points=_tuple_of_str(body.get("entryPoints"), f"router {name!r}: entryPoints"),
-                middlewares=_tuple_of_str(body.get("middlewares"), f"router {name!r}: middlewares"),
+                entry_points=_tuple_of_str(body.get("entryPoints"), f"router {name!r}: entryPoints", where),
+                middlewares=_tuple_of_str(body.get("middlewares"), f"router {name!r}: middlewares", where),
                 priority=priority,
             )
         )
@@ -291,7 +330,16 @@ def _parse_routers(raw: Any) -> tuple[Router, ...]:
 
 
 def parse_mapping(text: str, path: Path) -> MappingFile:
-    """Parse one mapping file's text; raise MappingFormatError naming the problem."""
+    """Parse one mapping file's text; raise MappingFormatError naming the problem and its line."""
+    try:
+        return _parse_document(text, path)
+    except MappingFormatError as exc:
+        if exc.line is None and exc.where:
+            exc.line = KeyLines(text).get(*exc.where)
+        raise
+
+
+def _parse_document(text: str, path: Path) -> MappingFile:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -309,7 +357,7 @@ def parse_mapping(text: str, path: Path) -> MappingFile:
         raise MappingFormatError("not a Traefik mapping: 'http' must be a mapping")
     middlewares = http.get("middlewares")
     if middlewares is not None and not isinstance(middlewares, dict):
-        raise MappingFormatError("http.middlewares must be a mapping of middleware names")
+        raise MappingFormatError("http.middlewares must be a mapping of middleware names", where=("http", "middlewares"))
     return MappingFile(
         path,
         _parse_routers(http.get("routers")),
@@ -356,6 +404,7 @@ __all__ = [
     "ENTRY_POINT",
     "ERRORS_MIDDLEWARE",
     "Folder",
+    "KeyLines",
     "MappingFile",
     "MappingFormatError",
     "MappingProblem",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 
 from aiohttp import web
@@ -29,6 +30,12 @@ def _fail(message: str, status: int) -> int:
 
 
 async def serve(config: ServerConfig, stats_config: StatsConfig | None) -> int:
+    # bind before anything starts, so a taken port is the only thing said
+    try:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.create_server((config.host, config.port), family=family)
+    except OSError as exc:
+        return _fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", 1)
     runner = web.AppRunner(
         create_app(config, stats_config),
         access_log_format=ACCESS_LOG_FORMAT,
@@ -36,11 +43,7 @@ async def serve(config: ServerConfig, stats_config: StatsConfig | None) -> int:
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            return _fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", 1)
+        await web.SockSite(runner, sock).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

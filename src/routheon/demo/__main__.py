@@ -1,0 +1,162 @@
+"""``python -m routheon.demo``: build or find everything, start the stack, wait for Ctrl-C.
+
+With ``--prepare`` it only makes sure that llama-server and the models are in the cache
+(what ``make test`` runs first, so that the end-to-end tests find them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from routheon.demo.download import DownloadError
+from routheon.demo.llama import BuildError, ensure_llama_server
+from routheon.demo.models import DEMO_MODELS, ModelError, ensure_model
+from routheon.demo.stack import Backend, Stack, StackConfig, free_port
+from routheon.demo.supervisor import StartError, Supervisor
+
+log = logging.getLogger("routheon.demo")
+
+KEYS = ("API_KEY-1", "API_KEY-2")
+LLAMA_PORTS = (8011, 8012)
+
+TRY_THIS = """\
+Routheon demo is up: Traefik on {url}, routheon-server on {server}.
+
+Chat through API_KEY-1 ({alias1}):
+
+curl {url}/v1/chat/completions \\
+-H "Content-Type: application/json" \\
+-H "Authorization: Bearer API_KEY-1" \\
+-d '{{
+   "model": "{alias1}",
+   "messages": [
+      {{"role": "system", "content": "You are a concise assistant."}},
+      {{"role": "user", "content": "Write a one-line Python function that prints hello."}}
+   ]
+ }}'
+
+Chat through API_KEY-2 ({alias2}), streamed:
+
+curl -N {url}/v1/chat/completions \\
+-H "Content-Type: application/json" \\
+-H "Authorization: Bearer API_KEY-2" \\
+-d '{{"model": "{alias2}", "stream": true, "messages": [{{"role": "user", "content": "Say hello."}}]}}'
+
+All models (no key), the model behind one key, host stats:
+
+curl {url}/v1/models
+curl {url}/v1/models -H "Authorization: Bearer API_KEY-1"
+curl {url}/stats
+
+Type `stop llama-server-2` and then `curl {url}/v1/models` lists one model;
+`start llama-server-2` brings it back. Ctrl-C stops everything. Logs: {logs}
+"""
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGHUP: leave the wait loop and tear the stack down like Ctrl-C does."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m routheon.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--prepare", action="store_true", help="only build/download llama-server and the models")
+    parser.add_argument("--port", type=int, default=8080, help="Traefik's port on 127.0.0.1 (default: 8080)")
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="mappings, configs, logs (default: .demo)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile jobs for llama-server (default: 2)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every process start and stop")
+    return parser.parse_args(argv)
+
+
+def prepare(jobs: int | None) -> tuple[Path, list[Path]]:
+    log.info("Getting llama-server and the demo models (cached under ~/.cache/routheon)")
+    binary = ensure_llama_server(jobs)
+    models = [ensure_model(spec) for spec in DEMO_MODELS]
+    return binary, models
+
+
+def _commands(stack: Stack) -> None:
+    """Read `stop NAME` / `start NAME` lines until end of input, then wait for a signal."""
+    for line in sys.stdin:
+        words = line.split()
+        if len(words) != 2 or words[0] not in ("stop", "start"):
+            if words:
+                print("commands: stop llama-server-N, start llama-server-N; Ctrl-C quits", flush=True)
+            continue
+        action, service = words
+        try:
+            if action == "stop":
+                stack.stop_backend(service)
+            else:
+                stack.start_backend(service)
+        except KeyError:
+            print(f"no such service {service}; try llama-server-1 or llama-server-2", flush=True)
+            continue
+        except StartError as exc:
+            print(exc, flush=True)
+            continue
+        print(f"{service} {'stopped' if action == 'stop' else 'started'}", flush=True)
+    signal.pause()
+
+
+def run(args: argparse.Namespace) -> int:
+    binary, models = prepare(args.jobs)
+    if args.prepare:
+        return 0
+    backends = tuple(
+        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port))
+        for n, (key, path, spec, port) in enumerate(zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS), start=1)
+    )
+    config = StackConfig(
+        workdir=args.workdir,
+        llama_server=binary,
+        backends=backends,
+        entry_port=args.port,
+        server_port=free_port(9080),
+    )
+    with Supervisor(args.workdir / "logs") as supervisor:
+        stack = Stack(config, supervisor)
+        try:
+            stack.start()
+            print(
+                TRY_THIS.format(
+                    url=config.entry_url,
+                    server=f"http://127.0.0.1:{config.server_port}",
+                    alias1=backends[0].alias,
+                    alias2=backends[1].alias,
+                    logs=supervisor.log_dir,
+                ),
+                flush=True,
+            )
+            _commands(stack)
+        except (KeyboardInterrupt, _Stop):
+            print("\nStopping the demo ...", file=sys.stderr)
+    print("Demo stopped; every process it started has exited.", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGHUP, _raise_stop)
+    try:
+        return run(args)
+    except (BuildError, DownloadError, ModelError, StartError) as exc:
+        print(f"routheon demo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

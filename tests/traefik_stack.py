@@ -1,0 +1,199 @@
+"""A real Routheon stack on loopback for tests: Traefik, routheon-server and fake llama-servers.
+
+Every process listens on a free port and every file lives in a temporary folder; ``Stack``
+tears all of it down. Traefik applies mapping changes a moment after they are written, so
+tests wait for the routing they expect with ``Stack.wait_for`` instead of sleeping.
+
+    with Stack(tmp_path) as stack:
+        backend = stack.start_backend("alpha")
+        stack.routheon("mapping", "add", "--service", "alpha", "--url", backend.url, "--key", KEY)
+        stack.wait_for(lambda: stack.request("/v1/models", key=KEY).status == 200)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from support import REPO, VENV_BIN, Proc, free_port, wait_http
+
+SERVER_MAPPING = REPO / "traefik" / "mappings" / "routheon-server.yml"
+FAKE_LLAMA = REPO / "tests" / "fake_llama.py"
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Backend:
+    """A fake llama-server process."""
+
+    name: str
+    port: int
+    proc: Proc
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+@dataclass
+class Stack:
+    """Traefik on a free port watching ``workdir/mappings``, optionally with routheon-server."""
+
+    workdir: Path
+    with_server: bool = True
+    port: int = field(default_factory=free_port)
+    server_port: int = field(default_factory=free_port)
+    procs: list[Proc] = field(default_factory=list)
+    backends: list[Backend] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def server_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    @property
+    def mappings(self) -> Path:
+        return self.workdir / "mappings"
+
+    def _static_config(self) -> Path:
+        path = self.workdir / "traefik.yml"
+        path.write_text(
+            "global:\n  checkNewVersion: false\n  sendAnonymousUsage: false\n"
+            f"entryPoints:\n  llama-servers:\n    address: '127.0.0.1:{self.port}'\n"
+            f"providers:\n  providersThrottleDuration: 200ms\n"
+            f"  file:\n    directory: '{self.mappings}'\n    watch: true\n"
+            "log:\n  level: INFO\n"
+        )
+        return path
+
+    def install_server_mapping(self) -> None:
+        """The shipped routheon-server.yml, pointed at this stack's routheon-server port."""
+        text = SERVER_MAPPING.read_text().replace(
+            "http://routheon-server:9080", f"http://127.0.0.1:{self.server_port}"
+        )
+        (self.mappings / "routheon-server.yml").write_text(text)
+
+    def start(self) -> Stack:
+        self.mappings.mkdir(parents=True, exist_ok=True)
+        if self.with_server:
+            self.install_server_mapping()
+            server = Proc(
+                [
+                    str(VENV_BIN / "routheon-server"),
+                    "--mappings", str(self.mappings),
+                    "--port", str(self.server_port),
+                    "--log-level", "INFO",
+                ],
+                self.workdir / "routheon-server.log",
+            )
+            self.procs.append(server)
+            wait_http(f"{self.server_url}/health", proc=server.popen)
+        traefik = Proc(
+            [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"], self.workdir / "traefik.log"
+        )
+        self.procs.append(traefik)
+        wait_http(self.url, proc=traefik.popen)
+        if self.with_server:
+            self.wait_for(lambda: self.request("/", key="no-such-key").status == 401)
+        return self
+
+    def stop(self) -> None:
+        for backend in self.backends:
+            backend.stop()
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def __enter__(self) -> Stack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start_backend(self, name: str, chunk_interval: float = 0.2, chunks: int = 5) -> Backend:
+        port = free_port()
+        proc = Proc(
+            [
+                sys.executable, str(FAKE_LLAMA),
+                "--port", str(port), "--name", name,
+                "--chunks", str(chunks), "--chunk-interval", str(chunk_interval),
+            ],
+            self.workdir / f"backend-{name}-{port}.log",
+        )
+        backend = Backend(name, port, proc)
+        self.backends.append(backend)
+        wait_http(f"{backend.url}/health", proc=proc.popen)
+        return backend
+
+    def routheon(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the ``routheon`` command against this stack's mappings folder."""
+        argv = [str(VENV_BIN / "routheon"), *args, "--mappings", str(self.mappings)]
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{argv} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def request(
+        self,
+        path: str,
+        *,
+        key: str | None = None,
+        method: str = "GET",
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> Response:
+        """One request through Traefik; HTTP errors are returned, not raised."""
+        all_headers = dict(headers or {})
+        if key is not None:
+            all_headers["Authorization"] = f"Bearer {key}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            all_headers.setdefault("Content-Type", "application/json")
+        request = urllib.request.Request(self.url + path, data=data, headers=all_headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return Response(response.status, dict(response.headers), response.read())
+        except urllib.error.HTTPError as error:
+            return Response(error.code, dict(error.headers), error.read())
+
+    def backend_of(self, key: str | None, path: str = "/v1/models") -> str | None:
+        """Which fake backend answered a request with ``key`` (None when none did)."""
+        return self.request(path, key=key).headers.get("X-Backend")
+
+    @staticmethod
+    def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "routing change") -> None:
+        """Poll until ``condition`` holds: Traefik applies file changes asynchronously."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{what} did not happen within {timeout}s")

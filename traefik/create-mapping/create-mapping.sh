@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# create-mapping.sh: route an API key to a llama-server before it starts.
+#
+# Chain it before `exec llama-server ...` in a service unit; running it again with the same
+# arguments changes nothing. It is a thin wrapper around `routheon mapping add --replace`, so
+# the files it writes are exactly those of the routheon command (one implementation of the
+# format, atomic writes, backups as NAME.yml.bak.TIMESTAMP, mode 0640).
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+Usage: create-mapping.sh --port PORT --service NAME --api_key KEY [--mappings DIR] [--host URL]
+
+Writes DIR/NAME.yml so that requests with "Authorization: Bearer KEY" reach HOST:PORT.
+A different mapping already in NAME.yml, or the same key in another service's file, is
+kept as a backup (FILE.bak.TIMESTAMP) and replaced.
+
+  --port PORT      port of the llama-server (required)
+  --service NAME   service name, also the file name NAME.yml (required)
+  --api_key KEY    API key clients send as "Authorization: Bearer KEY" (required)
+  --mappings DIR   Traefik's mappings folder (default: /etc/traefik/mappings)
+  --host URL       scheme and host of the llama-server (default: http://127.0.0.1)
+  --help           show this help
+
+The routheon command is taken from $ROUTHEON_BIN, else from PATH, else from
+~/.routheon/venv/bin/routheon.
+USAGE
+}
+
+die() {
+    printf 'create-mapping.sh: %s\n' "$1" >&2
+    exit 2
+}
+
+port=""
+service=""
+api_key=""
+have_key=0
+mappings="/etc/traefik/mappings"
+host="http://127.0.0.1"
+
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        --port=* | --service=* | --api_key=* | --mappings=* | --host=*)
+            flag="${1%%=*}"
+            value="${1#*=}"
+            shift
+            ;;
+        --port | --service | --api_key | --mappings | --host)
+            [ "$#" -ge 2 ] || die "$1 needs a value (see --help)"
+            flag="$1"
+            value="$2"
+            shift 2
+            ;;
+        *)
+            die "unknown argument '$1' (see --help)"
+            ;;
+    esac
+    case "$flag" in
+        --port) port="$value" ;;
+        --service) service="$value" ;;
+        --api_key) api_key="$value" have_key=1 ;;
+        --mappings) mappings="$value" ;;
+        --host) host="$value" ;;
+    esac
+done
+
+[ -n "$port" ] || die "--port is required (see --help)"
+[ -n "$service" ] || die "--service is required (see --help)"
+[ "$have_key" = 1 ] || die "--api_key is required (see --help)"
+
+if [ -n "${ROUTHEON_BIN:-}" ]; then
+    routheon="$ROUTHEON_BIN"
+elif command -v routheon >/dev/null 2>&1; then
+    routheon="$(command -v routheon)"
+elif [ -x "${HOME:-}/.routheon/venv/bin/routheon" ]; then
+    routheon="$HOME/.routheon/venv/bin/routheon"
+else
+    die "the routheon command was not found: install it (pip install routheon) or set ROUTHEON_BIN"
+fi
+
+# Values travel as single --flag=VALUE arguments: never word-split, never read as options,
+# never evaluated by a shell.
+exec "$routheon" mapping add --replace \
+    "--service=$service" \
+    "--port=$port" \
+    "--host=$host" \
+    "--key=$api_key" \
+    "--mappings=$mappings"
