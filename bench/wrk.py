@@ -11,7 +11,6 @@ import logging
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
