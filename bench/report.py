@@ -101,7 +101,8 @@ def rps_rows(results: dict) -> list[list[str]]:
         litellm = _find(rows, case=row["case"], connections=row["connections"], path="litellm")
         ratio = _div(row["rps"], litellm["rps"]) if litellm and row["path"] != "litellm" else None
         lines.append([row["title"], str(row["connections"]), row["path"], _num(row["rps"]),
-                      _num(row["p50_ms"], 2), _num(row["p99_ms"], 2), str(row.get("failed", 0)), _ratio(ratio)])
+                      _num(row["p50_ms"], 2), _num(row["p99_ms"], 2), str(row.get("failed", 0)), _ratio(ratio),
+                      _num(row.get("proxy_rss_peak_mib"))])
     return lines
 
 
@@ -168,7 +169,7 @@ SECTIONS = (
     ("Peak RSS under load (MiB, process and children)", ["case", "conns", "server", "peak RSS"], memory_rows),
     ("Token path: sequential chat requests (ms)",
      ["measure", "path", "n", "p50", "p99", "p50 vs direct"], chat_rows),
-    ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM"], rps_rows),
+    ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM", "proxy peak RSS MiB"], rps_rows),
     ("Goals from the issue", ["goal", "wanted", "measured", "status"], goal_rows),
 )
 

@@ -263,8 +263,8 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
             (via_litellm, wrk.Request(f"{litellm_url}/v1/chat/completions", "POST",
                                       {**post, **via_litellm.headers}, body)),
         ]
-        rows_rps = (_rps("health", "key-routed /health (LiteLLM: key-checked /v1/models)", health, profile)
-                    + _rps("chat", "chat completion to an instant fake backend", chat, profile))
+        rows_rps = (_rps("health", "/health, key-routed", health, profile)
+                    + _rps("chat", "chat completion, instant backend", chat, profile))
         return {"chat": rows_chat, "rps": rows_rps, "versions": _versions(llama.argv),
                 "llama": {"backend": "tests/fake_llama.py" if fake_llama else "llama-server",
                           "model": "fake" if fake_llama else Path(llama.argv[2]).name, "max_tokens": MAX_TOKENS,
