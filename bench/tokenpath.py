@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -146,9 +147,10 @@ def _wait_ok(url: str, headers: dict[str, str], proc: stack.Proc, timeout: float
     raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s:\n{proc.log()[-2000:]}")
 
 
-def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str]) -> tuple[stack.Proc, str]:
+def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str],
+                  error_pages: bool = True) -> tuple[stack.Proc, str]:
     """Traefik with the repo's own static config and routheon-server mapping, on free ports."""
-    folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=True)
+    folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=error_pages)
     routheon_mapping = (REPO / "traefik" / "mappings" / "routheon-server.yml").read_text()
     (folder / "routheon-server.yml").write_text(routheon_mapping.replace("http://routheon-server:9080", routheon_url))
     static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
@@ -179,10 +181,12 @@ def start_litellm(stk: stack.Stack, llama_url: str, fake_url: str) -> tuple[stac
     path = stk.workdir / "litellm.yml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
-    # No network here: read the bundled model cost map instead of fetching it at start.
+    # No network here: read the bundled model cost map instead of fetching it at start. One
+    # worker per core, as for a production LiteLLM: Traefik uses every core too.
     env_vars = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
     proc = stk.start("litellm", [str(env.litellm()), "--config", str(path), "--host", "127.0.0.1",
-                                 "--port", str(port), "--num_workers", "1"], env_vars=env_vars)
+                                 "--port", str(port), "--num_workers", str(os.cpu_count() or 1)],
+                      env_vars=env_vars)
     base = f"http://127.0.0.1:{port}"
     _wait_ok(f"{base}/health/liveliness", {}, proc, timeout=180)
     return proc, base
@@ -216,6 +220,8 @@ def _versions(llama_argv: list[str]) -> dict:
 
 def _rps(case: str, title: str, routes: list[tuple[Route, wrk.Request]], profile: Profile) -> list[dict]:
     rows = []
+    for _, request in routes:
+        wrk.warm(request)
     for connections in profile.connections:
         for route, request in routes:
             sampler = stack.RssSampler(route.pid) if route.pid else None

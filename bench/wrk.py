@@ -10,6 +10,7 @@ import json
 import logging
 import subprocess
 import tempfile
+import urllib.request
 from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,15 @@ def parse_output(stdout: str, connections: int) -> WrkResult:
         max_ms=ms("max_us"),
         errors=raw["errors"],
     )
+
+
+def warm(request: Request, times: int = 10) -> None:
+    """Send the request a few times first: lazy imports and cold caches are not what we measure."""
+    data = request.body.encode() if request.body is not None else None
+    for _ in range(times):
+        req = urllib.request.Request(request.url, data=data, headers=request.headers, method=request.method)
+        with urllib.request.urlopen(req, timeout=60) as response:
+            response.read()
 
 
 def run(request: Request, connections: int, duration_s: int, timeout_s: int = 10,
