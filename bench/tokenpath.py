@@ -45,6 +45,8 @@ LLAMA_MODEL = "smollm"
 FAKE_MODEL = "bench-fake"
 PROMPT = [{"role": "user", "content": "Name three colours."}]
 MAX_TOKENS = 8
+# idle time between two requests, as between two users: lets each proxy finish its own work
+GAP_S = 0.02
 
 
 @dataclass
@@ -118,8 +120,10 @@ def latency(routes: list[Route], requests: int) -> list[dict]:
         samples: dict[str, list[float]] = {route.name: [] for route in routes}
         for route in routes:  # warm-up: connections, prompt cache, LiteLLM's lazy imports
             timed_chat(route, LLAMA_MODEL, stream)
-        for _ in range(requests):
-            for route in routes:
+        for index in range(requests):
+            # rotate the order so no path always follows LiteLLM's after-response work
+            for route in routes[index % len(routes):] + routes[:index % len(routes)]:
+                time.sleep(GAP_S)
                 samples[route.name].append(timed_chat(route, LLAMA_MODEL, stream) * 1000)
         for route in routes:
             got = samples[route.name]
