@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _save(results: dict, out: Path) -> None:
+    results["goals"] = report.goals(results)
+    partial = out.with_suffix(".tmp")
+    partial.write_text(json.dumps(results, indent=2) + "\n")
+    partial.replace(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="bench: %(message)s")
@@ -61,21 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profile.__dict__,
         "machine": machine.describe(),
     }
+    out = args.out or RESULTS / f"{started:%Y-%m-%d}-{socket.gethostname()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="routheon-bench-") as tmp:
         workdir = Path(tmp)
+        # each part is saved as soon as it is done: a later failure keeps what was measured
         if "servers" in args.parts:
             results["servers"] = servers.run_all(profile, workdir, args.targets, set(args.only) or None)
+            _save(results, out)
         if "startup" in args.parts:
             results["startup"] = servers.startup(profile, workdir, args.targets)
+            _save(results, out)
         if "tokenpath" in args.parts:
             results["tokenpath"] = tokenpath.run(profile, workdir, args.fake_llama)
     results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    results["goals"] = report.goals(results)
-    out = args.out or RESULTS / f"{started:%Y-%m-%d}-{socket.gethostname()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".tmp")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    partial.replace(out)
+    _save(results, out)
     print(report.text_tables(results))
     print(f"\nresults: {out}")
     if args.publish:

@@ -89,7 +89,7 @@ def chat_rows(results: dict) -> list[list[str]]:
                 continue
             delta = (item["p50_ms"] - direct["p50_ms"]) if direct and item is not direct else None
             lines.append(["time to first token (stream)" if stream else "full completion", item["path"],
-                          str(item["n"]), _num(item["p50_ms"], 2), _num(item["p99_ms"], 2),
+                          str(item["n"]), str(item.get("failed", 0)), _num(item["p50_ms"], 2), _num(item["p99_ms"], 2),
                           "–" if delta is None else f"{delta:+.2f}"])
     return lines
 
@@ -168,7 +168,7 @@ SECTIONS = (
     ("Start-up: exec to first answer (ms)", ["server", "median", "min", "max", "runs"], startup_rows),
     ("Peak RSS under load (MiB, process and children)", ["case", "conns", "server", "peak RSS"], memory_rows),
     ("Token path: sequential chat requests (ms)",
-     ["measure", "path", "n", "p50", "p99", "p50 vs direct"], chat_rows),
+     ["measure", "path", "n", "failed", "p50", "p99", "p50 vs direct"], chat_rows),
     ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM", "proxy peak RSS MiB"], rps_rows),
     ("Goals from the issue", ["goal", "wanted", "measured", "status"], goal_rows),
 )

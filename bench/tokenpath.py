@@ -77,6 +77,10 @@ def _delta_text(line: bytes) -> str:
     return (choices[0].get("delta") or {}).get("content") or ""
 
 
+class ChatFailed(RuntimeError):
+    """A chat request that got no usable answer: counted and shown, not fatal to the run."""
+
+
 def timed_chat(route: Route, model: str, stream: bool) -> float:
     """Seconds to the first generated text (stream) or to the whole answer (no stream)."""
     url = urlsplit(route.base)
@@ -87,24 +91,28 @@ def timed_chat(route: Route, model: str, stream: bool) -> float:
                      headers={"Content-Type": "application/json", **route.headers})
         response = conn.getresponse()
         if response.status != 200:
-            raise RuntimeError(f"{route.name}: HTTP {response.status}: {response.read()[:300]!r}")
+            raise ChatFailed(f"{route.name}: HTTP {response.status}: {response.read()[:300]!r}")
         if not stream:
             answer = json.loads(response.read())
             if not answer["choices"][0]["message"]["content"]:
-                raise RuntimeError(f"{route.name}: empty completion")
+                raise ChatFailed(f"{route.name}: empty completion")
             return time.perf_counter() - began
         first: float | None = None
+        seen = []
         # read to the end so the next request never queues behind this one's generation
         while line := response.readline():
             if not line.startswith(b"data:"):
                 continue
+            seen.append(line)
             if line.strip() == b"data: [DONE]":
                 break
             if first is None and _delta_text(line):
                 first = time.perf_counter() - began
         if first is None:
-            raise RuntimeError(f"{route.name}: the stream held no text")
+            raise ChatFailed(f"{route.name}: the stream held no text: {b''.join(seen)[:400]!r}")
         return first
+    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as exc:
+        raise ChatFailed(f"{route.name}: {type(exc).__name__}: {exc}") from exc
     finally:
         conn.close()
 
@@ -118,16 +126,22 @@ def latency(routes: list[Route], requests: int) -> list[dict]:
     rows = []
     for stream in (True, False):
         samples: dict[str, list[float]] = {route.name: [] for route in routes}
+        failures: dict[str, list[str]] = {route.name: [] for route in routes}
         for route in routes:  # warm-up: connections, prompt cache, LiteLLM's lazy imports
             timed_chat(route, LLAMA_MODEL, stream)
         for index in range(requests):
             # rotate the order so no path always follows LiteLLM's after-response work
             for route in routes[index % len(routes):] + routes[:index % len(routes)]:
                 time.sleep(GAP_S)
-                samples[route.name].append(timed_chat(route, LLAMA_MODEL, stream) * 1000)
+                try:
+                    samples[route.name].append(timed_chat(route, LLAMA_MODEL, stream) * 1000)
+                except ChatFailed as exc:
+                    log.warning("%s", exc)
+                    failures[route.name].append(str(exc))
         for route in routes:
-            got = samples[route.name]
-            rows.append({"path": route.name, "stream": stream, "n": len(got),
+            got = samples[route.name] or [float("nan")]
+            rows.append({"path": route.name, "stream": stream, "n": len(samples[route.name]),
+                         "failed": len(failures[route.name]), "failures": failures[route.name][:3],
                          "p50_ms": round(statistics.median(got), 3), "p99_ms": round(_percentile(got, 99), 3),
                          "mean_ms": round(statistics.fmean(got), 3)})
             log.warning("%-8s %-6s p50 %.2f ms  p99 %.2f ms", route.name, "stream" if stream else "full",
