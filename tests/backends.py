@@ -19,7 +19,6 @@ A closed port needs no mode: it is a free port nobody listens on.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 
@@ -60,7 +59,9 @@ async def models(request: web.Request) -> web.StreamResponse:
     if mode == "garbage":
         return web.Response(text="this is {not json", content_type="application/json")
     if mode == "html500":
-        return web.Response(status=500, text="<html><body><h1>500 Internal Server Error</h1></body></html>", content_type="text/html")
+        return web.Response(
+            status=500, text="<html><body><h1>500 Internal Server Error</h1></body></html>", content_type="text/html"
+        )
     if mode == "array":
         return web.json_response([{"id": "from-array"}])
     if mode == "nodata":

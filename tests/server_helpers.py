@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from support import REPO, VENV_BIN, Proc, free_port, wait_http
 
 SERVER_BIN = VENV_BIN / "routheon-server"

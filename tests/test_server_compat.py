@@ -65,5 +65,27 @@ def test_same_model_ids_as_the_original(tmp_path: Path, backends: Backends, orig
     assert [entry["id"] for entry in answer["data"]] == [entry["id"] for entry in expected["data"]]
     assert answer["data"] == expected["data"] and answer["models"] == expected["models"]
     assert [entry["id"] for entry in answer["data"]] == [
-        "TinyLlama_Chat", "Zeta", "alpha", "mistral-tiny", "only-data", "shared", "slowpoke"
+        "TinyLlama_Chat",
+        "Zeta",
+        "alpha",
+        "mistral-tiny",
+        "only-data",
+        "shared",
+        "slowpoke",
     ]
+
+
+def shape(value: object) -> object:
+    """The keys of nested objects, without the values that change from call to call."""
+    return {key: shape(item) for key, item in value.items()} if isinstance(value, dict) else None
+
+
+def test_same_stats_fields_as_the_original(tmp_path: Path, original: Path) -> None:
+    config = tmp_path / "stats-config.yml"
+    config.write_text("enabled_sections: [timestamp, cpu, disk, system]\nenabled_fields:\n  disk: [percent, free]\n")
+    for args in ([], ["--stats-config-file", str(config)]):
+        with running_server(tmp_path, ["--mappings", str(tmp_path), *args], binary=original) as theirs:
+            expected = request(f"{theirs.base}/stats").json()
+        with running_server(tmp_path, ["--mappings", str(tmp_path), *args]) as ours:
+            answer = request(f"{ours.base}/stats").json()
+        assert shape(answer) == shape(expected)

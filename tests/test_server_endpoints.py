@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_helpers import eventually, request, running_server, write_mapping
+from server_helpers import Server, eventually, request, running_server, write_mapping
 
 ERROR_KEYS = {"message", "type", "code"}
 
@@ -16,6 +17,14 @@ def folder(tmp_path: Path) -> Path:
     path = tmp_path / "mappings"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with an empty folder for the tests that only read answers."""
+    tmp = tmp_path_factory.mktemp("plain")
+    with running_server(tmp, ["--mappings", str(tmp)]) as running:
+        yield running
 
 
 def test_health_names_broken_files(tmp_path: Path, folder: Path) -> None:
@@ -33,15 +42,14 @@ def test_health_names_broken_files(tmp_path: Path, folder: Path) -> None:
         assert problem["file"] == "bad.yml" and "YAML" in problem["message"]
 
 
-def test_unknown_path_and_wrong_method_are_openai_errors(tmp_path: Path, folder: Path) -> None:
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
-        missing = request(f"{server.base}/v2/whatever")
-        assert missing.status == 404 and set(missing.json()["error"]) == ERROR_KEYS
-        wrong = request(f"{server.base}/v1/models", method="POST")
-        assert wrong.status == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
-        assert "GET" in wrong.headers["Allow"]
-        head = request(f"{server.base}/stats", method="HEAD")
-        assert head.status == 200 and head.body == b""
+def test_unknown_path_and_wrong_method_are_openai_errors(server: Server) -> None:
+    missing = request(f"{server.base}/v2/whatever")
+    assert missing.status == 404 and set(missing.json()["error"]) == ERROR_KEYS
+    wrong = request(f"{server.base}/v1/models", method="POST")
+    assert wrong.status == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in wrong.headers["Allow"]
+    head = request(f"{server.base}/stats", method="HEAD")
+    assert head.status == 200 and head.body == b""
 
 
 @pytest.mark.parametrize(
@@ -55,28 +63,25 @@ def test_unknown_path_and_wrong_method_are_openai_errors(tmp_path: Path, folder:
         (429, {}, "too_many_requests", "invalid_request_error"),
     ],
 )
-def test_error_pages(tmp_path: Path, folder: Path, status: int, headers: dict[str, str], code: str, kind: str) -> None:
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
-        for method in ("GET", "POST", "DELETE"):
-            answer = request(f"{server.base}/errors/{status}", method=method, headers=headers)
-            assert answer.status == status
-            error = answer.json()["error"]
-            assert (error["code"], error["type"]) == (code, kind)
-            assert error["message"] and b"s3cret" not in answer.body
+def test_error_pages(server: Server, status: int, headers: dict[str, str], code: str, kind: str) -> None:
+    for method in ("GET", "POST", "DELETE"):
+        answer = request(f"{server.base}/errors/{status}", method=method, headers=headers)
+        assert answer.status == status
+        error = answer.json()["error"]
+        assert (error["code"], error["type"]) == (code, kind)
+        assert error["message"] and b"s3cret" not in answer.body
 
 
 @pytest.mark.parametrize("status", ["200", "302", "600", "abc", "0401"])
-def test_error_page_outside_4xx_5xx_is_not_found(tmp_path: Path, folder: Path, status: str) -> None:
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
-        assert request(f"{server.base}/errors/{status}").status == 404
+def test_error_page_outside_4xx_5xx_is_not_found(server: Server, status: str) -> None:
+    assert request(f"{server.base}/errors/{status}").status == 404
 
 
 SECTIONS = {"timestamp", "system", "cpu", "memory", "swap", "disk", "network", "processes"}
 
 
-def test_stats_has_the_original_sections(tmp_path: Path, folder: Path) -> None:
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
-        stats = request(f"{server.base}/stats").json()
+def test_stats_has_the_original_sections(server: Server) -> None:
+    stats = request(f"{server.base}/stats").json()
     assert set(stats) == SECTIONS
     assert set(stats["cpu"]) == {"usage_percent", "load_average", "core_count", "core_count_logical"}
     assert set(stats["cpu"]["load_average"]) == {"1min", "5min", "15min"}

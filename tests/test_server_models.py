@@ -6,7 +6,16 @@ from pathlib import Path
 
 import openai
 import pytest
-from server_helpers import Backends, backends, eventually, model_ids, request, running_backends, running_server, write_mapping
+from server_helpers import (
+    Backends,
+    backends,
+    eventually,
+    model_ids,
+    request,
+    running_backends,
+    running_server,
+    write_mapping,
+)
 from support import free_port
 
 __all__ = ["backends"]  # the fixture, imported for pytest

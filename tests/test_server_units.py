@@ -122,6 +122,7 @@ class TestStatsConfig:
             "enabled_sections: cpu\n",
             "enabled_sections: [1, 2]\n",
             "enabled_fields: [cpu]\n",
+            "enabled_fields: []\n",
             "enabled_fields:\n  cpu: percent\n",
             "enabled: [cpu]\n",
         ],

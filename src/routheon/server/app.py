@@ -83,8 +83,7 @@ async def health(request: web.Request) -> web.Response:
     """
     folder = await request.app[FOLDER].current()
     problems = [
-        {"file": problem.path.name, "line": problem.line, "message": problem.message}
-        for problem in folder.problems
+        {"file": problem.path.name, "line": problem.line, "message": problem.message} for problem in folder.problems
     ]
     return _json(
         {
@@ -103,7 +102,7 @@ async def health(request: web.Request) -> web.Response:
 async def error_page(request: web.Request) -> web.Response:
     """The body Traefik shows for a bad key (``/errors/401``) or a failing backend (502-504)."""
     text = request.match_info["status"]
-    status = int(text) if text.isdigit() and len(text) == 3 else 0
+    status = int(text) if text.isascii() and text.isdigit() and len(text) == 3 else 0
     if not 400 <= status <= 599:
         return errors.not_found(request.path).response()
     return errors.for_status(status, has_authorization="Authorization" in request.headers).response()
@@ -113,9 +112,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Start what the handlers share (HTTP client, folder scan, CPU sampler); stop it after."""
     config = app[CONFIG]
     folder = FolderWatch(config.mappings, config.skip_mapping, max_age=TTL)
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=None)
-    )
+    # no pool limit: a queue for a free connection would eat into the per-backend timeout;
+    # the timeout itself is applied per backend by the catalog
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None))
     app[FOLDER] = folder
     app[CATALOG] = ModelCatalog(folder, session, config.mapping_timeout)
     await app[STATS].start()

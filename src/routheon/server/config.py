@@ -105,15 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host",
         default=DEFAULT_HOST,
-        help="address to listen on; keep 127.0.0.1 so that only Traefik on this host reaches it "
-        "(default: %(default)s)",
+        help="address to listen on; keep 127.0.0.1 so that only Traefik on this host reaches it (default: %(default)s)",
     )
     parser.add_argument(
         "--port",
         type=_port,
         default=DEFAULT_PORT,
-        help="port to listen on; must match the URL in the routheon-server.yml mapping "
-        "(default: %(default)s)",
+        help="port to listen on; must match the URL in the routheon-server.yml mapping (default: %(default)s)",
     )
     parser.add_argument(
         "--skip-mapping",

@@ -66,6 +66,6 @@ class FolderWatch:
         new = {(p.path.name, p.message) for p in after.problems}
         for problem in after.problems:
             if (problem.path.name, problem.message) not in old:
-                log.warning("skipping mapping file %s", problem)
+                log.warning("cannot use %s (skipped until fixed)", problem)
         for name in sorted({name for name, _ in old} - {name for name, _ in new}):
             log.info("mapping file %s is no longer broken (or was removed)", name)

@@ -40,9 +40,7 @@ class ApiError:
 
 
 INVALID_API_KEY = ApiError(401, "Invalid API key.", INVALID_REQUEST, "invalid_api_key")
-MISSING_API_KEY = ApiError(
-    401, "Missing API key: send Authorization: Bearer KEY", INVALID_REQUEST, "missing_api_key"
-)
+MISSING_API_KEY = ApiError(401, "Missing API key: send Authorization: Bearer KEY", INVALID_REQUEST, "missing_api_key")
 
 # What Traefik's errors middleware asks for when a backend behind a valid key fails.
 _BACKEND_ERRORS = {
@@ -113,4 +111,6 @@ def internal_error() -> ApiError:
 
 
 def stats_unavailable() -> ApiError:
-    return ApiError(503, "Host statistics are not collected yet; try again in a second.", SERVER_ERROR, "stats_unavailable")
+    return ApiError(
+        503, "Host statistics are not collected yet; try again in a second.", SERVER_ERROR, "stats_unavailable"
+    )

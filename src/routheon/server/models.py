@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from routheon.mappings import Folder
 from routheon.server.discovery import FolderWatch
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,15 @@ def parse_models_answer(body: bytes) -> Mapping[str, Any]:
     return payload
 
 
-async def fetch_models(session: aiohttp.ClientSession, url: str, timeout: float, clock: Callable[[], float]) -> BackendAnswer:
+async def fetch_models(
+    session: aiohttp.ClientSession, url: str, timeout: float, clock: Callable[[], float]
+) -> BackendAnswer:
     """Ask one backend for its models; every failure becomes an answer with an error."""
 
     async def ask() -> Mapping[str, Any]:
-        async with session.get(f"{url}/v1/models", allow_redirects=False, headers={"Accept": "application/json"}) as response:
+        async with session.get(
+            f"{url}/v1/models", allow_redirects=False, headers={"Accept": "application/json"}
+        ) as response:
             if response.status != 200:
                 raise BackendError(f"answered HTTP {response.status}")
             return parse_models_answer(await _read_capped(response, MAX_BODY))
@@ -93,9 +99,20 @@ async def fetch_models(session: aiohttp.ClientSession, url: str, timeout: float,
         return BackendAnswer(url, None, f"no answer within {timeout:g}s", timed_out=True, at=clock())
     except BackendError as exc:
         return BackendAnswer(url, None, str(exc), at=clock())
+    except aiohttp.ClientConnectorError as exc:
+        return BackendAnswer(url, None, f"cannot connect: {_reason(exc.os_error)}", at=clock())
+    except aiohttp.InvalidURL:
+        return BackendAnswer(url, None, "not a valid URL", at=clock())
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         return BackendAnswer(url, None, f"unreachable: {exc or type(exc).__name__}", at=clock())
     return BackendAnswer(url, payload, at=clock())
+
+
+def _reason(error: OSError) -> str:
+    """'Connection refused' rather than asyncio's 'Connect call failed (...)'."""
+    if error.errno and error.errno > 0:
+        return os.strerror(error.errno)
+    return error.strerror or str(error)
 
 
 def _usable_id(value: Any) -> str | None:
@@ -174,15 +191,22 @@ class ModelCatalog:
         self._backends: dict[str, _Backend] = {}
         self._snapshot = EMPTY
         self._snapshot_of: tuple[BackendAnswer, ...] = ()
+        self._folder_seen: Folder | None = None
+        self._urls: list[str] = []
+        self._fresh_until = float("-inf")
 
     async def snapshot(self) -> Snapshot:
         folder = await self._folder.current()
-        urls = sorted(folder.backend_urls())  # 1.0.7 visits backends in sorted URL order
-        for gone in self._backends.keys() - set(urls):
-            del self._backends[gone]
         now = self._clock()
+        if folder is self._folder_seen and now < self._fresh_until:
+            return self._snapshot  # the common case: nothing to look at, nothing to build
+        if folder is not self._folder_seen:
+            self._folder_seen = folder
+            self._urls = sorted(folder.backend_urls())  # 1.0.7 visits backends in sorted URL order
+            for gone in self._backends.keys() - set(self._urls):
+                del self._backends[gone]
         waits = []
-        for url in urls:
+        for url in self._urls:
             backend = self._backends.setdefault(url, _Backend())
             answer = backend.answer
             age = now - answer.at if answer else float("inf")
@@ -194,9 +218,13 @@ class ModelCatalog:
         if waits:
             # asyncio.wait, unlike gather, leaves the shared refreshes running if we are cancelled
             await asyncio.wait(waits)
-        answers = tuple(answer for url in urls if (answer := self._backends[url].answer) is not None)
+        answers = tuple(answer for url in self._urls if (answer := self._backends[url].answer) is not None)
         if answers != self._snapshot_of:
             self._snapshot, self._snapshot_of = Snapshot.of(answers), answers
+        if len(answers) == len(self._urls):
+            self._fresh_until = min((answer.at for answer in answers), default=float("inf")) + self._ttl
+        else:
+            self._fresh_until = float("-inf")
         return self._snapshot
 
     def _start_refresh(self, url: str, backend: _Backend) -> asyncio.Task[BackendAnswer]:

@@ -28,6 +28,7 @@ SECTIONS = ("timestamp", "system", "cpu", "memory", "swap", "disk", "network", "
 # A config may hide anything but the moment the numbers were taken.
 ALWAYS_SHOWN = "timestamp"
 SAMPLE_INTERVAL = 1.0
+NETWORK_FIELDS = ("bytes_sent", "bytes_recv", "packets_sent", "packets_recv", "errin", "errout", "dropin", "dropout")
 _GIB = 1024**3
 
 
@@ -79,17 +80,21 @@ def parse_stats_config(text: str, source: str) -> StatsConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise StatsConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise StatsConfigError(f"{where}: not valid YAML: {problem}") from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
         raise StatsConfigError(f"{source}: the top level must be a mapping with enabled_sections and/or enabled_fields")
     unknown_keys = sorted(str(key) for key in document if key not in ("enabled_sections", "enabled_fields"))
     if unknown_keys:
-        raise StatsConfigError(f"{source}: unknown setting(s) {', '.join(unknown_keys)}; use enabled_sections and enabled_fields")
+        raise StatsConfigError(
+            f"{source}: unknown setting(s) {', '.join(unknown_keys)}; use enabled_sections and enabled_fields"
+        )
     sections_raw = document.get("enabled_sections")
     sections = None if sections_raw is None else _string_list(sections_raw, f"{source}: enabled_sections")
-    fields_raw = document.get("enabled_fields") or {}
+    fields_raw = document.get("enabled_fields")
+    fields_raw = {} if fields_raw is None else fields_raw
     if not isinstance(fields_raw, dict):
         raise StatsConfigError(f"{source}: enabled_fields must be a mapping of section name to a list of field names")
     fields = {
@@ -98,7 +103,9 @@ def parse_stats_config(text: str, source: str) -> StatsConfig:
     }
     unknown = sorted((set(sections or ()) | set(fields)) - set(SECTIONS))
     if unknown:
-        log.warning("%s names unknown /stats section(s): %s (known: %s)", source, ", ".join(unknown), ", ".join(SECTIONS))
+        log.warning(
+            "%s names unknown /stats section(s): %s (known: %s)", source, ", ".join(unknown), ", ".join(SECTIONS)
+        )
     config = StatsConfig(sections, fields)
     if not config.limits_anything:
         log.warning("%s limits no section or field: /stats shows everything", source)
@@ -172,10 +179,7 @@ def collect(cpu_percent: float, identity: Mapping[str, str], now: float | None =
         },
         "swap": _usage(swap.total, swap.used, swap.free, swap.percent),
         "disk": _usage(disk.total, disk.used, disk.free, disk.percent),
-        "network": {
-            name: getattr(net, name, 0) if net else 0
-            for name in ("bytes_sent", "bytes_recv", "packets_sent", "packets_recv", "errin", "errout", "dropin", "dropout")
-        },
+        "network": {name: getattr(net, name, 0) if net else 0 for name in NETWORK_FIELDS},
         "processes": {"count": len(psutil.pids())},
     }
 
@@ -212,7 +216,7 @@ class StatsService:
             await asyncio.sleep(SAMPLE_INTERVAL)
             try:
                 self._cpu_percent = psutil.cpu_percent(interval=None)
-            except Exception:  # noqa: BLE001 - a sampler that dies would freeze the value silently
+            except Exception:
                 log.exception("CPU sampling failed")
 
     def body(self) -> bytes | None:
@@ -221,7 +225,7 @@ class StatsService:
         if self._body is None or now - self._built_at >= SAMPLE_INTERVAL:
             try:
                 stats = collect(self._cpu_percent, self._identity)
-            except Exception:  # noqa: BLE001 - keep serving the last good numbers
+            except Exception:
                 log.exception("collecting host stats failed")
                 return self._body
             self._body = json.dumps(self._config.apply(stats)).encode()
