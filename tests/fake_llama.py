@@ -52,6 +52,8 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
         return response
 
     async def echo(request: web.Request) -> web.Response:
+        """Any other path; ``?sleep=SECONDS`` answers late, like an overloaded llama-server."""
+        await asyncio.sleep(float(request.query.get("sleep", 0)))
         return web.json_response({"backend": name, "path": request.path}, headers=headers)
 
     app = web.Application()

@@ -79,6 +79,7 @@ def test_several_keys_and_replicas_in_one_service(tmp_path: Path) -> None:
     assert keys_by_file(tmp_path) == {"alpha.yml": [KEY, "sk-second-0123456789abcd"]}
     assert scan_folder(tmp_path).backend_urls() == urls
     assert "healthCheck" in (tmp_path / "alpha.yml").read_text()
+    assert check_folder(tmp_path) == []
 
 
 def test_changing_a_mapping_needs_replace_and_keeps_a_private_backup(tmp_path: Path) -> None:
@@ -152,7 +153,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str
 def test_concurrent_adds_keep_every_mapping(tmp_path: Path) -> None:
     def add(index: int) -> int:
         key = f"sk-concurrent-{index:02d}-0123456789"
-        return routheon(tmp_path, "mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", key).returncode
+        args = ["mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", key]
+        return routheon(tmp_path, *args).returncode
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         assert list(pool.map(add, range(12))) == [0] * 12
@@ -273,4 +275,71 @@ def test_shipped_mappings_pass_the_check(tmp_path: Path) -> None:
     (tmp_path / "routheon-server.yml").write_text(shipped)
     assert routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY).returncode == 0
     assert "routheon-errors" in (tmp_path / "alpha.yml").read_text()
-    assert not has_errors(check_folder(tmp_path)), findings(tmp_path)
+    assert findings(tmp_path) == []
+    listing = routheon(tmp_path, "mapping", "list").stdout.splitlines()
+    assert [line.split()[:2] for line in listing[1:]] == [["alpha", "sk-t...cdef"], ["routheon-server", "-"]]
+
+
+def test_the_error_pages_file_cannot_be_removed_while_keys_use_it(tmp_path: Path) -> None:
+    shipped = (REPO / "traefik" / "mappings" / "routheon-server.yml").read_text()
+    (tmp_path / "routheon-server.yml").write_text(shipped)
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    refused = routheon(tmp_path, "mapping", "remove", "--service", "routheon-server")
+    assert refused.returncode == 1 and "alpha.yml" in refused.stderr
+    assert (tmp_path / "routheon-server.yml").exists()
+
+
+def test_forcing_error_pages_without_their_definition_warns(tmp_path: Path) -> None:
+    result = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--error-pages")
+    assert result.returncode == 0 and "Traefik disables this router" in result.stderr
+    assert "middleware 'routheon-errors' is not defined" in "\n".join(findings(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another group needs root")
+def test_files_take_the_folder_group_so_traefik_can_read_them(tmp_path: Path) -> None:
+    group = 4242
+    os.chown(tmp_path, -1, group)
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8012", "--key", KEY, "--replace")
+    for path in [tmp_path / "alpha.yml", *tmp_path.glob("alpha.yml.bak.*")]:
+        assert (path.stat().st_gid, mode(path)) == (group, 0o640), path
+
+
+def test_a_missing_folder_is_named(tmp_path: Path) -> None:
+    absent = tmp_path / "absent"
+    add = ["mapping", "add", "--service", "a", "--port", "1", "--key", KEY]
+    for args in (add, ["mapping", "list"], ["mapping", "check"]):
+        result = routheon(absent, *args)
+        assert result.returncode == 1 and "does not exist" in result.stdout + result.stderr, args
+    assert not absent.exists()
+
+
+def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -> None:
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    (tmp_path / "copy.yaml").write_text((tmp_path / "alpha.yml").read_text().replace(KEY, "sk-copy-0123456789abcdef"))
+    (tmp_path / "dangling.yml").write_text(
+        "http:\n  routers:\n    dangling:\n      rule: 'Header(`Authorization`, `Bearer sk-dangling-0123456789`)'\n"
+        "      service: nowhere\n"
+    )
+    text = "\n".join(findings(tmp_path))
+    assert "copy.yaml:5: error: router 'alpha' is also defined in alpha.yml" in text
+    assert "copy.yaml:11: error: service 'alpha' is also defined in alpha.yml" in text
+    assert "dangling.yml:3: error: router 'dangling': service 'nowhere' is not defined" in text
+
+
+def test_a_mapping_cannot_replace_the_error_pages_file(tmp_path: Path) -> None:
+    shipped = (REPO / "traefik" / "mappings" / "routheon-server.yml").read_text()
+    (tmp_path / "routheon-server.yml").write_text(shipped)
+    routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    args = ["mapping", "add", "--service", "routheon-server", "--port", "9080", "--key", "sk-x-0123456789abcdef"]
+    refused = routheon(tmp_path, *args, "--replace")
+    assert refused.returncode == 1 and "alpha.yml" in refused.stderr
+    assert (tmp_path / "routheon-server.yml").read_text() == shipped
+
+
+def test_a_change_warns_when_a_broken_file_stops_traefik_applying_it(tmp_path: Path) -> None:
+    (tmp_path / "broken.yml").write_text("http:\n  routers: [\n")
+    result = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    assert result.returncode == 0
+    assert "broken.yml:3: error: not valid YAML" in result.stderr
+    assert "Traefik may not apply this change" in result.stderr

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from support import REPO, VENV_BIN, Proc, free_port, wait_http
 
+STATIC_CONFIG = REPO / "traefik" / "traefik.yml"
 SERVER_MAPPING = REPO / "traefik" / "mappings" / "routheon-server.yml"
 FAKE_LLAMA = REPO / "tests" / "fake_llama.py"
 
@@ -57,10 +60,14 @@ class Backend:
 
 @dataclass
 class Stack:
-    """Traefik on a free port watching ``workdir/mappings``, optionally with routheon-server."""
+    """Traefik on a free port watching ``workdir/mappings``, optionally with routheon-server.
+
+    ``response_timeout`` bounds how long Traefik waits for a backend's response headers.
+    """
 
     workdir: Path
     with_server: bool = True
+    response_timeout: str | None = None
     port: int = field(default_factory=free_port)
     server_port: int = field(default_factory=free_port)
     procs: list[Proc] = field(default_factory=list)
@@ -79,14 +86,16 @@ class Stack:
         return self.workdir / "mappings"
 
     def _static_config(self) -> Path:
+        """The shipped traefik.yml, moved to a free loopback port and this stack's folder."""
+        config = yaml.safe_load(STATIC_CONFIG.read_text())
+        config["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{self.port}"
+        config["providers"]["file"]["directory"] = str(self.mappings)
+        config["providers"]["providersThrottleDuration"] = "200ms"
+        config["log"]["level"] = "INFO"
+        if self.response_timeout:
+            config["serversTransport"] = {"forwardingTimeouts": {"responseHeaderTimeout": self.response_timeout}}
         path = self.workdir / "traefik.yml"
-        path.write_text(
-            "global:\n  checkNewVersion: false\n  sendAnonymousUsage: false\n"
-            f"entryPoints:\n  llama-servers:\n    address: '127.0.0.1:{self.port}'\n"
-            f"providers:\n  providersThrottleDuration: 200ms\n"
-            f"  file:\n    directory: '{self.mappings}'\n    watch: true\n"
-            "log:\n  level: INFO\n"
-        )
+        path.write_text(yaml.safe_dump(config))
         return path
 
     def install_server_mapping(self) -> None:

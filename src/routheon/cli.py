@@ -15,9 +15,16 @@ from pathlib import Path
 
 from routheon import __version__
 from routheon.keys import InvalidKeyError, generate_key, key_warnings, mask_key
-from routheon.mapping_check import check_folder, has_errors
-from routheon.mapping_store import MappingConflictError, add_mapping, remove_keys, remove_service
-from routheon.mappings import ENTRY_POINT, MappingFormatError, MappingSpec, scan_folder
+from routheon.mapping_check import ERROR, check_folder, has_errors
+from routheon.mapping_store import (
+    Change,
+    MappingConflictError,
+    add_mapping,
+    defines_error_pages,
+    remove_keys,
+    remove_service,
+)
+from routheon.mappings import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec, scan_folder
 from routheon.rules import rule_keys
 
 DEFAULT_MAPPINGS = "/etc/traefik/mappings"
@@ -59,6 +66,26 @@ def _backend_urls(args: argparse.Namespace) -> tuple[str, ...]:
     return (f"{args.host.rstrip('/')}:{args.port}",)
 
 
+def _existing_folder(name: str) -> Path:
+    folder = Path(name)
+    if not folder.is_dir():
+        raise CommandError(f"the mappings folder {folder} does not exist (create it, or pass --mappings DIR)")
+    return folder
+
+
+def _report(changes: list[Change], folder: Path) -> None:
+    """Say what changed, and whether Traefik can apply it: a broken file elsewhere stops it."""
+    for change in changes:
+        log.info("%s", change)
+    errors = [finding for finding in check_folder(folder) if finding.severity == ERROR]
+    for finding in errors:
+        log.warning("%s", finding)
+    if errors:
+        log.warning(
+            "Traefik may not apply this change until the problems above are fixed (see `routheon mapping check`)"
+        )
+
+
 def cmd_mapping_add(args: argparse.Namespace) -> int:
     keys = list(args.key or [])
     if args.key_file:
@@ -75,9 +102,15 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     for key in keys:
         for warning in key_warnings(key):
             log.warning("%s", warning)
-    changes = add_mapping(Path(args.mappings), spec, replace=args.replace, error_pages=args.error_pages)
-    for change in changes:
-        log.info("%s", change)
+    folder = _existing_folder(args.mappings)
+    if args.error_pages and not defines_error_pages(scan_folder(folder).files):
+        log.warning(
+            "no file in %s defines the %s middleware: Traefik disables this router (its keys do not route)"
+            " until routheon-server.yml is installed",
+            folder,
+            ERRORS_MIDDLEWARE,
+        )
+    _report(add_mapping(folder, spec, replace=args.replace, error_pages=args.error_pages), folder)
     if generated is not None:
         log.info("generated API key for %s (shown only now):", spec.service)
         print(generated)
@@ -91,26 +124,28 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
     rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
     for mapping in folder.files:
         urls = {service.name: service.urls for service in mapping.services}
+        keys_of: dict[str, list[str]] = {}
         for router in mapping.routers:
-            keys = [clause.key for clause in rule_keys(router.rule) or ()]
+            keys_of.setdefault(router.service, []).extend(clause.key for clause in rule_keys(router.rule) or ())
+        for service, keys in keys_of.items():
             rows.append(
                 (
-                    router.service,
+                    service,
                     ",".join(mask_key(key) for key in keys) or "-",
-                    ",".join(urls.get(router.service, ())) or "-",
+                    ",".join(urls.get(service, ())) or "-",
                     mapping.path.name,
                 )
             )
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
     for problem in folder.problems:
         log.error("%s", problem)
     return 1 if folder.problems else 0
 
 
 def cmd_mapping_remove(args: argparse.Namespace) -> int:
-    folder = Path(args.mappings)
+    folder = _existing_folder(args.mappings)
     keys = list(args.key or [])
     if args.key_file:
         keys += _read_key_file(args.key_file)
@@ -120,8 +155,7 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
         changes = remove_service(folder, args.service) if args.service else remove_keys(folder, keys)
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
-    for change in changes:
-        log.info("%s", change)
+    _report(changes, folder)
     return 0
 
 
@@ -137,6 +171,8 @@ def cmd_mapping_check(args: argparse.Namespace) -> int:
 
 
 def cmd_key_generate(args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= 1000:
+        raise CommandError("--count must be between 1 and 1000")
     for _ in range(args.count):
         print(generate_key())
     return 0
@@ -190,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--service", required=True, help="service name; also the file name SERVICE.yml")
     add.add_argument("--url", action="append", metavar="URL", help="backend URL; repeat for replicas")
     add.add_argument("--port", type=int, help="backend port on --host (instead of --url)")
-    add.add_argument("--host", default=DEFAULT_HOST, help=f"backend scheme and host for --port (default: {DEFAULT_HOST})")
+    add.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"backend scheme and host for --port (default: {DEFAULT_HOST})"
+    )
     _add_key_flags(add, "route")
     add.add_argument(
         "--replace",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from routheon.keys import InvalidKeyError, validate_key
 from routheon.mappings import (
+    ERRORS_MIDDLEWARE,
     HEALTH_PATH,
     KeyLines,
     MappingFile,
@@ -28,7 +29,7 @@ from routheon.mappings import (
     is_mapping_name,
     parse_mapping,
 )
-from routheon.rules import mentions_authorization, rule_keys
+from routheon.rules import selects_by_key, rule_keys
 
 ERROR = "error"
 WARNING = "warning"
@@ -59,8 +60,8 @@ def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[F
     except MappingFormatError as exc:
         return None, None, [Finding(path, str(exc), line=exc.line)]
     lines = KeyLines(text)
-    for dotted, line in lines.duplicates:
-        findings.append(Finding(path, f"{dotted} is defined twice; Traefik rejects the file", line=line))
+    for dotted, duplicate_line in lines.duplicates:
+        findings.append(Finding(path, f"{dotted} is defined twice; Traefik rejects the file", line=duplicate_line))
     for number, content in enumerate(text.splitlines(), start=1):
         if "{{" in content:
             findings.append(
@@ -73,9 +74,11 @@ def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[F
         line = lines.get("http", "routers", router.name)
         clauses = rule_keys(router.rule)
         if clauses is None:
-            if mentions_authorization(router.rule):
+            if selects_by_key(router.rule):
                 findings.append(
-                    Finding(path, f"router {router.name!r}: rule not understood, its keys are not checked", WARNING, line)
+                    Finding(
+                        path, f"router {router.name!r}: rule not understood, its keys are not checked", WARNING, line
+                    )
                 )
             continue
         for clause in clauses:
@@ -107,10 +110,13 @@ def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[F
     return mapping, lines, findings
 
 
-def _cross_file(checked: list[tuple[MappingFile, KeyLines]]) -> list[Finding]:
-    findings: list[Finding] = []
-    lines_of = {mapping.path: lines for mapping, lines in checked}
-    defined: dict[str, dict[str, list[Path]]] = {"routers": {}, "services": {}, "middlewares": {}}
+Checked = list[tuple[MappingFile, KeyLines]]
+Definitions = dict[str, dict[str, list[Path]]]
+
+
+def _definitions(checked: Checked) -> Definitions:
+    """Which files define each router, service and middleware name."""
+    defined: Definitions = {"routers": {}, "services": {}, "middlewares": {}}
     for mapping, _ in checked:
         for section, names in (
             ("routers", [router.name for router in mapping.routers]),
@@ -119,50 +125,77 @@ def _cross_file(checked: list[tuple[MappingFile, KeyLines]]) -> list[Finding]:
         ):
             for name in names:
                 defined[section].setdefault(name, []).append(mapping.path)
-    for section, names in defined.items():
-        for name, paths in names.items():
-            for path in paths[1:]:
-                findings.append(
-                    Finding(
-                        path,
-                        f"{section[:-1]} {name!r} is also defined in {paths[0].name}; Traefik uses only one of them",
-                        ERROR,
-                        lines_of[path].get("http", section, name),
-                    )
-                )
-    key_owners: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    return defined
+
+
+def _names_defined_twice(defined: Definitions, lines_of: dict[Path, KeyLines]) -> list[Finding]:
+    return [
+        Finding(
+            path,
+            f"{section[:-1]} {name!r} is also defined in {paths[0].name}; Traefik uses only one of them",
+            ERROR,
+            lines_of[path].get("http", section, name),
+        )
+        for section, entries in defined.items()
+        for name, paths in entries.items()
+        for path in paths[1:]
+    ]
+
+
+def _dangling_references(checked: Checked, defined: Definitions) -> list[Finding]:
+    """Routers naming a service or middleware no file defines: Traefik disables them."""
+    findings: list[Finding] = []
     for mapping, lines in checked:
         for router in mapping.routers:
             line = lines.get("http", "routers", router.name)
             if "@" not in router.service and router.service not in defined["services"]:
-                findings.append(
-                    Finding(mapping.path, f"router {router.name!r}: service {router.service!r} is not defined", ERROR, line)
-                )
+                message = f"router {router.name!r}: service {router.service!r} is not defined"
+                findings.append(Finding(mapping.path, message, ERROR, line))
             for middleware in router.middlewares:
                 if "@" not in middleware and middleware not in defined["middlewares"]:
-                    findings.append(
-                        Finding(
-                            mapping.path,
-                            f"router {router.name!r}: middleware {middleware!r} is not defined,"
-                            " so Traefik disables this router and its keys do not route",
-                            ERROR,
-                            line,
-                        )
+                    message = (
+                        f"router {router.name!r}: middleware {middleware!r} is not defined,"
+                        " so Traefik disables this router and its keys do not route"
                     )
-        for router, clause in mapping.key_clauses():
-            key_owners[clause.key].append((mapping.path, router.name))
-    for owners in key_owners.values():
-        if len(owners) > 1:
-            (first_path, first_router), *others = owners
-            for path, router in others:
-                findings.append(
-                    Finding(
-                        path,
-                        f"router {router!r}: an API key here is also routed by {first_router!r} in {first_path.name}",
-                        ERROR,
-                        lines_of[path].get("http", "routers", router),
-                    )
+                    findings.append(Finding(mapping.path, message, ERROR, line))
+    return findings
+
+
+def _key_routers_without_error_pages(checked: Checked) -> list[Finding]:
+    findings: list[Finding] = []
+    for mapping, lines in checked:
+        for router in {router for router, _ in mapping.key_clauses()}:
+            if ERRORS_MIDDLEWARE not in router.middlewares:
+                message = (
+                    f"router {router.name!r} does not use {ERRORS_MIDDLEWARE}: a down backend answers"
+                    " plain-text 'Bad Gateway' instead of an OpenAI error (re-run `routheon mapping add`)"
                 )
+                findings.append(Finding(mapping.path, message, WARNING, lines.get("http", "routers", router.name)))
+    return findings
+
+
+def _shared_keys(checked: Checked, lines_of: dict[Path, KeyLines]) -> list[Finding]:
+    """Keys routed by more than one router: which backend gets them is up to Traefik."""
+    owners: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    for mapping, _ in checked:
+        for router, clause in mapping.key_clauses():
+            owners[clause.key].append((mapping.path, router.name))
+    findings: list[Finding] = []
+    for (first_path, first_router), *others in (found for found in owners.values() if len(found) > 1):
+        for path, router_name in others:
+            message = f"router {router_name!r}: an API key here is also routed by {first_router!r} in {first_path.name}"
+            findings.append(Finding(path, message, ERROR, lines_of[path].get("http", "routers", router_name)))
+    return findings
+
+
+def _cross_file(checked: Checked) -> list[Finding]:
+    lines_of = {mapping.path: lines for mapping, lines in checked}
+    defined = _definitions(checked)
+    findings = _names_defined_twice(defined, lines_of)
+    findings += _dangling_references(checked, defined)
+    findings += _shared_keys(checked, lines_of)
+    if ERRORS_MIDDLEWARE in defined["middlewares"]:
+        findings += _key_routers_without_error_pages(checked)
     return findings
 
 
@@ -178,7 +211,7 @@ def _reachable(url: str, timeout: float) -> str | None:
         return str(reason)
 
 
-def _connect_findings(checked: Iterable[tuple[MappingFile, KeyLines]], timeout: float) -> list[Finding]:
+def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
     targets = [
         (mapping.path, lines.get("http", "services", service.name), service.name, url)
         for mapping, lines in checked
@@ -189,7 +222,7 @@ def _connect_findings(checked: Iterable[tuple[MappingFile, KeyLines]], timeout: 
         reasons = list(pool.map(lambda target: _reachable(target[3], timeout), targets))
     return [
         Finding(path, f"service {name!r}: backend {url} does not answer: {reason}", WARNING, line)
-        for (path, line, name, url), reason in zip(targets, reasons)
+        for (path, line, name, url), reason in zip(targets, reasons, strict=True)
         if reason is not None
     ]
 
@@ -200,11 +233,13 @@ def check_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeo
     if not folder.is_dir():
         return [Finding(folder, "the mappings folder does not exist")]
     findings: list[Finding] = []
-    checked: list[tuple[MappingFile, KeyLines]] = []
+    checked: Checked = []
     for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
         path = Path(entry.path)
         if entry.is_dir():
-            findings.append(Finding(path, "Traefik also reads the files in this subfolder; they are not checked", WARNING))
+            findings.append(
+                Finding(path, "Traefik also reads the files in this subfolder; they are not checked", WARNING)
+            )
         elif entry.name.lower().endswith(".toml"):
             findings.append(Finding(path, "Traefik reads this TOML file; it is not checked", WARNING))
         elif is_mapping_name(entry.name):

@@ -178,6 +178,26 @@ def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) 
     return changes
 
 
+def _users_of(files: list[MappingFile], target: Path, kept: frozenset[str] = frozenset()) -> list[str]:
+    """Other files whose routers use a service or middleware that ``target`` defines.
+
+    Names in ``kept`` stay defined after the change, so their users do not count.
+    """
+    provided: set[str] = set()
+    for mapping in files:
+        if mapping.path == target:
+            provided = ({service.name for service in mapping.services} | set(mapping.middlewares)) - kept
+    return sorted(
+        {
+            mapping.path.name
+            for mapping in files
+            if mapping.path != target
+            for router in mapping.routers
+            if router.service in provided or provided & set(router.middlewares)
+        }
+    )
+
+
 def defines_error_pages(files: Iterable[MappingFile]) -> bool:
     """Whether some file defines the errors middleware that key routers may reference."""
     return any(ERRORS_MIDDLEWARE in mapping.middlewares for mapping in files)
@@ -230,6 +250,11 @@ def add_mapping(
                 changes.append(Change("unchanged", target, detail))
             elif not replace:
                 raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
+            elif users := _users_of(files, target, kept=frozenset({spec.service})):
+                raise MappingConflictError(
+                    f"{target.name} defines what {', '.join(users)} use; replacing it would make Traefik "
+                    "disable their routers: choose another --service"
+                )
             else:
                 saved = backup(target)
                 write_atomic(target, data)
@@ -247,6 +272,12 @@ def remove_service(folder: Path, service: str) -> list[Change]:
     with folder_lock(folder):
         if not target.exists():
             raise FileNotFoundError(f"no mapping file {target}")
+        users = _users_of(_parsed_files(folder), target)
+        if users:
+            raise MappingConflictError(
+                f"{target.name} defines what {', '.join(users)} use; Traefik would disable their routers "
+                "and their keys would stop working: change those files first"
+            )
         saved = backup(target)
         target.unlink()
         return [Change("removed", target, f"old content in {saved.name}")]

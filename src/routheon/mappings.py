@@ -28,7 +28,7 @@ MAPPING_SUFFIXES = (".yml", ".yaml")
 ENTRY_POINT = "llama-servers"
 ERRORS_MIDDLEWARE = "routheon-errors"
 HEALTH_PATH = "/health"
-HEALTH_INTERVAL = "10s"
+HEALTH_INTERVAL = "5s"
 HEALTH_TIMEOUT = "3s"
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MAX_SERVICE_NAME = 100
@@ -62,8 +62,8 @@ class KeyLines:
 
     def _walk(self, node: yaml.Node, path: tuple[str, ...]) -> None:
         if isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                self._walk(item, path)
+            for index, item in enumerate(node.value):
+                self._walk(item, (*path, f"[{index}]"))
         if not isinstance(node, yaml.MappingNode):
             return
         for key_node, value_node in node.value:
@@ -196,9 +196,11 @@ def validate_url(url: str) -> None:
     if any(char.isspace() or char in "'\"`{}" or not char.isprintable() for char in url):
         raise ValueError(f"invalid backend URL {url!r}: it holds a character a URL cannot have here")
     try:
-        parts.port
+        port = parts.port
     except ValueError:
-        raise ValueError(f"invalid backend URL {url!r}: the port is not a number from 0 to 65535") from None
+        port = 0
+    if port == 0:
+        raise ValueError(f"invalid backend URL {url!r}: the port is not a number from 1 to 65535")
 
 
 def render_mapping(spec: MappingSpec) -> str:
@@ -357,7 +359,9 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         raise MappingFormatError("not a Traefik mapping: 'http' must be a mapping")
     middlewares = http.get("middlewares")
     if middlewares is not None and not isinstance(middlewares, dict):
-        raise MappingFormatError("http.middlewares must be a mapping of middleware names", where=("http", "middlewares"))
+        raise MappingFormatError(
+            "http.middlewares must be a mapping of middleware names", where=("http", "middlewares")
+        )
     return MappingFile(
         path,
         _parse_routers(http.get("routers")),

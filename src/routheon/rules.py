@@ -25,6 +25,8 @@ _CLAUSE = re.compile(
     r"|HeaderRegexp\(\s*`Authorization`\s*,\s*`\^Bearer (?P<regex>[^`]*)\$`\s*\))\s*"
 )
 _OR = re.compile(r"\|\|")
+_AUTH_TEST = re.compile(r"\bHeader(?:Regexp)?\(\s*`Authorization`", re.IGNORECASE)
+_NEGATED_HEADER_TEST = re.compile(r"!\s*Header(?:Regexp)?\([^)]*\)", re.IGNORECASE)
 _REGEX_META = set(".^$*+?{}[]|()\\")
 
 
@@ -109,6 +111,6 @@ def rule_keys(rule: str) -> tuple[KeyClause, ...] | None:
         position = separator.end()
 
 
-def mentions_authorization(rule: str) -> bool:
-    """Whether a rule looks at the API key at all (used to flag rules we could not read)."""
-    return AUTH_HEADER.lower() in rule.lower()
+def selects_by_key(rule: str) -> bool:
+    """Whether a rule routes by the Authorization header (a negated test, as in ``!HeaderRegexp``, does not)."""
+    return _AUTH_TEST.search(_NEGATED_HEADER_TEST.sub("", rule)) is not None
