@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -45,21 +46,32 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 240.0) -> str:
-    """Collect the demo's stdout until ``marker`` shows (bounded so a broken demo fails)."""
-    assert proc.stdout is not None
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
+class Output:
+    """The demo's stdout, read by a thread so that waiting for a line can time out."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.put(line)
+
+    def until(self, marker: str, timeout: float = 240.0) -> str:
+        """Lines up to the one holding ``marker`` (bounded so that a broken demo fails)."""
+        deadline = time.monotonic() + timeout
+        start = len(self.seen)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
                 break
-            seen.append(line)
+            self.seen.append(line)
             if marker in line:
-                return "".join(seen)
-    raise AssertionError(f"no {marker!r} from the demo; it printed:\n{''.join(seen)}")
+                return "".join(self.seen[start:])
+        raise AssertionError(f"no {marker!r} from the demo; it printed:\n{''.join(self.seen)}")
 
 
 def _eventually(check, timeout: float = 30.0) -> bool:
@@ -90,7 +102,8 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        printed = _read_until(proc, "Ctrl-C stops everything")
+        output = Output(proc)
+        printed = output.until("Ctrl-C stops everything")
         assert f"curl {url}/v1/models" in printed
         started = _children(proc.pid)
         assert len(started) == 4, "two llama-servers, routheon-server and Traefik"
@@ -102,16 +115,16 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         assert len(model_ids(url, "API_KEY-1")) == 1
         with urllib.request.urlopen(f"{url}/stats", timeout=10) as response:
             stats = json.load(response)
-        assert "memory" in stats and "disk" not in stats, "the demo shows only a subset of /stats"
+        assert "memory" in stats and "system" not in stats, "the demo shows only a subset of /stats"
 
         assert proc.stdin is not None
         proc.stdin.write("stop llama-server-2\n")
         proc.stdin.flush()
-        _read_until(proc, "llama-server-2 stopped", timeout=30)
+        output.until("llama-server-2 stopped", timeout=30)
         assert _eventually(lambda: len(model_ids(url)) == 1)
         proc.stdin.write("start llama-server-2\n")
         proc.stdin.flush()
-        _read_until(proc, "llama-server-2 started", timeout=120)
+        output.until("llama-server-2 started", timeout=120)
         assert _eventually(lambda: len(model_ids(url)) == 2)
 
         current = _children(proc.pid)

@@ -6,7 +6,10 @@ import hashlib
 import io
 import json
 import os
+import signal
+import socket
 import stat
+import subprocess
 import sys
 import tarfile
 import threading
@@ -18,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from routheon.demo import download, llama, models
+from routheon.demo.stack import Stack, StackConfig
 from routheon.demo.supervisor import StartError, Supervisor
+from support import free_port
 
 PAYLOAD = b"llama.cpp source, pretend" * 1000
 
@@ -190,3 +195,44 @@ def test_logs_are_not_world_readable(tmp_path: Path) -> None:
     with Supervisor(tmp_path / "logs") as supervisor:
         child = supervisor.start("quiet", ["true"])
     assert not stat.S_IMODE(child.log_path.stat().st_mode) & stat.S_IROTH
+
+
+def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    """Even `kill -9` of the demo leaves no llama-server behind (Linux parent-death signal)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signals are Linux only")
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from routheon.demo.supervisor import Supervisor\n"
+        f"child = Supervisor(Path({str(tmp_path)!r})).start('sleeper', ['sleep', '300'])\n"
+        "print(child.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == -signal.SIGKILL
+    assert _gone(int(result.stdout))
+
+
+def test_the_demo_will_not_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "production.yml").write_text("http: {}\n")
+    config = StackConfig(workdir=tmp_path, llama_server=Path("/nonexistent"), backends=(), entry_port=free_port())
+    with Supervisor(tmp_path / "logs") as supervisor, pytest.raises(StartError, match="not made by the demo"):
+        Stack(config, supervisor).start()
+    assert (tmp_path / "mappings" / "production.yml").is_file()
+
+
+def test_a_busy_entry_port_is_one_clear_error_before_any_work(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "routheon.demo", "--port", str(port), "--workdir", str(tmp_path / "d")],
+            capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
+        )
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "d").exists()

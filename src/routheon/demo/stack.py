@@ -15,19 +15,19 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from routheon.demo.supervisor import Child, StartError, Supervisor, http_ok
+from routheon.demo.supervisor import Child, StartError, Supervisor
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-REPO_TRAEFIK = Path(__file__).resolve().parents[3] / "traefik"
+REPO = Path(__file__).resolve().parents[3]
 SERVER_MAPPING = "routheon-server.yml"
+MARKER = ".routheon-demo"
 ENTRY_POINT = "llama-servers"
 
 
@@ -40,6 +40,7 @@ class Backend:
     model: Path
     alias: str
     port: int
+    chat_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class StackConfig:
     context: int = 2048
     n_predict: int = 256
     threads: int = 1
-    traefik_dir: Path = REPO_TRAEFIK
-    stats_config: Path = field(default_factory=lambda: Path(str(resources.files(__package__) / "stats-config.yml")))
+    traefik_dir: Path = REPO / "traefik"
+    stats_config: Path = REPO / "stats-config.yml"
     startup_timeout: float = 120.0
 
     @property
@@ -68,12 +69,23 @@ class StackConfig:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether nothing listens on ``port``; connections still closing (TIME_WAIT) do not count."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
             return False
     return True
+
+
+def check_entry_port(port: int) -> None:
+    """Fail with advice, before anything starts, when Traefik could not listen on ``port``."""
+    if not port_is_free(port):
+        raise StartError(
+            f"port {port} on {LOOPBACK} is already in use: stop what listens there "
+            "(another demo or Traefik?) or pick another port with --port"
+        )
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -126,6 +138,7 @@ class Stack:
 
     def llama_argv(self, backend: Backend) -> list[str]:
         cfg = self.config
+        template = ["--chat-template", backend.chat_template] if backend.chat_template else []
         return [
             str(cfg.llama_server),
             "--model", str(backend.model),
@@ -136,6 +149,7 @@ class Stack:
             "--n-predict", str(cfg.n_predict),
             "--threads", str(cfg.threads),
             "--parallel", "1",
+            *template,
         ]
 
     def start_backend(self, service: str) -> Child:
@@ -154,11 +168,19 @@ class Stack:
     # -- configuration files -------------------------------------------------------------
 
     def _reset_mappings(self) -> None:
-        """Start from an empty demo mappings folder holding only routheon-server's mapping."""
-        mappings = self.config.mappings
+        """Start from an empty demo mappings folder holding only routheon-server's mapping.
+
+        The folder is emptied only when the demo made it (a marker file says so), so that a
+        mistyped ``--workdir`` cannot wipe a real mappings folder.
+        """
+        workdir, mappings = self.config.workdir, self.config.mappings
         if mappings.exists():
+            if not (workdir / MARKER).is_file():
+                raise StartError(f"{mappings} exists and was not made by the demo; choose another --workdir")
             shutil.rmtree(mappings)
-        mappings.mkdir(parents=True, mode=0o700)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / MARKER).touch()
+        mappings.mkdir(mode=0o700)
         template = (self.config.traefik_dir / "mappings" / SERVER_MAPPING).read_text(encoding="utf-8")
         local = template.replace("http://routheon-server:9080", f"http://{LOOPBACK}:{self.config.server_port}")
         (mappings / SERVER_MAPPING).write_text(local, encoding="utf-8")
@@ -192,12 +214,11 @@ class Stack:
     def start(self) -> None:
         """Start everything and return once a request through Traefik lists every model."""
         cfg = self.config
-        if not port_is_free(cfg.entry_port):
-            raise StartError(
-                f"port {cfg.entry_port} on {LOOPBACK} is already in use: stop what listens there "
-                "(another demo or Traefik?) or pick another port with --port"
-            )
-        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        check_entry_port(cfg.entry_port)
+        needed = (cfg.traefik_dir / "traefik.yml", cfg.traefik_dir / "mappings" / SERVER_MAPPING, cfg.stats_config)
+        missing = [str(path) for path in needed if not path.is_file()]
+        if missing:
+            raise StartError(f"the demo runs from a Routheon clone (`make demo`); missing: {', '.join(missing)}")
         self._reset_mappings()
         for backend in cfg.backends:
             log.info("Starting %s (%s) on port %d", backend.service, backend.alias, backend.port)
@@ -225,6 +246,3 @@ class Stack:
             f"{expected} listed by {cfg.entry_url}/v1/models",
             cfg.startup_timeout,
         )
-
-    def healthy(self) -> bool:
-        return http_ok(f"{self.config.entry_url}/v1/models")
