@@ -68,7 +68,8 @@ def _load(base_url: str, scenario: Scenario, target: str, profile: Profile, pid:
                 result = wrk.run(request, connections, duration, timeout_s=timeout)
         else:
             result = wrk.run(request, connections, duration, timeout_s=timeout)
-        row = {"case": scenario.name, "title": scenario.title, "target": target, **result.to_json()}
+        row = {"case": scenario.name, "title": scenario.title, "path": scenario.path, "target": target,
+               **result.to_json()}
         if sampler:
             row["rss_peak_mib"] = sampler.peak_mib
         log.warning("%-12s %-9s c=%-2d %9.1f req/s  p50 %s ms  p99 %s ms  failed %d",

@@ -59,13 +59,14 @@ def test_quick_run_measures_routheon_against_the_floor(tmp_path) -> None:
         ("routheon", 1), ("routheon", 16), ("floor", 1), ("floor", 16)}
     assert all(row["requests"] > 0 and row["failed"] == 0 for row in rows)
     assert next(row for row in rows if row["target"] == "routheon")["answer"] == {"models": 2}
-    share = next(goal for goal in results["goals"] if goal["goal"].startswith("models-2"))
+    share = next(goal for goal in results["goals"] if goal["goal"].startswith("/v1/models"))
     assert share["value"] is not None
     assert report.text_tables(results) in proc.stdout
 
 
 def _server_row(case: str, target: str, connections: int, rps: float, p99: float = 5.0) -> dict:
-    return {"case": case, "title": case, "target": target, "connections": connections, "rps": rps,
+    path = "/v1/models" if case.startswith("models") else "/stats"
+    return {"case": case, "title": case, "path": path, "target": target, "connections": connections, "rps": rps,
             "p50_ms": 1.0, "p99_ms": p99, "failed": 0}
 
 
@@ -74,10 +75,12 @@ def test_goals_count_the_worst_connection_count() -> None:
         _server_row("stats", "routheon", 1, 3000), _server_row("stats", "original", 1, 1.0),
         _server_row("stats", "routheon", 16, 100, p99=25), _server_row("stats", "original", 16, 1.0),
         _server_row("models-2", "routheon", 1, 900), _server_row("models-2", "floor", 1, 1000),
+        _server_row("models-20", "routheon", 1, 400), _server_row("models-20", "floor", 1, 1000),
     ]}
     by_name = {goal["goal"]: goal for goal in report.goals(results)}
     assert by_name["stats: routheon ÷ original req/s"]["value"] == 100
     assert by_name["stats: routheon ÷ original req/s"]["met"] is False
     assert by_name["stats: routheon p99 at 16 connections"]["met"] is False
-    assert by_name["models-2: routheon ÷ floor req/s"]["met"] is True
+    assert by_name["/v1/models, every case: routheon ÷ floor req/s"]["value"] == 0.4
+    assert by_name["/v1/models, every case: routheon ÷ floor req/s"]["met"] is False
     assert by_name["models-hang: routheon ÷ original req/s"]["met"] is None
