@@ -22,7 +22,7 @@ class Profile:
 
 
 FULL = Profile("full", duration_s=8, slow_duration_s=20, slow_timeout_s=30, connections=(1, 16),
-               chat_requests=50, startup_runs=5, backends_many=20)
+               chat_requests=100, startup_runs=5, backends_many=20)
 QUICK = Profile("quick", duration_s=1, slow_duration_s=3, slow_timeout_s=5, connections=(1, 16),
                 chat_requests=3, startup_runs=1, backends_many=4)
 PROFILES = {profile.name: profile for profile in (FULL, QUICK)}
