@@ -169,8 +169,9 @@ def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str],
                   error_pages: bool = True) -> tuple[stack.Proc, str]:
     """Traefik with the repo's own static config and routheon-server mapping, on free ports."""
     folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=error_pages)
-    routheon_mapping = (REPO / "traefik" / "mappings" / "routheon-server.yml").read_text()
-    (folder / "routheon-server.yml").write_text(routheon_mapping.replace("http://routheon-server:9080", routheon_url))
+    routheon_mapping = yaml.safe_load((REPO / "traefik" / "mappings" / "routheon-server.yml").read_text())
+    routheon_mapping["http"]["services"]["routheon-server"]["loadBalancer"]["servers"] = [{"url": routheon_url}]
+    (folder / "routheon-server.yml").write_text(yaml.safe_dump(routheon_mapping))
     static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
     port = free_port()
     static["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{port}"
@@ -182,7 +183,20 @@ def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str],
     base = f"http://127.0.0.1:{port}"
     # Traefik answers 401/404 until it has read the folder: wait for a key-routed 200
     _wait_ok(f"{base}/health", _bearer(next(iter(keys))), proc, timeout=30)
+    _check_catch_all(base)
     return proc, base
+
+
+def _check_catch_all(base: str) -> None:
+    """Make sure Routheon's own routers are in the path: an unknown key gets its 401 JSON."""
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=b"{}", headers=_bearer("no-such-key"))
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401 and "error" in json.loads(exc.read() or b"{}"):
+            return
+        raise RuntimeError(f"Traefik answered an unknown key with HTTP {exc.code}, not Routheon's 401") from exc
+    raise RuntimeError("Traefik let an unknown key through: Routheon's catch-all router is not in place")
 
 
 def start_litellm(stk: stack.Stack, llama_url: str, fake_url: str) -> tuple[stack.Proc, str]:
@@ -225,13 +239,13 @@ def start_llama(stk: stack.Stack, fake: bool) -> tuple[stack.Proc, str]:
     return proc, base
 
 
-def _versions(llama_argv: list[str]) -> dict:
+def _versions(llama_argv: list[str], fake_llama: bool) -> dict:
     def first_line(argv: list[str]) -> str:
         out = subprocess.run(argv, capture_output=True, text=True, check=False)
         text = (out.stdout + out.stderr).strip().splitlines()
         return next((line for line in text if "version" in line.lower()), text[0] if text else "?")
 
-    llama = first_line([llama_argv[0], "--version"]) if "fake_llama" not in " ".join(llama_argv) else "fake"
+    llama = "tests/fake_llama.py" if fake_llama else first_line([llama_argv[0], "--version"])
     return {"traefik": first_line([str(TRAEFIK), "version"]), "llama-server": llama,
             "litellm": env.LITELLM_VERSION}
 
@@ -289,7 +303,7 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         ]
         rows_rps = (_rps("health", "/health, key-routed", health, profile)
                     + _rps("chat", "chat completion, instant backend", chat, profile))
-        return {"chat": rows_chat, "rps": rows_rps, "versions": _versions(llama.argv),
+        return {"chat": rows_chat, "rps": rows_rps, "versions": _versions(llama.argv, fake_llama),
                 "llama": {"backend": "tests/fake_llama.py" if fake_llama else "llama-server",
                           "model": "fake" if fake_llama else Path(llama.argv[2]).name, "max_tokens": MAX_TOKENS,
                           "threads": 1}}
