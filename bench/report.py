@@ -88,9 +88,10 @@ def chat_rows(results: dict) -> list[list[str]]:
             if item["stream"] != stream:
                 continue
             delta = (item["p50_ms"] - direct["p50_ms"]) if direct and item is not direct else None
+            paired = item.get("paired_delta_p50_ms") if item is not direct else None
             lines.append(["time to first token (stream)" if stream else "full completion", item["path"],
                           str(item["n"]), str(item.get("failed", 0)), _num(item["p50_ms"], 2), _num(item["p99_ms"], 2),
-                          "–" if delta is None else f"{delta:+.2f}"])
+                          "–" if delta is None else f"{delta:+.2f}", "–" if paired is None else f"{paired:+.2f}"])
     return lines
 
 
@@ -170,7 +171,7 @@ SECTIONS = (
     ("Start-up: exec to first answer (ms)", ["server", "median", "min", "max", "runs"], startup_rows),
     ("Peak RSS under load (MiB, process and children)", ["case", "conns", "server", "peak RSS"], memory_rows),
     ("Token path: sequential chat requests (ms)",
-     ["measure", "path", "n", "failed", "p50", "p99", "p50 vs direct"], chat_rows),
+     ["measure", "path", "n", "failed", "p50", "p99", "p50 − direct p50", "median of paired Δ"], chat_rows),
     ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM", "proxy peak RSS MiB"], rps_rows),
     ("Goals from the issue", ["goal", "wanted", "measured", "status"], goal_rows),
 )

@@ -123,9 +123,15 @@ def _percentile(samples: list[float], pct: float) -> float:
 
 
 def latency(routes: list[Route], requests: int) -> list[dict]:
+    """Per path: percentiles, plus the median of its per-round difference to the first path.
+
+    The paired difference compares requests sent within a few hundred milliseconds of each
+    other, so load that comes and goes on a shared machine cancels out of it.
+    """
     rows = []
     for stream in (True, False):
-        samples: dict[str, list[float]] = {route.name: [] for route in routes}
+        # one entry per round, None where the request failed
+        rounds: dict[str, list[float | None]] = {route.name: [] for route in routes}
         failures: dict[str, list[str]] = {route.name: [] for route in routes}
         for route in routes:  # warm-up: connections, prompt cache, LiteLLM's lazy imports
             timed_chat(route, LLAMA_MODEL, stream)
@@ -134,16 +140,22 @@ def latency(routes: list[Route], requests: int) -> list[dict]:
             for route in routes[index % len(routes):] + routes[:index % len(routes)]:
                 time.sleep(GAP_S)
                 try:
-                    samples[route.name].append(timed_chat(route, LLAMA_MODEL, stream) * 1000)
+                    rounds[route.name].append(timed_chat(route, LLAMA_MODEL, stream) * 1000)
                 except ChatFailed as exc:
                     log.warning("%s", exc)
                     failures[route.name].append(str(exc))
+                    rounds[route.name].append(None)
+        reference = rounds[routes[0].name]
         for route in routes:
-            got = samples[route.name] or [float("nan")]
-            rows.append({"path": route.name, "stream": stream, "n": len(samples[route.name]),
+            measured = [value for value in rounds[route.name] if value is not None]
+            got = measured or [float("nan")]
+            deltas = [value - ref for value, ref in zip(rounds[route.name], reference)
+                      if value is not None and ref is not None]
+            rows.append({"path": route.name, "stream": stream, "n": len(measured),
                          "failed": len(failures[route.name]), "failures": failures[route.name][:3],
                          "p50_ms": round(statistics.median(got), 3), "p99_ms": round(_percentile(got, 99), 3),
-                         "mean_ms": round(statistics.fmean(got), 3)})
+                         "mean_ms": round(statistics.fmean(got), 3),
+                         "paired_delta_p50_ms": round(statistics.median(deltas), 3) if deltas else None})
             log.warning("%-8s %-6s p50 %.2f ms  p99 %.2f ms", route.name, "stream" if stream else "full",
                         rows[-1]["p50_ms"], rows[-1]["p99_ms"])
     return rows
