@@ -1,7 +1,7 @@
 """The routheon-server cases: /stats and /v1/models, this project against the original and the floor.
 
-Targets run one after another, never side by side: on two cores a second server would steal
-the CPU the first one is measured with.
+Only one target is under load at a time: on two cores a second loaded server would steal the
+CPU the first one is measured with. The others sit idle meanwhile.
 """
 
 from __future__ import annotations
@@ -55,58 +55,53 @@ def _describe(body: bytes, path: str) -> dict:
     return {"keys": sorted(payload)[:12] if isinstance(payload, dict) else type(payload).__name__}
 
 
-def _load(base_url: str, scenario: Scenario, target: str, profile: Profile, pid: int | None) -> list[dict]:
+def _measure(base_url: str, scenario: Scenario, target: str, connections: int, profile: Profile,
+             pid: int) -> dict:
     slow = target == "original" and scenario.original_is_slow
     duration = profile.slow_duration_s if slow else profile.duration_s
     timeout = profile.slow_timeout_s if slow else 10
-    rows = []
-    for connections in profile.connections:
-        request = wrk.Request(base_url + scenario.path)
-        sampler = stack.RssSampler(pid) if pid else None
-        if sampler:
-            with sampler:
-                result = wrk.run(request, connections, duration, timeout_s=timeout)
-        else:
-            result = wrk.run(request, connections, duration, timeout_s=timeout)
-        row = {"case": scenario.name, "title": scenario.title, "path": scenario.path, "target": target,
-               **result.to_json()}
-        if sampler:
-            row["rss_peak_mib"] = sampler.peak_mib
-        log.warning("%-12s %-9s c=%-2d %9.1f req/s  p50 %s ms  p99 %s ms  failed %d",
-                    scenario.name, target, connections, result.rps, result.p50_ms, result.p99_ms,
-                    result.failed)
-        rows.append(row)
-    return rows
+    with stack.RssSampler(pid) as sampler:
+        result = wrk.run(wrk.Request(base_url + scenario.path), connections, duration, timeout_s=timeout)
+    log.warning("%-12s %-9s c=%-2d %9.1f req/s  p50 %s ms  p99 %s ms  failed %d", scenario.name, target,
+                connections, result.rps, result.p50_ms, result.p99_ms, result.failed)
+    return {"case": scenario.name, "title": scenario.title, "path": scenario.path, "target": target,
+            **result.to_json(), "rss_peak_mib": sampler.peak_mib}
 
 
 def run_scenario(scenario: Scenario, profile: Profile, workdir: Path, targets: tuple[str, ...]) -> list[dict]:
-    rows: list[dict] = []
-    with stack.Stack(workdir) as backends:
-        live, hang = stack.fake_backends(backends, scenario.live, scenario.hang)
+    """Every target is started first; loads then run routheon and floor back to back per
+    connection count (their ratio is a goal, so they should see the same moment of a noisy
+    machine), and the original last, because it keeps working off its queue after wrk stops."""
+    with stack.Stack(workdir) as stk:
+        live, hang = stack.fake_backends(stk, scenario.live, scenario.hang)
         mappings = stack.write_mappings(workdir / f"mappings-{scenario.name}",
                                         {f"bench-key-{i}": url for i, url in enumerate(live + hang)})
-        floor_body: tuple[bytes, str] | None = None
-        for target in targets:
-            if target == "floor":
-                if floor_body is None:
-                    log.warning("floor skipped for %s: no server answered to copy from", scenario.name)
-                    continue
-                with stack.Stack(workdir) as floor:
-                    base = stack.start_floor(floor, *floor_body)
-                    rows += _load(base, scenario, target, profile, floor.procs[-1].pid)
-                continue
-            with stack.Stack(workdir) as server:
-                base = stack.start_server(server, target, mappings)
-                # the first answer also warms caches, as the first client after a restart would
-                body, content_type = stack.fetch(base + scenario.path, timeout=profile.slow_timeout_s)
-                if floor_body is None or target == "routheon":
-                    floor_body = (body, content_type)
-                answer = _describe(body, scenario.path)
-                rows_before = len(rows)
-                rows += _load(base, scenario, target, profile, server.procs[-1].pid)
-                for row in rows[rows_before:]:
-                    row["answer"] = answer
-    return rows
+        started: dict[str, tuple[str, int]] = {}
+        answers: dict[str, dict] = {}
+        bodies: dict[str, tuple[bytes, str]] = {}
+        for target in (t for t in ("routheon", "original") if t in targets):
+            base = stack.start_server(stk, target, mappings)
+            started[target] = (base, stk.procs[-1].pid)
+            # the first answer also warms caches, as the first client after a restart would
+            bodies[target] = stack.fetch(base + scenario.path, timeout=profile.slow_timeout_s)
+            answers[target] = _describe(bodies[target][0], scenario.path)
+        if "floor" in targets:
+            body = bodies.get("routheon") or bodies.get("original")
+            if body is None:
+                log.warning("floor skipped for %s: no server answered to copy from", scenario.name)
+            else:
+                started["floor"] = (stack.start_floor(stk, *body), stk.procs[-1].pid)
+        order = [(connections, target) for connections in profile.connections
+                 for target in ("routheon", "floor") if target in started]
+        order += [(connections, "original") for connections in profile.connections if "original" in started]
+        rows = []
+        for connections, target in order:
+            base, pid = started[target]
+            row = _measure(base, scenario, target, connections, profile, pid)
+            if target in answers:
+                row["answer"] = answers[target]
+            rows.append(row)
+        return rows
 
 
 def run_all(profile: Profile, workdir: Path, targets: tuple[str, ...] = TARGETS,

@@ -255,7 +255,8 @@ def _versions(llama_argv: list[str], fake_llama: bool) -> dict:
     def first_line(argv: list[str]) -> str:
         out = subprocess.run(argv, capture_output=True, text=True, check=False)
         text = (out.stdout + out.stderr).strip().splitlines()
-        return next((line for line in text if "version" in line.lower()), text[0] if text else "?")
+        line = next((line for line in text if "version" in line.lower()), text[0] if text else "?")
+        return " ".join(line.split())
 
     llama = "tests/fake_llama.py" if fake_llama else first_line([llama_argv[0], "--version"])
     return {"traefik": first_line([str(TRAEFIK), "version"]), "llama-server": llama,
