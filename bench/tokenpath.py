@@ -1,10 +1,12 @@
 """The token path: what Traefik with Routheon's mappings adds between a client and llama-server,
 and what LiteLLM's proxy adds in the same place.
 
-Three paths to the same backends, measured the same way:
+Four paths to the same backends, measured the same way:
 - direct: the client talks to llama-server (or the fake backend) itself;
 - traefik: Traefik with the repo's static config, routheon-server.yml (401 catch-all, error
   pages) and a key mapping as ``routheon mapping add`` writes it, errors middleware included;
+- traefik-bare: Traefik with one plain router per key and nothing else, to tell Traefik's own
+  cost from that of Routheon's routers and middlewares;
 - litellm: LiteLLM's proxy with a master key and one model per backend.
 
 Latency comes from a small sequential client (the same code for every path, paths interleaved
@@ -177,6 +179,20 @@ def _wait_ok(url: str, headers: dict[str, str], proc: stack.Proc, timeout: float
     raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s:\n{proc.log()[-2000:]}")
 
 
+def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_key: str) -> tuple[stack.Proc, str]:
+    port = free_port()
+    static["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{port}"
+    static["providers"]["file"]["directory"] = str(folder)
+    static["log"] = {"level": "ERROR"}
+    config = stk.workdir / f"{name}.yml"
+    config.write_text(yaml.safe_dump(static))
+    proc = stk.start(name, [str(TRAEFIK), f"--configFile={config}"])
+    base = f"http://127.0.0.1:{port}"
+    # Traefik answers 401/404 until it has read the folder: wait for a key-routed 200
+    _wait_ok(f"{base}/health", _bearer(probe_key), proc, timeout=30)
+    return proc, base
+
+
 def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str],
                   error_pages: bool = True) -> tuple[stack.Proc, str]:
     """Traefik with the repo's own static config and routheon-server mapping, on free ports."""
@@ -185,18 +201,23 @@ def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str],
     routheon_mapping["http"]["services"]["routheon-server"]["loadBalancer"]["servers"] = [{"url": routheon_url}]
     (folder / "routheon-server.yml").write_text(yaml.safe_dump(routheon_mapping))
     static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
-    port = free_port()
-    static["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{port}"
-    static["providers"]["file"]["directory"] = str(folder)
-    static["log"] = {"level": "ERROR"}
-    config = stk.workdir / "traefik.yml"
-    config.write_text(yaml.safe_dump(static))
-    proc = stk.start("traefik", [str(TRAEFIK), f"--configFile={config}"])
-    base = f"http://127.0.0.1:{port}"
-    # Traefik answers 401/404 until it has read the folder: wait for a key-routed 200
-    _wait_ok(f"{base}/health", _bearer(next(iter(keys))), proc, timeout=30)
+    proc, base = _run_traefik(stk, "traefik", static, folder, next(iter(keys)))
     _check_catch_all(base)
     return proc, base
+
+
+def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[stack.Proc, str]:
+    """Traefik with nothing of Routheon's: one plain header router per key, no middleware,
+    no health check, no catch-all. The difference to ``start_traefik`` is what Routheon's
+    routers and middlewares cost; the difference to direct is what Traefik itself costs."""
+    folder = stk.workdir / "traefik-bare-mappings"
+    folder.mkdir()
+    routers = {f"bare-{i}": {"rule": f"Header(`Authorization`, `Bearer {key}`)", "service": f"bare-{i}",
+                             "entryPoints": ["llama-servers"]} for i, key in enumerate(keys)}
+    services = {f"bare-{i}": {"loadBalancer": {"servers": [{"url": url}]}} for i, url in enumerate(keys.values())}
+    (folder / "bare.yml").write_text(yaml.safe_dump({"http": {"routers": routers, "services": services}}))
+    static = {"entryPoints": {"llama-servers": {}}, "providers": {"file": {}}}
+    return _run_traefik(stk, "traefik-bare", static, folder, next(iter(keys)))
 
 
 def _check_catch_all(base: str) -> None:
@@ -290,13 +311,16 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         fake_urls, _ = stack.fake_backends(stk, 1)
         fake_url = fake_urls[0]
         routheon_url = stack.start_server(stk, "routheon", workdir / "traefik-mappings")
-        traefik, traefik_url = start_traefik(stk, routheon_url, {LLAMA_KEY: llama_url, FAKE_KEY: fake_url})
+        keys = {LLAMA_KEY: llama_url, FAKE_KEY: fake_url}
+        traefik, traefik_url = start_traefik(stk, routheon_url, keys)
+        bare, bare_url = start_bare_traefik(stk, keys)
         litellm, litellm_url = start_litellm(stk, llama_url, fake_url)
 
         direct = Route("direct", llama_url)
         via_traefik = Route("traefik", traefik_url, _bearer(LLAMA_KEY), traefik.pid)
+        via_bare = Route("traefik-bare", bare_url, _bearer(LLAMA_KEY), bare.pid)
         via_litellm = Route("litellm", litellm_url, _bearer(MASTER_KEY), litellm.pid)
-        rows_chat = latency([direct, via_traefik, via_litellm], profile.chat_requests)
+        rows_chat = latency([direct, via_traefik, via_bare, via_litellm], profile.chat_requests)
 
         health = [
             (direct, wrk.Request(f"{llama_url}/health")),
@@ -307,10 +331,13 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         ]
         body = chat_body(FAKE_MODEL, False)
         post = {"Content-Type": "application/json"}
+        fake_key = {**post, **_bearer(FAKE_KEY)}
         chat = [
             (Route("direct", fake_url), wrk.Request(f"{fake_url}/v1/chat/completions", "POST", post, body)),
             (Route("traefik", traefik_url, pid=traefik.pid),
-             wrk.Request(f"{traefik_url}/v1/chat/completions", "POST", {**post, **_bearer(FAKE_KEY)}, body)),
+             wrk.Request(f"{traefik_url}/v1/chat/completions", "POST", fake_key, body)),
+            (Route("traefik-bare", bare_url, pid=bare.pid),
+             wrk.Request(f"{bare_url}/v1/chat/completions", "POST", fake_key, body)),
             (via_litellm, wrk.Request(f"{litellm_url}/v1/chat/completions", "POST",
                                       {**post, **via_litellm.headers}, body)),
         ]
