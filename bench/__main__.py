@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profile.__dict__,
         "machine": machine.describe(),
     }
-    out = args.out or RESULTS / f"{started:%Y-%m-%d}-{socket.gethostname()}.json"
+    # a quick run never overwrites the published numbers of a full one
+    suffix = "" if profile.name == "full" else f"-{profile.name}"
+    out = args.out or RESULTS / f"{started:%Y-%m-%d}-{socket.gethostname()}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="routheon-bench-") as tmp:
         workdir = Path(tmp)
