@@ -7,6 +7,7 @@ started in its own session and killed with its children.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 import sys
 import threading
@@ -24,6 +25,7 @@ from tests.support import Proc, free_port, wait_http
 from . import env
 
 PYTHON = sys.executable
+_LOG_NUMBERS = itertools.count()
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Stack(contextlib.AbstractContextManager):
 
     def start(self, name: str, argv: Sequence[str], ready_url: str | None = None,
               timeout: float = 30.0, env_vars: dict[str, str] | None = None) -> Proc:
-        proc = Proc(argv, self.workdir / f"{name}-{len(self.procs)}.log", env=env_vars)
+        proc = Proc(argv, self.workdir / f"{name}-{next(_LOG_NUMBERS)}.log", env=env_vars)
         self.procs.append(proc)
         if ready_url:
             try:
@@ -98,10 +100,9 @@ def start_floor(stack: Stack, body: bytes, content_type: str) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def fetch(url: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> tuple[bytes, str]:
+def fetch(url: str, timeout: float = 30.0) -> tuple[bytes, str]:
     """Body and content type of one GET (for the floor's bytes and sanity checks)."""
-    request = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read(), response.headers.get_content_type()
 
 
