@@ -2,7 +2,9 @@
 
 Every answer names the backend (``X-Backend`` header and the model id), so a test can tell
 where Traefik sent a request. Streaming answers send their chunks ``--chunk-interval``
-seconds apart and stamp each with the time it was sent, so a test can see buffering.
+seconds apart and stamp each with the time it was sent. A streaming request with
+``"hold": true`` sends its first chunk, then waits for ``POST /release`` before the rest: a test
+that receives the first chunk before releasing knows nothing on the way buffered it.
 
 Run as a process (``python tests/fake_llama.py --port P --name N``) so that a test can stop
 it like a crashed llama-server.
@@ -20,6 +22,7 @@ from aiohttp import web
 
 def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
     headers = {"X-Backend": name}
+    released = asyncio.Event()
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"}, headers=headers)
@@ -39,6 +42,8 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
         response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await response.prepare(request)
         for index in range(chunks):
+            if index == 1 and body.get("hold"):
+                await released.wait()
             if index:
                 await asyncio.sleep(chunk_interval)
             chunk = {
@@ -51,6 +56,10 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
         await response.write(b"data: [DONE]\n\n")
         return response
 
+    async def release(_: web.Request) -> web.Response:
+        released.set()
+        return web.json_response({"released": True}, headers=headers)
+
     async def echo(request: web.Request) -> web.Response:
         """Any other path; ``?sleep=SECONDS`` answers late, like an overloaded llama-server."""
         await asyncio.sleep(float(request.query.get("sleep", 0)))
@@ -60,6 +69,7 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/release", release)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

@@ -156,10 +156,10 @@ def test_concurrent_adds_keep_every_mapping(tmp_path: Path) -> None:
         args = ["mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", key]
         return routheon(tmp_path, *args).returncode
 
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        assert list(pool.map(add, range(12))) == [0] * 12
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(add, range(8))) == [0] * 8
     found = keys_by_file(tmp_path)
-    assert found == {f"s{index}.yml": [f"sk-concurrent-{index:02d}-0123456789"] for index in range(12)}
+    assert found == {f"s{index}.yml": [f"sk-concurrent-{index:02d}-0123456789"] for index in range(8)}
 
 
 def test_concurrent_moves_of_one_key_leave_it_in_exactly_one_file(tmp_path: Path) -> None:

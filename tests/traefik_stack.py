@@ -70,7 +70,8 @@ class Stack:
     response_timeout: str | None = None
     port: int = field(default_factory=free_port)
     server_port: int = field(default_factory=free_port)
-    procs: list[Proc] = field(default_factory=list)
+    server: Proc | None = None
+    traefik: Proc | None = None
     backends: list[Backend] = field(default_factory=list)
 
     @property
@@ -109,7 +110,7 @@ class Stack:
         self.mappings.mkdir(parents=True, exist_ok=True)
         if self.with_server:
             self.install_server_mapping()
-            server = Proc(
+            self.server = Proc(
                 [
                     str(VENV_BIN / "routheon-server"),
                     "--mappings", str(self.mappings),
@@ -118,22 +119,19 @@ class Stack:
                 ],
                 self.workdir / "routheon-server.log",
             )
-            self.procs.append(server)
-            wait_http(f"{self.server_url}/health", proc=server.popen)
-        traefik = Proc(
+            wait_http(f"{self.server_url}/health", proc=self.server.popen)
+        self.traefik = Proc(
             [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"], self.workdir / "traefik.log"
         )
-        self.procs.append(traefik)
-        wait_http(self.url, proc=traefik.popen)
+        wait_http(self.url, proc=self.traefik.popen)
         if self.with_server:
             self.wait_for(lambda: self.request("/", key="no-such-key").status == 401)
         return self
 
     def stop(self) -> None:
-        for backend in self.backends:
-            backend.stop()
-        for proc in reversed(self.procs):
-            proc.stop()
+        for proc in (*(backend.proc for backend in self.backends), self.traefik, self.server):
+            if proc is not None:
+                proc.stop()
 
     def __enter__(self) -> Stack:
         try:

@@ -52,7 +52,11 @@ class Finding:
 def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[Finding]]:
     findings: list[Finding] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+            text = handle.read().decode("utf-8")
+    except FileNotFoundError:
+        return None, None, []  # removed (or rotated) since the folder was listed: nothing to check
     except (OSError, UnicodeDecodeError) as exc:
         return None, None, [Finding(path, f"cannot read: {exc}")]
     try:
@@ -67,7 +71,6 @@ def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[F
             findings.append(
                 Finding(path, "'{{' starts a Go template: Traefik rewrites it before reading the file", line=number)
             )
-    mode = stat.S_IMODE(path.stat().st_mode)
     if mapping.key_clauses() and mode & 0o004:
         findings.append(Finding(path, "holds API keys but every user can read it (chmod o-rwx)", WARNING))
     for router in mapping.routers:

@@ -399,6 +399,8 @@ def scan_folder(folder: str | os.PathLike[str], skip: Iterable[re.Pattern[str]] 
             files.append(read_mapping(file_path))
         except MappingFormatError as exc:
             problems.append(MappingProblem(file_path, str(exc), exc.line))
+        except FileNotFoundError:
+            continue  # removed or rotated since the folder was listed
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(MappingProblem(file_path, f"cannot read: {exc}"))
     return Folder(path, tuple(files), tuple(problems))
