@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo demo-assets bench clean
+.PHONY: install test demo demo-assets docker-mappings bench clean
 
 $(STAMP): pyproject.toml
 	@echo 'Installing Routheon, its test tools and Traefik into $(VENV) ...'
@@ -23,6 +23,14 @@ demo-assets: install
 # The whole stack on 127.0.0.1:8080 until Ctrl-C (docs/demo.md).
 demo: install
 	$(BIN)/python -m routheon.demo
+
+# docker/mappings/ as the project's tooling writes it today (a test compares them).
+docker-mappings: install
+	rm -f docker/mappings/*.yml
+	cp traefik/mappings/routheon-server.yml docker/mappings/
+	for n in 1 2; do $(BIN)/routheon --quiet mapping add --service llama-server-$$n \
+	    --url http://llama-server-$$n:801$$n --key API_KEY-$$n --mappings docker/mappings || exit 1; done
+	rm -f docker/mappings/.routheon.lock
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test: install demo-assets

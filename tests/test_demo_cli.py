@@ -125,6 +125,7 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         proc.stdin.write("start llama-server-2\n")
         proc.stdin.flush()
         output.until("llama-server-2 started", timeout=120)
+        assert _post(f"{url}/v1/chat/completions", "API_KEY-2", SEED_CHAT)["choices"], "usable once 'started' shows"
         assert _eventually(lambda: len(model_ids(url)) == 2)
 
         current = _children(proc.pid)

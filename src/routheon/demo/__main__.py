@@ -71,13 +71,18 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m routheon.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m routheon.demo", description="Run the Routheon demo stack on 127.0.0.1 until Ctrl-C."
+    )
     parser.add_argument("--prepare", action="store_true", help="only build/download llama-server and the models")
     parser.add_argument("--port", type=int, default=8080, help="Traefik's port on 127.0.0.1 (default: 8080)")
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="mappings, configs, logs (default: .demo)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile jobs for llama-server (default: 2)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every process start and stop")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    return args
 
 
 def prepare(jobs: int | None) -> tuple[Path, list[Path]]:
@@ -119,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     backends = tuple(
         Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.chat_template)
-        for n, (key, path, spec, port) in enumerate(zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS), start=1)
+        for n, (key, path, spec, port) in enumerate(zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS, strict=True), start=1)
     )
     config = StackConfig(
         workdir=args.workdir,

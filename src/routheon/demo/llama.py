@@ -107,13 +107,20 @@ def _run(argv: list[str], step: str) -> None:
         raise BuildError(f"{step} failed (exit {result.returncode}); see the output above")
 
 
+def _jobs_from_env() -> int:
+    raw = os.environ.get("ROUTHEON_BUILD_JOBS", "2")
+    if not raw.isdigit() or int(raw) < 1:
+        raise BuildError(f"ROUTHEON_BUILD_JOBS={raw} is not a positive number of compile jobs")
+    return int(raw)
+
+
 def build(jobs: int | None = None) -> Path:
     """Download the pinned source and build llama-server into the cache (a few minutes)."""
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise BuildError(f"building llama-server needs {tool}: install cmake and g++ (apt-get install cmake g++)")
     target = cached_binary()
-    jobs = jobs or int(os.environ.get("ROUTHEON_BUILD_JOBS", "2"))
+    jobs = jobs or _jobs_from_env()
     archive = fetch(LLAMA_CPP, cache_root() / "downloads")
     log.info("Building llama-server %s with %d jobs (once; a few minutes on two cores)", LLAMA_CPP_VERSION, jobs)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -153,12 +153,24 @@ class Stack:
         ]
 
     def start_backend(self, service: str) -> Child:
-        """Start one llama-server and wait until it has loaded its model."""
+        """Start one llama-server and wait until it has loaded its model.
+
+        When Traefik already runs, also wait until its health check lets the key through
+        again, so that "started" means a client can use it.
+        """
         backend = self.backend(service)
         if not port_is_free(backend.port):
             raise StartError(f"{service}: port {backend.port} is already in use")
         child = self.supervisor.start(service, self.llama_argv(backend))
         self.supervisor.wait_http(child, f"http://{LOOPBACK}:{backend.port}/health", self.config.startup_timeout)
+        traefik = self.supervisor.children.get("traefik")
+        if traefik is not None and traefik.running():
+            self.supervisor.wait_until(
+                child,
+                lambda: model_ids(self.config.entry_url, backend.key) == [backend.alias],
+                f"{backend.alias} through {self.config.entry_url} with its key",
+                self.config.startup_timeout,
+            )
         return child
 
     def stop_backend(self, service: str) -> None:

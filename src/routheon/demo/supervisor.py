@@ -7,6 +7,7 @@ itself dies without cleaning up, so no llama-server or Traefik outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -33,10 +34,8 @@ class StartError(RuntimeError):
 def _die_with_parent() -> None:
     """Runs in the child between fork and exec: ask the kernel to kill it when the demo dies."""
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -156,7 +155,5 @@ class Supervisor:
     @staticmethod
     def _signal_group(child: Child, sig: signal.Signals) -> None:
         assert child.popen is not None
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
