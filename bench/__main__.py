@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: bench/results/<date>-<host>.json)")
     parser.add_argument("--publish", action="store_true",
                         help="also write docs/benchmarks.md and its plots from this run")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="measure nothing: print the tables of a results file and rewrite the docs from it")
     parser.add_argument("--fake-llama", action="store_true",
                         help="token path against tests/fake_llama.py instead of llama-server (checks the harness)")
     parser.add_argument("--log-level", default="WARNING")
@@ -59,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}",
               file=sys.stderr)
         return 2
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results["goals"] = report.goals(results)
+        print(report.text_tables(results))
+        print(f"docs: {report.publish(results, args.render.resolve())}")
+        return 0
     env.ensure_wrk()
     started = dt.datetime.now(dt.timezone.utc)
     results: dict = {
