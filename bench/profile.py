@@ -1,0 +1,28 @@
+"""How long and how hard each case runs: the full bench or a quick check of the harness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # a wrk run against anything that answers in milliseconds
+    duration_s: int
+    # a wrk run against the original where it serves about one request per second or less:
+    # long enough that several requests finish even at 16 connections
+    slow_duration_s: int
+    slow_timeout_s: int
+    connections: tuple[int, ...]
+    # sequential chat requests per path for time to first token and full latency
+    chat_requests: int
+    startup_runs: int
+    backends_many: int
+
+
+FULL = Profile("full", duration_s=8, slow_duration_s=20, slow_timeout_s=30, connections=(1, 16),
+               chat_requests=100, startup_runs=5, backends_many=20)
+QUICK = Profile("quick", duration_s=1, slow_duration_s=3, slow_timeout_s=5, connections=(1, 16),
+                chat_requests=3, startup_runs=1, backends_many=4)
+PROFILES = {profile.name: profile for profile in (FULL, QUICK)}

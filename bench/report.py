@@ -1,0 +1,206 @@
+"""Turn a results dict into the stdout table, the goal check and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "benchmarks.md"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else (f"{value:,.0f}×" if value >= 10 else f"{value:.2f}×")
+
+
+def table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _find(rows: list[dict], **match: object) -> dict | None:
+    for row in rows:
+        if all(row.get(key) == value for key, value in match.items()):
+            return row
+    return None
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def server_rows(results: dict) -> list[list[str]]:
+    """One line per case and connection count: the three targets side by side, with ratios."""
+    rows = results.get("servers", [])
+    lines = []
+    seen: list[tuple[str, int]] = []
+    for row in rows:
+        key = (row["case"], row["connections"])
+        if key not in seen:
+            seen.append(key)
+    for case, connections in seen:
+        new = _find(rows, case=case, connections=connections, target="routheon") or {}
+        old = _find(rows, case=case, connections=connections, target="original") or {}
+        floor = _find(rows, case=case, connections=connections, target="floor") or {}
+        title = (new or old or floor)["title"]
+        cells = [title, str(connections)]
+        for target in (new, old, floor):
+            cells.append(f"{_num(target.get('rps'))} ({_num(target.get('p50_ms'), 2)} / {_num(target.get('p99_ms'), 2)})"
+                         + (f" [{target['failed']} failed]" if target.get("failed") else ""))
+        cells.append(_ratio(_div(new.get("rps"), old.get("rps"))))
+        cells.append(f"{_div(new.get('rps'), floor.get('rps')) * 100:.0f}%" if _div(new.get("rps"), floor.get("rps")) else "–")
+        lines.append(cells)
+    return lines
+
+
+SERVER_HEADER = ["case", "conns", "routheon req/s (p50 / p99 ms)", "original 1.0.7", "floor (aiohttp)",
+                 "routheon ÷ original", "routheon ÷ floor"]
+
+
+def memory_rows(results: dict) -> list[list[str]]:
+    lines = []
+    for row in results.get("servers", []):
+        if row["target"] in ("routheon", "original") and row.get("rss_peak_mib"):
+            lines.append([row["title"], str(row["connections"]), row["target"], _num(row["rss_peak_mib"])])
+    return lines
+
+
+def startup_rows(results: dict) -> list[list[str]]:
+    return [[target, _num(item["median_s"] * 1000), _num(item["min_s"] * 1000), _num(item["max_s"] * 1000),
+             str(item["runs"])] for target, item in results.get("startup", {}).items()]
+
+
+def chat_rows(results: dict) -> list[list[str]]:
+    chat = results.get("tokenpath", {}).get("chat", [])
+    lines = []
+    for stream in (True, False):
+        direct = _find(chat, path="direct", stream=stream)
+        for item in chat:
+            if item["stream"] != stream:
+                continue
+            delta = (item["p50_ms"] - direct["p50_ms"]) if direct and item is not direct else None
+            paired = item.get("paired_delta_p50_ms") if item is not direct else None
+            lines.append(["time to first token (stream)" if stream else "full completion", item["path"],
+                          str(item["n"]), str(item.get("failed", 0)), _num(item["p50_ms"], 2), _num(item["p99_ms"], 2),
+                          "–" if delta is None else f"{delta:+.2f}", "–" if paired is None else f"{paired:+.2f}"])
+    return lines
+
+
+def rps_rows(results: dict) -> list[list[str]]:
+    rows = results.get("tokenpath", {}).get("rps", [])
+    lines = []
+    for row in rows:
+        litellm = _find(rows, case=row["case"], connections=row["connections"], path="litellm")
+        ratio = _div(row["rps"], litellm["rps"]) if litellm and row["path"] != "litellm" else None
+        lines.append([row["title"], str(row["connections"]), row["path"], _num(row["rps"]),
+                      _num(row["p50_ms"], 2), _num(row["p99_ms"], 2), str(row.get("failed", 0)), _ratio(ratio),
+                      _num(row.get("proxy_rss_peak_mib"))])
+    return lines
+
+
+def _goal(name: str, wanted: str, value: float | None, met: bool | None, shown: str) -> dict:
+    return {"goal": name, "wanted": wanted, "value": value, "shown": shown,
+            "met": None if value is None else met}
+
+
+def goals(results: dict) -> list[dict]:
+    """The issue's targets, each checked at every connection count measured (the worst one counts)."""
+    rows = results.get("servers", [])
+    out = []
+
+    def worst_ratio(case: str, other: str) -> float | None:
+        ratios = []
+        for new in (r for r in rows if r["case"] == case and r["target"] == "routheon"):
+            base = _find(rows, case=case, connections=new["connections"], target=other)
+            ratios.append(_div(new["rps"], base["rps"]) if base else None)
+        return None if not ratios or None in ratios else min(ratios)
+
+    for case, wanted in (("stats", 200), ("models-hang", 100)):
+        ratio = worst_ratio(case, "original")
+        out.append(_goal(f"{case}: routheon ÷ original req/s", f">= {wanted}×", ratio,
+                         ratio is not None and ratio >= wanted, _ratio(ratio)))
+    many = next((r["case"] for r in rows if r["case"].startswith("models-") and r["case"][7:].isdigit()
+                 and r["case"] != "models-2"), None)
+    if many:
+        ratio = worst_ratio(many, "original")
+        out.append(_goal(f"{many}: routheon ÷ original req/s", ">= 10×", ratio,
+                         ratio is not None and ratio >= 10, _ratio(ratio)))
+    stats16 = _find(rows, case="stats", target="routheon", connections=16)
+    if stats16:
+        p99 = stats16["p99_ms"]
+        out.append(_goal("stats: routheon p99 at 16 connections", "< 20 ms", p99,
+                         p99 is not None and p99 < 20, f"{_num(p99, 2)} ms"))
+    shares = [worst_ratio(case, "floor") for case in dict.fromkeys(
+        r["case"] for r in rows if r.get("path") == "/v1/models" and r["target"] == "routheon")]
+    share = None if not shares or None in shares else min(shares)
+    out.append(_goal("/v1/models, every case: routheon ÷ floor req/s", ">= 50%", share,
+                     share is not None and share >= 0.5, "–" if share is None else f"{share * 100:.0f}%"))
+    token = results.get("tokenpath", {})
+    direct = _find(token.get("chat", []), path="direct", stream=True)
+    traefik = _find(token.get("chat", []), path="traefik", stream=True)
+    added = traefik["p50_ms"] - direct["p50_ms"] if direct and traefik else None
+    out.append(_goal("Traefik adds to time to first token (p50)", "<= 2 ms", added,
+                     added is not None and added <= 2, "–" if added is None else f"{added:+.2f} ms"))
+    rps = token.get("rps", [])
+    ratios = []
+    for row in (r for r in rps if r["case"] == "chat" and r["path"] == "traefik"):
+        litellm = _find(rps, case="chat", path="litellm", connections=row["connections"])
+        ratios.append(_div(row["rps"], litellm["rps"]) if litellm else None)
+    ratio = None if not ratios or None in ratios else min(ratios)
+    out.append(_goal("token path: Routheon (Traefik) ÷ LiteLLM req/s", ">= 20×", ratio,
+                     ratio is not None and ratio >= 20, _ratio(ratio)))
+    return out
+
+
+def goal_rows(results: dict) -> list[list[str]]:
+    marks = {True: "met", False: "**missed**", None: "not measured"}
+    return [[item["goal"], item["wanted"], item["shown"], marks[item["met"]]] for item in results.get("goals", [])]
+
+
+SECTIONS = (
+    ("routheon-server against the original and the floor (req/s, latency p50 / p99 in ms)", SERVER_HEADER, server_rows),
+    ("Start-up: exec to first answer (ms)", ["server", "median", "min", "max", "runs"], startup_rows),
+    ("Peak RSS under load (MiB, process and children)", ["case", "conns", "server", "peak RSS"], memory_rows),
+    ("Token path: sequential chat requests (ms)",
+     ["measure", "path", "n", "failed", "p50", "p99", "p50 − direct p50", "median of paired Δ"], chat_rows),
+    ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM", "proxy peak RSS MiB"], rps_rows),
+    ("Goals from the issue", ["goal", "wanted", "measured", "status"], goal_rows),
+)
+
+
+def markdown_tables(results: dict, level: str = "###") -> str:
+    parts = []
+    for title, header, make in SECTIONS:
+        rows = make(results)
+        if rows:
+            parts.append(f"{level} {title}\n\n" + "\n".join(table(header, rows)))
+    return "\n\n".join(parts)
+
+
+def text_tables(results: dict) -> str:
+    """The same tables, aligned for a terminal."""
+    parts = []
+    for title, header, make in SECTIONS:
+        rows = make(results)
+        if not rows:
+            continue
+        widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+        lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def publish(results: dict, json_path: Path) -> Path:
+    from . import docs
+
+    return docs.write(results, json_path, DOC)

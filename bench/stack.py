@@ -1,0 +1,167 @@
+"""Start and stop the processes a case measures, on free loopback ports.
+
+Process handling is the test suite's (``tests/support.py``): one definition of how a child is
+started in its own session and killed with its children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from routheon.mappings import MappingSpec, render_mapping
+from tests.support import Proc, free_port, wait_http
+
+from . import env
+
+PYTHON = sys.executable
+_LOG_NUMBERS = itertools.count()
+
+
+@dataclass
+class Stack(contextlib.AbstractContextManager):
+    """The processes of one case; all stopped on exit, whatever happened."""
+
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], ready_url: str | None = None,
+              timeout: float = 30.0, env_vars: dict[str, str] | None = None) -> Proc:
+        proc = Proc(argv, self.workdir / f"{name}-{next(_LOG_NUMBERS)}.log", env=env_vars)
+        self.procs.append(proc)
+        if ready_url:
+            try:
+                wait_http(ready_url, timeout=timeout, proc=proc.popen)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{name} did not start: {exc}\n{proc.log()[-2000:]}") from exc
+        return proc
+
+    def __exit__(self, *exc_info: object) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+
+def fake_backends(stack: Stack, live: int, hang: int = 0) -> tuple[list[str], list[str]]:
+    """``live`` answering and ``hang`` silent llama-servers in one helper process; their URLs."""
+    live_ports = [free_port() for _ in range(live)]
+    hang_ports = [free_port() for _ in range(hang)]
+    argv = [PYTHON, "-m", "bench.fakes", "backends",
+            "--live", ",".join(map(str, live_ports)), "--hang", ",".join(map(str, hang_ports))]
+    stack.start("backends", argv)
+    for port in live_ports:
+        wait_http(f"http://127.0.0.1:{port}/health")
+    urls = [f"http://127.0.0.1:{port}" for port in live_ports]
+    return urls, [f"http://127.0.0.1:{port}" for port in hang_ports]
+
+
+def write_mappings(folder: Path, backends: dict[str, str], error_pages: bool = False) -> Path:
+    """One mapping file per ``key → url``, written as ``routheon mapping add`` writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (key, url) in enumerate(backends.items()):
+        spec = MappingSpec(service=f"llama-server-{index}", urls=(url,), keys=(key,), error_pages=error_pages)
+        (folder / spec.file_name).write_text(render_mapping(spec))
+    return folder
+
+
+def server_argv(kind: str, mappings: Path, port: int) -> list[str]:
+    """The command line of routheon-server: this project's or the original from PyPI."""
+    flags = ["--mappings", str(mappings), "--host", "127.0.0.1", "--port", str(port)]
+    if kind == "original":
+        return [str(env.original_server()), *flags]
+    return [PYTHON, "-m", "routheon.server", *flags]
+
+
+def start_server(stack: Stack, kind: str, mappings: Path) -> str:
+    """Start a routheon-server and return its base URL once it answers."""
+    port = free_port()
+    # The original has no /health; any HTTP answer on a path it does not serve means it is up.
+    stack.start(kind, server_argv(kind, mappings, port), ready_url=f"http://127.0.0.1:{port}/health")
+    return f"http://127.0.0.1:{port}"
+
+
+def start_floor(stack: Stack, body: bytes, content_type: str) -> str:
+    port = free_port()
+    body_file = stack.workdir / f"floor-body-{port}"
+    body_file.write_bytes(body)
+    stack.start("floor", [PYTHON, "-m", "bench.fakes", "floor", "--port", str(port),
+                          "--body", str(body_file), "--content-type", content_type],
+                ready_url=f"http://127.0.0.1:{port}/")
+    return f"http://127.0.0.1:{port}"
+
+
+def fetch(url: str, timeout: float = 30.0) -> tuple[bytes, str]:
+    """Body and content type of one GET (for the floor's bytes and sanity checks)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read(), response.headers.get_content_type()
+
+
+class RssSampler(contextlib.AbstractContextManager):
+    """Peak resident memory of a process tree while a load runs, sampled in the background."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self._root = psutil.Process(pid)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak_bytes = 0
+
+    def _sample(self) -> int:
+        total = 0
+        for proc in [self._root, *self._root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                self.peak_bytes = max(self.peak_bytes, self._sample())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+
+def startup_seconds(kind: str, mappings: Path, workdir: Path, runs: int) -> dict:
+    """Exec to first answer: ``/health`` for this project, ``/v1/models`` for the original."""
+    path = "/v1/models" if kind == "original" else "/health"
+    samples = []
+    for _ in range(runs):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}{path}"
+        with Stack(workdir) as stack:
+            began = time.perf_counter()
+            proc = stack.start(kind, server_argv(kind, mappings, port))
+            while True:
+                if proc.popen.poll() is not None:
+                    raise RuntimeError(f"{kind} exited during start-up:\n{proc.log()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.002)
+            samples.append(time.perf_counter() - began)
+    return {"runs": runs, "median_s": round(statistics.median(samples), 4),
+            "min_s": round(min(samples), 4), "max_s": round(max(samples), 4)}
+

@@ -1,0 +1,349 @@
+"""The token path: what Traefik with Routheon's mappings adds between a client and llama-server,
+and what LiteLLM's proxy adds in the same place.
+
+Four paths to the same backends, measured the same way:
+- direct: the client talks to llama-server (or the fake backend) itself;
+- traefik: Traefik with the repo's static config, routheon-server.yml (401 catch-all, error
+  pages) and a key mapping as ``routheon mapping add`` writes it, errors middleware included;
+- traefik-bare: Traefik with one plain router per key and nothing else, to tell Traefik's own
+  cost from that of Routheon's routers and middlewares;
+- litellm: LiteLLM's proxy with a master key and one model per backend.
+
+Latency comes from a small sequential client (the same code for every path, paths interleaved
+request by request so that a noisy moment hurts all of them alike); requests/s from wrk.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from tests.support import free_port
+
+from . import env, stack, wrk
+from .profile import Profile
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+TRAEFIK = Path(sys.executable).parent / "traefik"
+LLAMA_KEY = "bench-llama-key"
+FAKE_KEY = "bench-fake-key"
+MASTER_KEY = "sk-bench-master-key"
+LLAMA_MODEL = "smollm"
+FAKE_MODEL = "bench-fake"
+PROMPT = [{"role": "user", "content": "Name three colours."}]
+MAX_TOKENS = 8
+# idle time between two requests, as between two users: lets each proxy finish its own work
+GAP_S = 0.02
+
+
+@dataclass
+class Route:
+    """One way to reach the backends: a base URL, the key header it needs, the proxy's pid."""
+
+    name: str
+    base: str
+    headers: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat_body(model: str, stream: bool) -> str:
+    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": MAX_TOKENS,
+                       "temperature": 0, "stream": stream})
+
+
+def _delta_text(line: bytes) -> str:
+    """The generated text in one SSE ``data:`` line (empty for role-only or closing chunks)."""
+    payload = line[len(b"data:"):].strip()
+    if not payload or payload == b"[DONE]":
+        return ""
+    choices = json.loads(payload).get("choices") or [{}]
+    return (choices[0].get("delta") or {}).get("content") or ""
+
+
+class ChatFailed(RuntimeError):
+    """A chat request that got no usable answer: counted and shown, not fatal to the run."""
+
+
+def timed_chat(route: Route, model: str, stream: bool) -> float:
+    """Seconds to the first generated text (stream) or to the whole answer (no stream)."""
+    url = urlsplit(route.base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    try:
+        began = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=chat_body(model, stream),
+                     headers={"Content-Type": "application/json", **route.headers})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise ChatFailed(f"{route.name}: HTTP {response.status}: {response.read()[:300]!r}")
+        if not stream:
+            answer = json.loads(response.read())
+            if not answer["choices"][0]["message"]["content"]:
+                raise ChatFailed(f"{route.name}: empty completion")
+            return time.perf_counter() - began
+        first: float | None = None
+        seen = []
+        # read to the end so the next request never queues behind this one's generation
+        while line := response.readline():
+            if not line.startswith(b"data:"):
+                continue
+            seen.append(line)
+            if line.strip() == b"data: [DONE]":
+                break
+            if first is None and _delta_text(line):
+                first = time.perf_counter() - began
+        if first is None:
+            raise ChatFailed(f"{route.name}: the stream held no text: {b''.join(seen)[:400]!r}")
+        return first
+    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as exc:
+        raise ChatFailed(f"{route.name}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _percentile(samples: list[float], pct: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def latency(routes: list[Route], requests: int) -> list[dict]:
+    """Per path: percentiles, plus the median of its per-round difference to the first path.
+
+    The paired difference compares requests sent within a few hundred milliseconds of each
+    other, so load that comes and goes on a shared machine cancels out of it.
+    """
+    rows = []
+    for stream in (True, False):
+        # one entry per round, None where the request failed
+        rounds: dict[str, list[float | None]] = {route.name: [] for route in routes}
+        failures: dict[str, list[str]] = {route.name: [] for route in routes}
+        for route in routes:  # warm-up: connections, prompt cache, LiteLLM's lazy imports
+            timed_chat(route, LLAMA_MODEL, stream)
+        for index in range(requests):
+            # rotate the order so no path always follows LiteLLM's after-response work
+            for route in routes[index % len(routes):] + routes[:index % len(routes)]:
+                time.sleep(GAP_S)
+                try:
+                    rounds[route.name].append(timed_chat(route, LLAMA_MODEL, stream) * 1000)
+                except ChatFailed as exc:
+                    log.warning("%s", exc)
+                    failures[route.name].append(str(exc))
+                    rounds[route.name].append(None)
+        reference = rounds[routes[0].name]
+        for route in routes:
+            measured = [value for value in rounds[route.name] if value is not None]
+            got = measured or [float("nan")]
+            deltas = [value - ref for value, ref in zip(rounds[route.name], reference)
+                      if value is not None and ref is not None]
+            rows.append({"path": route.name, "stream": stream, "n": len(measured),
+                         "failed": len(failures[route.name]), "failures": failures[route.name][:3],
+                         "p50_ms": round(statistics.median(got), 3), "p99_ms": round(_percentile(got, 99), 3),
+                         "mean_ms": round(statistics.fmean(got), 3),
+                         "paired_delta_p50_ms": round(statistics.median(deltas), 3) if deltas else None})
+            log.warning("%-8s %-6s p50 %.2f ms  p99 %.2f ms", route.name, "stream" if stream else "full",
+                        rows[-1]["p50_ms"], rows[-1]["p99_ms"])
+    return rows
+
+
+def _wait_ok(url: str, headers: dict[str, str], proc: stack.Proc, timeout: float) -> None:
+    """Until ``url`` answers 200: Traefik answers 401/404 before it has read its mappings."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"exited before {url} answered:\n{proc.log()[-2000:]}")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s:\n{proc.log()[-2000:]}")
+
+
+def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_key: str) -> tuple[stack.Proc, str]:
+    port = free_port()
+    static["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{port}"
+    static["providers"]["file"]["directory"] = str(folder)
+    static["log"] = {"level": "ERROR"}
+    config = stk.workdir / f"{name}.yml"
+    config.write_text(yaml.safe_dump(static))
+    proc = stk.start(name, [str(TRAEFIK), f"--configFile={config}"])
+    base = f"http://127.0.0.1:{port}"
+    # Traefik answers 401/404 until it has read the folder: wait for a key-routed 200
+    _wait_ok(f"{base}/health", _bearer(probe_key), proc, timeout=30)
+    return proc, base
+
+
+def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str],
+                  error_pages: bool = True) -> tuple[stack.Proc, str]:
+    """Traefik with the repo's own static config and routheon-server mapping, on free ports."""
+    folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=error_pages)
+    routheon_mapping = yaml.safe_load((REPO / "traefik" / "mappings" / "routheon-server.yml").read_text())
+    routheon_mapping["http"]["services"]["routheon-server"]["loadBalancer"]["servers"] = [{"url": routheon_url}]
+    (folder / "routheon-server.yml").write_text(yaml.safe_dump(routheon_mapping))
+    static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
+    proc, base = _run_traefik(stk, "traefik", static, folder, next(iter(keys)))
+    _check_catch_all(base)
+    return proc, base
+
+
+def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[stack.Proc, str]:
+    """Traefik with nothing of Routheon's: one plain header router per key, no middleware,
+    no health check, no catch-all. The difference to ``start_traefik`` is what Routheon's
+    routers and middlewares cost; the difference to direct is what Traefik itself costs."""
+    folder = stk.workdir / "traefik-bare-mappings"
+    folder.mkdir()
+    routers = {f"bare-{i}": {"rule": f"Header(`Authorization`, `Bearer {key}`)", "service": f"bare-{i}",
+                             "entryPoints": ["llama-servers"]} for i, key in enumerate(keys)}
+    services = {f"bare-{i}": {"loadBalancer": {"servers": [{"url": url}]}} for i, url in enumerate(keys.values())}
+    (folder / "bare.yml").write_text(yaml.safe_dump({"http": {"routers": routers, "services": services}}))
+    static = {"entryPoints": {"llama-servers": {}}, "providers": {"file": {}}}
+    return _run_traefik(stk, "traefik-bare", static, folder, next(iter(keys)))
+
+
+def _check_catch_all(base: str) -> None:
+    """Make sure Routheon's own routers are in the path: an unknown key gets its 401 JSON."""
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=b"{}", headers=_bearer("no-such-key"))
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401 and "error" in json.loads(exc.read() or b"{}"):
+            return
+        raise RuntimeError(f"Traefik answered an unknown key with HTTP {exc.code}, not Routheon's 401") from exc
+    raise RuntimeError("Traefik let an unknown key through: Routheon's catch-all router is not in place")
+
+
+def start_litellm(stk: stack.Stack, llama_url: str, fake_url: str) -> tuple[stack.Proc, str]:
+    config = {
+        "model_list": [
+            {"model_name": LLAMA_MODEL, "litellm_params": {"model": f"openai/{LLAMA_MODEL}",
+                                                           "api_base": f"{llama_url}/v1", "api_key": "none"}},
+            {"model_name": FAKE_MODEL, "litellm_params": {"model": f"openai/{FAKE_MODEL}",
+                                                          "api_base": f"{fake_url}/v1", "api_key": "none"}},
+        ],
+        "general_settings": {"master_key": MASTER_KEY},
+        "litellm_settings": {"telemetry": False},
+    }
+    path = stk.workdir / "litellm.yml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    # No network here: read the bundled model cost map instead of fetching it at start. One
+    # worker per core, as for a production LiteLLM: Traefik uses every core too.
+    env_vars = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    proc = stk.start("litellm", [str(env.litellm()), "--config", str(path), "--host", "127.0.0.1",
+                                 "--port", str(port), "--num_workers", str(os.cpu_count() or 1)],
+                      env_vars=env_vars)
+    base = f"http://127.0.0.1:{port}"
+    _wait_ok(f"{base}/health/liveliness", {}, proc, timeout=180)
+    return proc, base
+
+
+def start_llama(stk: stack.Stack, fake: bool) -> tuple[stack.Proc, str]:
+    """The real llama-server with SmolLM2, or (``fake``, to check the harness) the test stand-in."""
+    port = free_port()
+    if fake:
+        argv = [sys.executable, str(REPO / "tests" / "fake_llama.py"), "--port", str(port), "--name", LLAMA_MODEL,
+                "--chunks", str(MAX_TOKENS), "--chunk-interval", "0.005"]
+    else:
+        argv = [str(env.llama_server(wait_s=1200)), "-m", str(env.smollm_model()), "--host", "127.0.0.1",
+                "--port", str(port), "--alias", LLAMA_MODEL, "-c", "2048", "-np", "1", "--threads", "1"]
+    proc = stk.start("llama-server", argv)
+    base = f"http://127.0.0.1:{port}"
+    _wait_ok(f"{base}/health", {}, proc, timeout=120)
+    return proc, base
+
+
+def _versions(llama_argv: list[str], fake_llama: bool) -> dict:
+    def first_line(argv: list[str]) -> str:
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        text = (out.stdout + out.stderr).strip().splitlines()
+        line = next((line for line in text if "version" in line.lower()), text[0] if text else "?")
+        return " ".join(line.split())
+
+    llama = "tests/fake_llama.py" if fake_llama else first_line([llama_argv[0], "--version"])
+    return {"traefik": first_line([str(TRAEFIK), "version"]), "llama-server": llama,
+            "litellm": env.LITELLM_VERSION}
+
+
+def _rps(case: str, title: str, routes: list[tuple[Route, wrk.Request]], profile: Profile) -> list[dict]:
+    rows = []
+    for _, request in routes:
+        wrk.warm(request)
+    for connections in profile.connections:
+        for route, request in routes:
+            sampler = stack.RssSampler(route.pid) if route.pid else None
+            if sampler:
+                with sampler:
+                    result = wrk.run(request, connections, profile.duration_s)
+            else:
+                result = wrk.run(request, connections, profile.duration_s)
+            row = {"case": case, "title": title, "path": route.name, **result.to_json()}
+            if sampler:
+                row["proxy_rss_peak_mib"] = sampler.peak_mib
+            rows.append(row)
+            log.warning("%-7s %-8s c=%-2d %9.1f req/s  p50 %s ms  p99 %s ms  failed %d", case, route.name,
+                        connections, result.rps, result.p50_ms, result.p99_ms, result.failed)
+    return rows
+
+
+def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
+    with stack.Stack(workdir) as stk:
+        llama, llama_url = start_llama(stk, fake_llama)
+        fake_urls, _ = stack.fake_backends(stk, 1)
+        fake_url = fake_urls[0]
+        routheon_url = stack.start_server(stk, "routheon", workdir / "traefik-mappings")
+        keys = {LLAMA_KEY: llama_url, FAKE_KEY: fake_url}
+        traefik, traefik_url = start_traefik(stk, routheon_url, keys)
+        bare, bare_url = start_bare_traefik(stk, keys)
+        litellm, litellm_url = start_litellm(stk, llama_url, fake_url)
+
+        direct = Route("direct", llama_url)
+        via_traefik = Route("traefik", traefik_url, _bearer(LLAMA_KEY), traefik.pid)
+        via_bare = Route("traefik-bare", bare_url, _bearer(LLAMA_KEY), bare.pid)
+        via_litellm = Route("litellm", litellm_url, _bearer(MASTER_KEY), litellm.pid)
+        rows_chat = latency([direct, via_traefik, via_bare, via_litellm], profile.chat_requests)
+
+        health = [
+            (direct, wrk.Request(f"{llama_url}/health")),
+            (via_traefik, wrk.Request(f"{traefik_url}/health", headers=via_traefik.headers)),
+            # LiteLLM proxies no /health to a backend; its cheapest key-checked route is
+            # /v1/models, answered from its own config: a bound in LiteLLM's favour.
+            (via_litellm, wrk.Request(f"{litellm_url}/v1/models", headers=via_litellm.headers)),
+        ]
+        body = chat_body(FAKE_MODEL, False)
+        post = {"Content-Type": "application/json"}
+        fake_key = {**post, **_bearer(FAKE_KEY)}
+        chat = [
+            (Route("direct", fake_url), wrk.Request(f"{fake_url}/v1/chat/completions", "POST", post, body)),
+            (Route("traefik", traefik_url, pid=traefik.pid),
+             wrk.Request(f"{traefik_url}/v1/chat/completions", "POST", fake_key, body)),
+            (Route("traefik-bare", bare_url, pid=bare.pid),
+             wrk.Request(f"{bare_url}/v1/chat/completions", "POST", fake_key, body)),
+            (via_litellm, wrk.Request(f"{litellm_url}/v1/chat/completions", "POST",
+                                      {**post, **via_litellm.headers}, body)),
+        ]
+        rows_rps = (_rps("health", "/health, key-routed", health, profile)
+                    + _rps("chat", "chat completion, instant backend", chat, profile))
+        return {"chat": rows_chat, "rps": rows_rps, "versions": _versions(llama.argv, fake_llama),
+                "llama": {"backend": "tests/fake_llama.py" if fake_llama else "llama-server",
+                          "model": "fake" if fake_llama else Path(llama.argv[2]).name, "max_tokens": MAX_TOKENS,
+                          "threads": 1}}

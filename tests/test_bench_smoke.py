@@ -1,0 +1,86 @@
+"""Keep the benchmark harness from rotting: its wrk parser, and one tiny run end to end.
+
+No timing is asserted here; the numbers only have to exist and come from real requests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench import report, wrk
+from tests.support import REPO
+
+SUMMARY = ('WRK_JSON {"requests":1500,"duration_us":3000000,"bytes":99,'
+           '"errors":{"connect":0,"read":1,"write":0,"status":2,"timeout":3},'
+           '"p50_us":250,"p90_us":900,"p99_us":4200,"max_us":9000}')
+
+
+def test_parse_reads_the_hook_line_among_wrks_own_output() -> None:
+    stdout = f"Running 3s test @ http://127.0.0.1:1/\n  1 threads and 4 connections\n{SUMMARY}\n"
+    result = wrk.parse_output(stdout, connections=4)
+    assert result.rps == 500.0
+    assert (result.p50_ms, result.p99_ms) == (0.25, 4.2)
+    assert result.failed == 6
+
+
+def test_parse_without_the_hook_line_says_so() -> None:
+    with pytest.raises(ValueError, match="no summary line"):
+        wrk.parse_output("Requests/sec: 10\n", connections=1)
+
+
+def test_no_completed_request_has_no_latency() -> None:
+    result = wrk.parse_output(SUMMARY.replace('"requests":1500', '"requests":0'), connections=1)
+    assert result.rps == 0 and result.p50_ms is None
+
+
+def test_header_values_cannot_break_out_of_the_lua_script() -> None:
+    script = wrk.lua_script(wrk.Request("http://x/", headers={"Authorization": "Bearer a]]b]=]c"}))
+    assert "[==[Bearer a]]b]=]c]==]" in script
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_quick_run_measures_routheon_against_the_floor(tmp_path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "servers", "--only", "models-2",
+         "--targets", "routheon,floor", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/v1/models, 2 live" in proc.stdout
+    results = json.loads(out.read_text())
+    rows = results["servers"]
+    assert {(row["target"], row["connections"]) for row in rows} == {
+        ("routheon", 1), ("routheon", 16), ("floor", 1), ("floor", 16)}
+    assert all(row["requests"] > 0 and row["failed"] == 0 for row in rows)
+    assert next(row for row in rows if row["target"] == "routheon")["answer"] == {"models": 2}
+    share = next(goal for goal in results["goals"] if goal["goal"].startswith("/v1/models"))
+    assert share["value"] is not None
+    assert report.text_tables(results) in proc.stdout
+
+
+def _server_row(case: str, target: str, connections: int, rps: float, p99: float = 5.0) -> dict:
+    path = "/v1/models" if case.startswith("models") else "/stats"
+    return {"case": case, "title": case, "path": path, "target": target, "connections": connections, "rps": rps,
+            "p50_ms": 1.0, "p99_ms": p99, "failed": 0}
+
+
+def test_goals_count_the_worst_connection_count() -> None:
+    results = {"servers": [
+        _server_row("stats", "routheon", 1, 3000), _server_row("stats", "original", 1, 1.0),
+        _server_row("stats", "routheon", 16, 100, p99=25), _server_row("stats", "original", 16, 1.0),
+        _server_row("models-2", "routheon", 1, 900), _server_row("models-2", "floor", 1, 1000),
+        _server_row("models-20", "routheon", 1, 400), _server_row("models-20", "floor", 1, 1000),
+    ]}
+    by_name = {goal["goal"]: goal for goal in report.goals(results)}
+    assert by_name["stats: routheon ÷ original req/s"]["value"] == 100
+    assert by_name["stats: routheon ÷ original req/s"]["met"] is False
+    assert by_name["stats: routheon p99 at 16 connections"]["met"] is False
+    assert by_name["/v1/models, every case: routheon ÷ floor req/s"]["value"] == 0.4
+    assert by_name["/v1/models, every case: routheon ÷ floor req/s"]["met"] is False
+    assert by_name["models-hang: routheon ÷ original req/s"]["met"] is None
