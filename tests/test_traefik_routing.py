@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,9 +139,6 @@ def test_streamed_chunks_arrive_as_they_are_sent(stack: Stack) -> None:
     stack.routheon("mapping", "add", "--service", "stream", "--url", backend.url, "--key", ALPHA_KEY)
     assert "routheon-errors" in (stack.mappings / "stream.yml").read_text()
     stack.wait_for(lambda: stack.backend_of(ALPHA_KEY) == "stream")
-    # One write can reach Traefik as two reloads; a request begun in the very millisecond of the
-    # second one may be cut. Let the configuration settle so this test sees buffering only.
-    time.sleep(1.0)
     connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=20)
     body = json.dumps({"stream": True, "hold": True, "messages": [{"role": "user", "content": "hi"}]})
     headers = {"Authorization": f"Bearer {ALPHA_KEY}", "Content-Type": "application/json"}
@@ -159,6 +155,33 @@ def test_streamed_chunks_arrive_as_they_are_sent(stack: Stack) -> None:
         connection.close()
     contents = [json.loads(data)["choices"][0]["delta"]["content"] for data in (first, *rest)]
     assert contents == ["0 ", "1 ", "2 ", "3 "]
+
+
+def test_no_streamed_answer_is_cut_short(stack: Stack) -> None:
+    """Many short streams on keep-alive connections, as SDK clients send them.
+
+    Traefik's standard proxy cut about one in a hundred of these short (traefik.yml explains
+    why the shipped configuration uses the fast proxy); every one must arrive whole.
+    """
+    backend = stack.start_backend("stream", chunk_interval=0.0, chunks=3)
+    stack.routheon("mapping", "add", "--service", "stream", "--url", backend.url, "--key", ALPHA_KEY)
+    stack.wait_for(lambda: stack.backend_of(ALPHA_KEY) == "stream")
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    headers = {"Authorization": f"Bearer {ALPHA_KEY}", "Content-Type": "application/json"}
+    cut = []
+    for attempt in range(600):
+        connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=20)
+        try:
+            connection.request("POST", "/v1/chat/completions", body=body, headers=headers)
+            answer = connection.getresponse().read()
+        except http.client.HTTPException as exc:
+            cut.append(f"request {attempt}: {exc!r}")
+        else:
+            if not answer.rstrip().endswith(b"data: [DONE]"):
+                cut.append(f"request {attempt}: {answer[-80:]!r}")
+        finally:
+            connection.close()
+    assert cut == []
 
 
 def test_a_hand_written_seed_mapping_keeps_working(stack: Stack) -> None:
