@@ -3,7 +3,7 @@
 Every answer names the backend (``X-Backend`` header and the model id), so a test can tell
 where Traefik sent a request. Streaming answers send their chunks ``--chunk-interval``
 seconds apart and stamp each with the time it was sent. A streaming request with
-``"hold": true`` sends its first chunk, then waits for ``POST /release`` before the rest: a test
+``"hold": true`` sends its first chunk, then waits for a ``POST /release`` before the rest: a test
 that receives the first chunk before releasing knows nothing on the way buffered it.
 
 Run as a process (``python tests/fake_llama.py --port P --name N``) so that a test can stop
@@ -44,6 +44,7 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
         for index in range(chunks):
             if index == 1 and body.get("hold"):
                 await released.wait()
+                released.clear()  # the next held stream waits for its own release
             if index:
                 await asyncio.sleep(chunk_interval)
             chunk = {

@@ -80,9 +80,7 @@ class Stack:
         config["providers"]["providersThrottleDuration"] = "200ms"
         config["log"]["level"] = "INFO"
         if self.response_timeout:
-            # the fast proxy ignores this timeout: as traefik.yml says, the standard proxy applies it
-            del config["experimental"]
-            config["serversTransport"] = {"forwardingTimeouts": {"responseHeaderTimeout": self.response_timeout}}
+            config["serversTransport"]["forwardingTimeouts"] = {"responseHeaderTimeout": self.response_timeout}
         path = self.workdir / "traefik.yml"
         path.write_text(yaml.safe_dump(config))
         return path
