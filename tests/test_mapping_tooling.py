@@ -336,3 +336,34 @@ def test_a_change_warns_when_a_broken_file_stops_traefik_applying_it(tmp_path: P
     assert result.returncode == 0
     assert "broken.yml:3: error: not valid YAML" in result.stderr
     assert "Traefik may not apply this change" in result.stderr
+
+
+def test_remove_never_reaches_outside_the_folder(tmp_path: Path) -> None:
+    folder, outside = tmp_path / "mappings", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    (outside / "victim.yml").write_text("http: {}\n")
+    result = routheon(folder, "mapping", "remove", "--service", "../outside/victim")
+    assert result.returncode != 0 and "invalid service name" in result.stderr
+    assert (outside / "victim.yml").exists()
+
+
+def test_an_entry_point_cannot_inject_yaml(tmp_path: Path) -> None:
+    hostile = "web\n        - websecure\n      priority: 2147483647"
+    result = routheon(tmp_path, "mapping", "add", "--service", "a", "--port", "8011", "--key", KEY, "--entry-point", hostile)
+    assert result.returncode != 0 and "invalid entry point" in result.stderr
+    assert not (tmp_path / "a.yml").exists()
+
+
+def test_fifos_and_deep_nesting_are_findings_not_hangs_or_crashes(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.yml")
+    (tmp_path / "deep.yml").write_text("http: " + "[" * 5000 + "]" * 5000 + "\n")
+    result = subprocess.run(
+        [ROUTHEON, "mapping", "check", "--no-connect", "--mappings", str(tmp_path)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    output = result.stdout + result.stderr
+    assert "pipe.yml" in output and "not a regular file" in output
+    assert "deep.yml" in output and "nested too deeply" in output
+    assert [problem.path.name for problem in scan_folder(tmp_path).problems] == ["deep.yml"]  # not a file: skipped

@@ -9,7 +9,6 @@ routheon-server can report them on ``/health``.
 from __future__ import annotations
 
 import os
-import stat
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -28,6 +27,7 @@ from routheon.mappings import (
     MappingFormatError,
     is_mapping_name,
     parse_mapping,
+    read_mapping_text,
 )
 from routheon.rules import selects_by_key, rule_keys
 
@@ -52,11 +52,11 @@ class Finding:
 def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[Finding]]:
     findings: list[Finding] = []
     try:
-        with path.open("rb") as handle:
-            mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
-            text = handle.read().decode("utf-8")
+        text, mode = read_mapping_text(path)
     except FileNotFoundError:
         return None, None, []  # removed (or rotated) since the folder was listed: nothing to check
+    except MappingFormatError as exc:
+        return None, None, [Finding(path, str(exc))]
     except (OSError, UnicodeDecodeError) as exc:
         return None, None, [Finding(path, f"cannot read: {exc}")]
     try:

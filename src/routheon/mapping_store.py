@@ -32,6 +32,7 @@ from routheon.mappings import (
     parse_rendered,
     render_mapping,
     scan_folder,
+    validate_service_name,
 )
 from routheon.rules import join_clauses, rule_keys
 
@@ -268,6 +269,7 @@ def add_mapping(
 
 def remove_service(folder: Path, service: str) -> list[Change]:
     """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing."""
+    validate_service_name(service)  # never a path: "../x" must not reach a file outside the folder
     target = folder / f"{service}.yml"
     with folder_lock(folder):
         if not target.exists():

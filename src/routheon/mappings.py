@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +57,12 @@ class KeyLines:
     def __init__(self, text: str) -> None:
         self.lines: dict[tuple[str, ...], int] = {}
         self.duplicates: list[tuple[str, int]] = []
-        root = yaml.compose(text)
-        if root is not None:
-            self._walk(root, ())
+        try:
+            root = yaml.compose(text)
+            if root is not None:
+                self._walk(root, ())
+        except (yaml.YAMLError, RecursionError):
+            pass  # the parse itself reports what is wrong with such a text
 
     def _walk(self, node: yaml.Node, path: tuple[str, ...]) -> None:
         if isinstance(node, yaml.SequenceNode):
@@ -165,6 +169,8 @@ class MappingSpec:
     def validate(self) -> None:
         """Raise ValueError (InvalidKeyError for keys) naming the first thing that cannot be written."""
         validate_service_name(self.service)
+        if not _SERVICE_NAME.fullmatch(self.entry_point):
+            raise ValueError(f"invalid entry point {self.entry_point!r}: use letters, digits, '.', '_' and '-'")
         if not self.urls:
             raise ValueError("a mapping needs at least one backend URL")
         for url in self.urls:
@@ -344,6 +350,8 @@ def parse_mapping(text: str, path: Path) -> MappingFile:
 def _parse_document(text: str, path: Path) -> MappingFile:
     try:
         document = yaml.safe_load(text)
+    except RecursionError:
+        raise MappingFormatError("not a Traefik mapping: nested too deeply to read") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -380,9 +388,29 @@ def mapping_paths(folder: Path, skip: Sequence[re.Pattern[str]] = ()) -> list[Pa
     ]
 
 
+MAX_MAPPING_BYTES = 1024 * 1024
+
+
+def read_mapping_text(path: Path) -> tuple[str, int]:
+    """The text of a mapping file and its permission bits, refusing what is not a plain file.
+
+    A FIFO or a device named ``*.yml`` would otherwise block or flood every reader of the
+    folder (routheon-server's scan included); no real mapping comes near the size cap.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise MappingFormatError("not a regular file")
+        data = handle.read(MAX_MAPPING_BYTES + 1)
+    if len(data) > MAX_MAPPING_BYTES:
+        raise MappingFormatError(f"larger than {MAX_MAPPING_BYTES} bytes: not a mapping file")
+    return data.decode("utf-8"), stat.S_IMODE(status.st_mode)
+
+
 def read_mapping(path: Path) -> MappingFile:
     """Read and parse one file; OSError and MappingFormatError propagate."""
-    return parse_mapping(path.read_text(encoding="utf-8"), path)
+    return parse_mapping(read_mapping_text(path)[0], path)
 
 
 def scan_folder(folder: str | os.PathLike[str], skip: Iterable[re.Pattern[str]] = ()) -> Folder:

@@ -84,10 +84,10 @@ else
 fi
 
 # Values travel as single --flag=VALUE arguments: never word-split, never read as options,
-# never evaluated by a shell.
+# never evaluated by a shell. The key goes through stdin, out of the process list.
 exec "$routheon" mapping add --replace \
     "--service=$service" \
     "--port=$port" \
     "--host=$host" \
-    "--key=$api_key" \
-    "--mappings=$mappings"
+    --key-file=- \
+    "--mappings=$mappings" <<<"$api_key"

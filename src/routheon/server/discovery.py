@@ -95,6 +95,9 @@ class FolderWatch:
                 fresh = await asyncio.to_thread(scan_mappings, self.path, self._skip)
             except OSError as exc:  # e.g. a folder we may not list: report it like a broken file
                 fresh = Scan(Folder(self.path, problems=(MappingProblem(self.path, f"cannot list folder: {exc}"),)))
+            except Exception as exc:  # a scan bug must not take /v1/models and /health down with it
+                log.exception("scanning %s failed", self.path)
+                fresh = Scan(Folder(self.path, problems=(MappingProblem(self.path, f"cannot scan folder: {exc}"),)))
             self._report_changes(self._scan.folder if self._scan else None, fresh.folder)
             self._scan, self._scanned_at = fresh, self._clock()
             return fresh

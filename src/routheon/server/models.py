@@ -71,7 +71,7 @@ def parse_models_answer(body: bytes) -> Mapping[str, Any]:
     """The payload of a ``/v1/models`` body, if it is an object with a ``data`` list."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BackendError("answer is not JSON") from None
     if not isinstance(payload, dict):
         raise BackendError(f"answer is a JSON {type(payload).__name__}, not an object")
