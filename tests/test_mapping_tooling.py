@@ -367,3 +367,18 @@ def test_fifos_and_deep_nesting_are_findings_not_hangs_or_crashes(tmp_path: Path
     assert "pipe.yml" in output and "not a regular file" in output
     assert "deep.yml" in output and "nested too deeply" in output
     assert [problem.path.name for problem in scan_folder(tmp_path).problems] == ["deep.yml"]  # not a file: skipped
+
+
+def test_taking_a_key_out_never_strands_another_files_router(tmp_path: Path) -> None:
+    other_key = "sk-other-0123456789abcdef"
+    routheon(tmp_path, "mapping", "add", "--service", "shared", "--port", "8011", "--key", KEY)
+    (tmp_path / "other.yml").write_text(
+        "http:\n  routers:\n    b:\n"
+        f"      rule: 'Header(`Authorization`, `Bearer {other_key}`)'\n"
+        "      service: shared\n      entryPoints:\n        - llama-servers\n"
+    )
+    before = (tmp_path / "shared.yml").read_text()
+    result = routheon(tmp_path, "mapping", "remove", "--key", KEY)
+    assert result.returncode != 0 and "other.yml" in result.stderr
+    assert (tmp_path / "shared.yml").read_text() == before
+    assert not has_errors(check_folder(tmp_path))

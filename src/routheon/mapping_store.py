@@ -155,16 +155,32 @@ def _without_keys(path: Path, keys: set[str]) -> dict[str, Any] | None:
 
 
 def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) -> list[Change]:
-    """Take ``keys`` out of every file but ``skip``: rewrite a file, or retire it when emptied."""
-    changes: list[Change] = []
+    """Take ``keys`` out of every file but ``skip``: rewrite a file, or retire it when emptied.
+
+    Every change is planned first: when one would take away a service or middleware that a
+    router of another file uses, nothing is written.
+    """
+    files = list(files)
+    plans: list[tuple[MappingFile, set[str], dict[str, Any] | None]] = []
     for mapping in files:
         if mapping.path == skip:
             continue
         found = {clause.key for _, clause in mapping.key_clauses()} & keys
         if not found:
             continue
-        saved = backup(mapping.path)
         document = _without_keys(mapping.path, found)
+        http = document["http"] if document is not None else {}
+        kept = frozenset(http.get("services") or ()) | frozenset(http.get("middlewares") or ())
+        users = _users_of(files, mapping.path, kept)
+        if users:
+            raise MappingConflictError(
+                f"taking the key out of {mapping.path.name} removes what {', '.join(users)} use; Traefik would"
+                " disable their routers: change those files first"
+            )
+        plans.append((mapping, found, document))
+    changes: list[Change] = []
+    for mapping, found, document in plans:
+        saved = backup(mapping.path)
         if document is None:
             mapping.path.unlink()
             changes.append(Change("retired", mapping.path, f"its keys moved or removed; old content in {saved.name}"))
