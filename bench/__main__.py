@@ -27,7 +27,7 @@ def _csv(text: str) -> tuple[str, ...]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full",
-                        help="full: the published numbers (~15 min); quick: seconds, checks the harness")
+                        help="full: the published numbers (~10 min); quick: seconds, checks the harness")
     parser.add_argument("--parts", type=_csv, default=PARTS,
                         help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--targets", type=_csv, default=servers.TARGETS,

@@ -38,7 +38,8 @@ def models_payload(port: int) -> dict:
 
 
 def chat_payload() -> dict:
-    """A complete, non-streamed chat answer: what a proxy has to pass through untouched."""
+    """A complete, non-streamed chat answer: what a proxy has to pass through untouched (the
+    instant backend answers it, bench/instant_backend.cpp)."""
     return {
         "id": "chatcmpl-bench", "object": "chat.completion", "created": int(time.time()),
         "model": "bench-model", "system_fingerprint": "bench",
@@ -61,7 +62,6 @@ def backend_app(port: int) -> web.Application:
     app = web.Application()
     app.router.add_get("/v1/models", _json_response(models_payload(port)))
     app.router.add_get("/health", _json_response({"status": "ok"}))
-    app.router.add_post("/v1/chat/completions", _json_response(chat_payload()))
     return app
 
 

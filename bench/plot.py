@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 COLOURS = {"routheon": "#1f77b4", "original": "#d62728", "floor": "#7f7f7f",
-           "direct": "#7f7f7f", "traefik": "#1f77b4", "traefik-bare": "#aec7e8", "litellm": "#ff7f0e"}
+           "direct": "#7f7f7f", "traefik": "#1f77b4", "traefik-bare": "#aec7e8", "traefik-reuse": "#9467bd",
+           "litellm": "#ff7f0e"}
 
 
 def _bars(ax: plt.Axes, groups: list[str], series: dict[str, list[float | None]], ylabel: str, log: bool) -> None:
@@ -74,7 +75,7 @@ def tokenpath(results: dict, out: Path) -> Path | None:
                      for c in connections] for path in dict.fromkeys(r["path"] for r in rps)}
     _bars(right, [f"{c} connection{'s' if c > 1 else ''}" for c in connections], series,
           "requests/s (log scale)", log=True)
-    right.set_title("chat completions/s to an instant fake backend")
+    right.set_title("chat completions/s to an instant backend")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -17,12 +17,16 @@ class Profile:
     connections: tuple[int, ...]
     # sequential chat requests per path for time to first token and full latency
     chat_requests: int
+    # token-path requests/s: every path measured this many times, in turns, for round_s each;
+    # the median round counts (LiteLLM's requests/s swing by half from one run to the next)
+    rps_rounds: int
+    rps_round_s: int
     startup_runs: int
     backends_many: int
 
 
 FULL = Profile("full", duration_s=8, slow_duration_s=20, slow_timeout_s=30, connections=(1, 16),
-               chat_requests=100, startup_runs=5, backends_many=20)
+               chat_requests=100, rps_rounds=3, rps_round_s=5, startup_runs=5, backends_many=20)
 QUICK = Profile("quick", duration_s=1, slow_duration_s=3, slow_timeout_s=5, connections=(1, 16),
-                chat_requests=3, startup_runs=1, backends_many=4)
+                chat_requests=3, rps_rounds=1, rps_round_s=1, startup_runs=1, backends_many=4)
 PROFILES = {profile.name: profile for profile in (FULL, QUICK)}

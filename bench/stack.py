@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import statistics
 import sys
 import threading
@@ -22,7 +23,7 @@ import psutil
 from routheon.mappings import MappingSpec, render_mapping
 from tests.support import Proc, free_port, wait_http
 
-from . import env
+from . import env, fakes
 
 PYTHON = sys.executable
 _LOG_NUMBERS = itertools.count()
@@ -87,6 +88,19 @@ def start_server(stack: Stack, kind: str, mappings: Path) -> str:
     port = free_port()
     # The original has no /health; any HTTP answer on a path it does not serve means it is up.
     stack.start(kind, server_argv(kind, mappings, port), ready_url=f"http://127.0.0.1:{port}/health")
+    return f"http://127.0.0.1:{port}"
+
+
+def start_instant_backend(stack: Stack) -> str:
+    """The C++ stand-in for llama-server (bench/instant_backend.cpp), answering the same bodies
+    as the Python fakes; its base URL."""
+    port = free_port()
+    chat = stack.workdir / f"instant-chat-{port}.json"
+    chat.write_text(json.dumps(fakes.chat_payload()))
+    models = stack.workdir / f"instant-models-{port}.json"
+    models.write_text(json.dumps(fakes.models_payload(port)))
+    stack.start("instant-backend", [str(env.instant_backend()), str(port), str(chat), str(models)],
+                ready_url=f"http://127.0.0.1:{port}/health")
     return f"http://127.0.0.1:{port}"
 
 

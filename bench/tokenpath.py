@@ -2,11 +2,14 @@
 and what LiteLLM's proxy adds in the same place.
 
 Four paths to the same backends, measured the same way:
-- direct: the client talks to llama-server (or the fake backend) itself;
+- direct: the client talks to llama-server (or the instant backend) itself;
 - traefik: Traefik with the repo's static config, routheon-server.yml (401 catch-all, error
   pages) and a key mapping as ``routheon mapping add`` writes it, errors middleware included;
-- traefik-bare: Traefik with one plain router per key and nothing else, to tell Traefik's own
-  cost from that of Routheon's routers and middlewares;
+- traefik-bare: Traefik with one plain router per key and nothing else (same backend
+  connections as traefik.yml), to tell Traefik's own cost from that of Routheon's routers and
+  middlewares;
+- traefik-reuse: as traefik, but with Traefik's default connection reuse (requests/s against
+  the instant backend only: with llama-server's streams it fails, see traefik.yml);
 - litellm: LiteLLM's proxy with a master key and one model per backend.
 
 Latency comes from a small sequential client (the same code for every path, paths interleaved
@@ -194,29 +197,39 @@ def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_
 
 
 def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str],
-                  error_pages: bool = True) -> tuple[stack.Proc, str]:
-    """Traefik with the repo's own static config and routheon-server mapping, on free ports."""
-    folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=error_pages)
+                  reuse: bool = False) -> tuple[stack.Proc, str]:
+    """Traefik with the repo's own static config and routheon-server mapping, on free ports.
+
+    ``reuse`` drops traefik.yml's ``serversTransport`` (Traefik's default connection reuse):
+    unsafe with llama-server's streams, measured against the instant backend only, to show
+    what the new connection per request costs.
+    """
+    folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=True)
     routheon_mapping = yaml.safe_load((REPO / "traefik" / "mappings" / "routheon-server.yml").read_text())
     routheon_mapping["http"]["services"]["routheon-server"]["loadBalancer"]["servers"] = [{"url": routheon_url}]
     (folder / "routheon-server.yml").write_text(yaml.safe_dump(routheon_mapping))
     static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
-    proc, base = _run_traefik(stk, "traefik", static, folder, next(iter(keys)))
+    if reuse:
+        del static["serversTransport"]
+    proc, base = _run_traefik(stk, "traefik-reuse" if reuse else "traefik", static, folder, next(iter(keys)))
     _check_catch_all(base)
     return proc, base
 
 
 def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[stack.Proc, str]:
     """Traefik with nothing of Routheon's: one plain header router per key, no middleware,
-    no health check, no catch-all. The difference to ``start_traefik`` is what Routheon's
-    routers and middlewares cost; the difference to direct is what Traefik itself costs."""
+    no health check, no catch-all, but the same connections to the backends as traefik.yml
+    makes. The difference to ``start_traefik`` is what Routheon's routers and middlewares
+    cost; the difference to direct is what Traefik itself costs."""
     folder = stk.workdir / "traefik-bare-mappings"
     folder.mkdir()
     routers = {f"bare-{i}": {"rule": f"Header(`Authorization`, `Bearer {key}`)", "service": f"bare-{i}",
                              "entryPoints": ["llama-servers"]} for i, key in enumerate(keys)}
     services = {f"bare-{i}": {"loadBalancer": {"servers": [{"url": url}]}} for i, url in enumerate(keys.values())}
     (folder / "bare.yml").write_text(yaml.safe_dump({"http": {"routers": routers, "services": services}}))
-    static = {"entryPoints": {"llama-servers": {}}, "providers": {"file": {}}}
+    repo_static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
+    static = {"entryPoints": {"llama-servers": {}}, "providers": {"file": {}},
+              "serversTransport": repo_static["serversTransport"]}
     return _run_traefik(stk, "traefik-bare", static, folder, next(iter(keys)))
 
 
@@ -284,35 +297,55 @@ def _versions(llama_argv: list[str], fake_llama: bool) -> dict:
             "litellm": env.LITELLM_VERSION}
 
 
+def _measure(route: Route, request: wrk.Request, connections: int, seconds: int) -> tuple[wrk.WrkResult, float | None]:
+    """One wrk run, with the proxy's peak RSS when the route goes through one."""
+    if not route.pid:
+        return wrk.run(request, connections, seconds), None
+    sampler = stack.RssSampler(route.pid)
+    with sampler:
+        result = wrk.run(request, connections, seconds)
+    return result, sampler.peak_mib
+
+
 def _rps(case: str, title: str, routes: list[tuple[Route, wrk.Request]], profile: Profile) -> list[dict]:
+    """Every path ``profile.rps_rounds`` times, in turns; each row is a path's median round,
+    with every round's requests/s beside it and the failures of all rounds."""
     rows = []
     for _, request in routes:
         wrk.warm(request)
     for connections in profile.connections:
-        for route, request in routes:
-            sampler = stack.RssSampler(route.pid) if route.pid else None
-            if sampler:
-                with sampler:
-                    result = wrk.run(request, connections, profile.duration_s)
-            else:
-                result = wrk.run(request, connections, profile.duration_s)
-            row = {"case": case, "title": title, "path": route.name, **result.to_json()}
-            if sampler:
-                row["proxy_rss_peak_mib"] = sampler.peak_mib
+        rounds: dict[str, list[tuple[wrk.WrkResult, float | None]]] = {route.name: [] for route, _ in routes}
+        for turn in range(profile.rps_rounds):
+            # each round starts one path later, so that no path always follows the same one
+            for route, request in routes[turn % len(routes):] + routes[:turn % len(routes)]:
+                rounds[route.name].append(_measure(route, request, connections, profile.rps_round_s))
+        for route, _ in routes:
+            measured = rounds[route.name]
+            results = [result for result, _ in measured]
+            median_rps = statistics.median_low(result.rps for result in results)
+            median = next(result for result in results if result.rps == median_rps)
+            row = {"case": case, "title": title, "path": route.name, **median.to_json(),
+                   "failed": sum(result.failed for result in results),
+                   "rounds_rps": [result.rps for result, _ in measured]}
+            peaks = [peak for _, peak in measured if peak is not None]
+            if peaks:
+                row["proxy_rss_peak_mib"] = max(peaks)
             rows.append(row)
-            log.warning("%-7s %-8s c=%-2d %9.1f req/s  p50 %s ms  p99 %s ms  failed %d", case, route.name,
-                        connections, result.rps, result.p50_ms, result.p99_ms, result.failed)
+            log.warning("%-7s %-8s c=%-2d %9.1f req/s (median of %s)  p50 %s ms  p99 %s ms  failed %d", case,
+                        route.name, connections, median.rps, row["rounds_rps"], median.p50_ms, median.p99_ms,
+                        row["failed"])
     return rows
 
 
 def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
     with stack.Stack(workdir) as stk:
+        # first, while nothing runs yet: it may have to be compiled
+        fake_url = stack.start_instant_backend(stk)
         llama, llama_url = start_llama(stk, fake_llama)
-        fake_urls, _ = stack.fake_backends(stk, 1)
-        fake_url = fake_urls[0]
         routheon_url = stack.start_server(stk, "routheon", workdir / "traefik-mappings")
         keys = {LLAMA_KEY: llama_url, FAKE_KEY: fake_url}
         traefik, traefik_url = start_traefik(stk, routheon_url, keys)
+        reusing, reusing_url = start_traefik(stk, routheon_url, keys, reuse=True)
         bare, bare_url = start_bare_traefik(stk, keys)
         litellm, litellm_url = start_litellm(stk, llama_url, fake_url)
 
@@ -338,6 +371,8 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
              wrk.Request(f"{traefik_url}/v1/chat/completions", "POST", fake_key, body)),
             (Route("traefik-bare", bare_url, pid=bare.pid),
              wrk.Request(f"{bare_url}/v1/chat/completions", "POST", fake_key, body)),
+            (Route("traefik-reuse", reusing_url, pid=reusing.pid),
+             wrk.Request(f"{reusing_url}/v1/chat/completions", "POST", fake_key, body)),
             (via_litellm, wrk.Request(f"{litellm_url}/v1/chat/completions", "POST",
                                       {**post, **via_litellm.headers}, body)),
         ]

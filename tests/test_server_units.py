@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
 
 import pytest
 
-from routheon.server import errors
+from routheon.server import errors, stats
 from routheon.server.models import BackendError, merge, parse_models_answer
 from routheon.server.stats import StatsConfig, StatsConfigError, collect, parse_stats_config, system_identity
 
@@ -89,6 +90,34 @@ class TestStatsFilter:
 
     def test_cpu_usage_comes_from_the_sampler(self) -> None:
         assert STATS["cpu"]["usage_percent"] == 12.5
+
+
+class TestCpuSampler:
+    def test_starting_never_blocks_on_a_measurement(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        intervals = []
+
+        def cpu_percent(interval: float | None = None) -> float:
+            intervals.append(interval)
+            return 37.5
+
+        monkeypatch.setattr(stats.psutil, "cpu_percent", cpu_percent)
+        monkeypatch.setattr(stats, "FIRST_SAMPLE_AFTER", 0.01)
+
+        now = [0.0]
+
+        async def scenario() -> tuple[float, float]:
+            service = stats.StatsService(clock=lambda: now[0])
+            await service.start()
+            before = json.loads(service.body())["cpu"]["usage_percent"]
+            await asyncio.sleep(0.2)
+            after = json.loads(service.body())["cpu"]["usage_percent"]
+            await service.stop()
+            return before, after
+
+        before, after = asyncio.run(scenario())
+        assert intervals and all(interval is None for interval in intervals)
+        assert 0 < before <= 100 and before != 37.5, "until the first sample: the average since boot"
+        assert after == 37.5
 
 
 class TestStatsConfig:

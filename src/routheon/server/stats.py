@@ -28,6 +28,7 @@ SECTIONS = ("timestamp", "system", "cpu", "memory", "swap", "disk", "network", "
 # A config may hide anything but the moment the numbers were taken.
 ALWAYS_SHOWN = "timestamp"
 SAMPLE_INTERVAL = 1.0
+FIRST_SAMPLE_AFTER = 0.1
 NETWORK_FIELDS = ("bytes_sent", "bytes_recv", "packets_sent", "packets_recv", "errin", "errout", "dropin", "dropout")
 _GIB = 1024**3
 
@@ -150,6 +151,16 @@ def system_identity() -> dict[str, str]:
     }
 
 
+def _percent_since_boot() -> float:
+    """CPU busy share since boot: the arithmetic psutil.cpu_percent applies to two samples,
+    applied to one (boot is the other)."""
+    times = psutil.cpu_times()
+    # Linux counts guest time inside user and nice already
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return 100.0 * (total - idle) / total if total > 0 else 0.0
+
+
 def collect(cpu_percent: float, identity: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
     """Every section of ``/stats``; all readings here are cheap, non-blocking psutil calls."""
     now = time.time() if now is None else now
@@ -187,8 +198,9 @@ def collect(cpu_percent: float, identity: Mapping[str, str], now: float | None =
 class StatsService:
     """Serves ``/stats`` bodies: CPU sampled in the background, the rest cached for a second.
 
-    The body is built at most once per ``SAMPLE_INTERVAL`` whatever the request rate, and
-    filtered before it is cached, so hidden values never sit in a response buffer.
+    The body is built about once per ``SAMPLE_INTERVAL`` (and after each CPU sample) whatever
+    the request rate, and filtered before it is cached, so hidden values never sit in a
+    response buffer.
     """
 
     def __init__(self, config: StatsConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -201,8 +213,11 @@ class StatsService:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        # a short first measurement, so the first request already sees a real value
-        self._cpu_percent = await asyncio.to_thread(psutil.cpu_percent, 0.1)
+        # Starting never waits for a measurement: until the first one lands (FIRST_SAMPLE_AFTER
+        # later), /stats shows the average since boot, a real value rather than a made-up 0.
+        self._cpu_percent = _percent_since_boot()
+        # the reference point the first sample is measured from
+        psutil.cpu_percent(interval=None)
         self._task = asyncio.create_task(self._sample_forever(), name="cpu-sampler")
 
     async def stop(self) -> None:
@@ -212,10 +227,13 @@ class StatsService:
             self._task = None
 
     async def _sample_forever(self) -> None:
+        delay = FIRST_SAMPLE_AFTER
         while True:
-            await asyncio.sleep(SAMPLE_INTERVAL)
+            await asyncio.sleep(delay)
+            delay = SAMPLE_INTERVAL
             try:
                 self._cpu_percent = psutil.cpu_percent(interval=None)
+                self._built_at = float("-inf")  # the next request shows the new value
             except Exception:
                 log.exception("CPU sampling failed")
 
