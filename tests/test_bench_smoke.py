@@ -9,10 +9,11 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
-from bench import report, wrk
+from bench import fakes, report, stack, wrk
 from tests.support import REPO
 
 SUMMARY = ('WRK_JSON {"requests":1500,"duration_us":3000000,"bytes":99,'
@@ -84,3 +85,19 @@ def test_goals_count_the_worst_connection_count() -> None:
     assert by_name["/v1/models, every case: routheon ÷ floor req/s"]["value"] == 0.4
     assert by_name["/v1/models, every case: routheon ÷ floor req/s"]["met"] is False
     assert by_name["models-hang: routheon ÷ original req/s"]["met"] is None
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_instant_backend_answers_what_the_python_fakes_answer(tmp_path) -> None:
+    """The C++ stand-in for llama-server builds from the pinned source and serves the bodies
+    bench/fakes.py defines (compiled once into ~/.cache/routheon/bench/, half a minute)."""
+    with stack.Stack(tmp_path) as stk:
+        base = stack.start_instant_backend(stk)
+        assert json.loads(stack.fetch(f"{base}/health")[0]) == {"status": "ok"}
+        models = json.loads(stack.fetch(f"{base}/v1/models")[0])
+        assert [entry["id"] for entry in models["data"]] == [f"bench-model-{base.rsplit(':', 1)[1]}.gguf"]
+        request = urllib.request.Request(f"{base}/v1/chat/completions", data=b'{"messages": []}', method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+        expected = fakes.chat_payload()
+        assert {**answer, "created": 0} == {**expected, "created": 0}
