@@ -196,18 +196,22 @@ def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_
     return proc, base
 
 
-def start_traefik(stk: stack.Stack, routheon_url: str, keys: dict[str, str],
-                  reuse: bool = False) -> tuple[stack.Proc, str]:
-    """Traefik with the repo's own static config and routheon-server mapping, on free ports.
+def write_traefik_mappings(stk: stack.Stack, routheon_url: str, keys: dict[str, str]) -> Path:
+    """The key mappings as ``routheon mapping add`` writes them, and the repo's routheon-server.yml."""
+    folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=True)
+    routheon_mapping = yaml.safe_load((REPO / "traefik" / "mappings" / "routheon-server.yml").read_text())
+    routheon_mapping["http"]["services"]["routheon-server"]["loadBalancer"]["servers"] = [{"url": routheon_url}]
+    (folder / "routheon-server.yml").write_text(yaml.safe_dump(routheon_mapping))
+    return folder
+
+
+def start_traefik(stk: stack.Stack, folder: Path, keys: dict[str, str], reuse: bool = False) -> tuple[stack.Proc, str]:
+    """Traefik with the repo's own static config on the mappings in ``folder``, on free ports.
 
     ``reuse`` drops traefik.yml's ``serversTransport`` (Traefik's default connection reuse):
     unsafe with llama-server's streams, measured against the instant backend only, to show
     what the new connection per request costs.
     """
-    folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=True)
-    routheon_mapping = yaml.safe_load((REPO / "traefik" / "mappings" / "routheon-server.yml").read_text())
-    routheon_mapping["http"]["services"]["routheon-server"]["loadBalancer"]["servers"] = [{"url": routheon_url}]
-    (folder / "routheon-server.yml").write_text(yaml.safe_dump(routheon_mapping))
     static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
     if reuse:
         del static["serversTransport"]
@@ -344,8 +348,9 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         llama, llama_url = start_llama(stk, fake_llama)
         routheon_url = stack.start_server(stk, "routheon", workdir / "traefik-mappings")
         keys = {LLAMA_KEY: llama_url, FAKE_KEY: fake_url}
-        traefik, traefik_url = start_traefik(stk, routheon_url, keys)
-        reusing, reusing_url = start_traefik(stk, routheon_url, keys, reuse=True)
+        folder = write_traefik_mappings(stk, routheon_url, keys)
+        traefik, traefik_url = start_traefik(stk, folder, keys)
+        reusing, reusing_url = start_traefik(stk, folder, keys, reuse=True)
         bare, bare_url = start_bare_traefik(stk, keys)
         litellm, litellm_url = start_litellm(stk, llama_url, fake_url)
 
