@@ -103,10 +103,8 @@ class TestCpuSampler:
         monkeypatch.setattr(stats.psutil, "cpu_percent", cpu_percent)
         monkeypatch.setattr(stats, "FIRST_SAMPLE_AFTER", 0.01)
 
-        now = [0.0]
-
         async def scenario() -> tuple[float, float]:
-            service = stats.StatsService(clock=lambda: now[0])
+            service = stats.StatsService()
             await service.start()
             before = json.loads(service.body())["cpu"]["usage_percent"]
             await asyncio.sleep(0.2)
