@@ -246,6 +246,8 @@ def test_check_reports_what_traefik_would_reject_or_misroute(tmp_path: Path) -> 
     assert "template.yml:1: error: '{{' starts a Go template" in text
     assert "twice.yml:3: error: http.routers is defined twice" in text
     assert "seed.yml: warning: holds API keys but every user can read it" in text
+    assert "seed.yml:3: warning: router 'llama-server-1' passes request bodies on as they arrive" in text
+    assert "alpha.yml:5: warning: router 'alpha' passes request bodies" not in text
     assert KEY not in text
 
 
@@ -316,7 +318,8 @@ def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -
     )
     text = "\n".join(findings(tmp_path))
     assert "copy.yaml:5: error: router 'alpha' is also defined in alpha.yml" in text
-    assert "copy.yaml:11: error: service 'alpha' is also defined in alpha.yml" in text
+    assert "copy.yaml:13: error: middleware 'alpha-request-body' is also defined in alpha.yml" in text
+    assert "copy.yaml:18: error: service 'alpha' is also defined in alpha.yml" in text
     assert "dangling.yml:3: error: router 'dangling': service 'nowhere' is not defined" in text
 
 

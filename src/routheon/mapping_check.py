@@ -164,16 +164,26 @@ def _dangling_references(checked: Checked, defined: Definitions) -> list[Finding
     return findings
 
 
-def _key_routers_without_error_pages(checked: Checked) -> list[Finding]:
+def _key_router_warnings(checked: Checked, error_pages: bool) -> list[Finding]:
+    """Key routers that lack what Routheon-written ones have: error pages, whole request bodies."""
+    buffers = {name for mapping, _ in checked for name in mapping.body_buffers}
     findings: list[Finding] = []
     for mapping, lines in checked:
         for router in {router for router, _ in mapping.key_clauses()}:
-            if ERRORS_MIDDLEWARE not in router.middlewares:
+            line = lines.get("http", "routers", router.name)
+            if error_pages and ERRORS_MIDDLEWARE not in router.middlewares:
                 message = (
                     f"router {router.name!r} does not use {ERRORS_MIDDLEWARE}: a down backend answers"
                     " plain-text 'Bad Gateway' instead of an OpenAI error (re-run `routheon mapping add`)"
                 )
-                findings.append(Finding(mapping.path, message, WARNING, lines.get("http", "routers", router.name)))
+                findings.append(Finding(mapping.path, message, WARNING, line))
+            if not buffers.intersection(name.removesuffix("@file") for name in router.middlewares):
+                message = (
+                    f"router {router.name!r} passes request bodies on as they arrive: under CPU load Traefik"
+                    " then cuts about one streamed answer in a hundred (docs/production.md);"
+                    " re-run `routheon mapping add --replace`"
+                )
+                findings.append(Finding(mapping.path, message, WARNING, line))
     return findings
 
 
@@ -197,8 +207,7 @@ def _cross_file(checked: Checked) -> list[Finding]:
     findings = _names_defined_twice(defined, lines_of)
     findings += _dangling_references(checked, defined)
     findings += _shared_keys(checked, lines_of)
-    if ERRORS_MIDDLEWARE in defined["middlewares"]:
-        findings += _key_routers_without_error_pages(checked)
+    findings += _key_router_warnings(checked, error_pages=ERRORS_MIDDLEWARE in defined["middlewares"])
     return findings
 
 

@@ -126,11 +126,13 @@ def _parsed_files(folder: Path) -> list[MappingFile]:
     return list(scan_folder(folder).files)
 
 
-def _without_keys(path: Path, keys: set[str]) -> dict[str, Any] | None:
+def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[str, Any] | None:
     """The document of ``path`` with ``keys`` taken out of its rules; None when nothing is left.
 
-    Routers left without a key go, and so do services no remaining router uses; clauses that
-    stay are kept as written, seed-format ones included.
+    Routers left without a key go, and so do services no remaining router uses, and middlewares
+    that no remaining router here nor any router in ``used_elsewhere``'s files uses (such as
+    the file's own request-body middleware); clauses that stay are kept as written, seed-format
+    ones included.
     """
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
     http = document["http"]
@@ -149,7 +151,12 @@ def _without_keys(path: Path, keys: set[str]) -> dict[str, Any] | None:
     for name in list(services):
         if name not in used:
             del services[name]
-    if not routers and not http.get("middlewares"):
+    used_here = {middleware for router in routers.values() for middleware in router.get("middlewares") or ()}
+    middlewares: dict[str, Any] = http.get("middlewares") or {}
+    for name in list(middlewares):
+        if not {name, f"{name}@file"} & (used_here | used_elsewhere):
+            del middlewares[name]
+    if not routers and not middlewares:
         return None
     return document
 
@@ -168,7 +175,14 @@ def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) 
         found = {clause.key for _, clause in mapping.key_clauses()} & keys
         if not found:
             continue
-        document = _without_keys(mapping.path, found)
+        elsewhere = {
+            middleware
+            for other in files
+            if other.path != mapping.path
+            for router in other.routers
+            for middleware in router.middlewares
+        }
+        document = _without_keys(mapping.path, found, elsewhere)
         http = document["http"] if document is not None else {}
         kept = frozenset(http.get("services") or ()) | frozenset(http.get("middlewares") or ())
         users = _users_of(files, mapping.path, kept)

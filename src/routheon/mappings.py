@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 MAPPING_SUFFIXES = (".yml", ".yaml")
 ENTRY_POINT = "llama-servers"
 ERRORS_MIDDLEWARE = "routheon-errors"
+# Traefik reads a request's whole body before it proxies the request: without that, Go's
+# net/http (which Traefik's proxy is built on) cuts about one streamed answer in a hundred
+# under CPU load. The cause and the numbers are in docs/production.md ("Streams cut short").
+REQUEST_BODY_SUFFIX = "-request-body"
+# Bodies up to this size stay in memory; larger ones go to an unlinked temporary file.
+REQUEST_BODY_IN_MEMORY = 32 * 1024 * 1024
 HEALTH_PATH = "/health"
 HEALTH_INTERVAL = "5s"
 HEALTH_TIMEOUT = "3s"
@@ -111,6 +117,8 @@ class MappingFile:
     routers: tuple[Router, ...] = ()
     services: tuple[Service, ...] = ()
     middlewares: tuple[str, ...] = ()
+    # the middlewares above that read whole request bodies before proxying (Traefik's buffering)
+    body_buffers: tuple[str, ...] = ()
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -209,6 +217,20 @@ def validate_url(url: str) -> None:
         raise ValueError(f"invalid backend URL {url!r}: the port is not a number from 1 to 65535")
 
 
+def request_body_middleware(service: str) -> str:
+    """The name of the middleware, defined in ``service``'s own file, that buffers request bodies.
+
+    Each file defines its own, so a key file works whatever else the folder holds.
+    """
+    return f"{service}{REQUEST_BODY_SUFFIX}"
+
+
+def rendered_middlewares(spec: MappingSpec) -> tuple[str, ...]:
+    """The middlewares a Routheon-written router lists, outermost first."""
+    errors = (ERRORS_MIDDLEWARE,) if spec.error_pages else ()
+    return (*errors, request_body_middleware(spec.service))
+
+
 def render_mapping(spec: MappingSpec) -> str:
     """The text of a mapping file for ``spec``.
 
@@ -228,10 +250,13 @@ def render_mapping(spec: MappingSpec) -> str:
         f"      service: '{name}'",
         "      entryPoints:",
         f"        - {spec.entry_point}",
-    ]
-    if spec.error_pages:
-        lines += ["      middlewares:", f"        - {ERRORS_MIDDLEWARE}"]
-    lines += [
+        "      middlewares:",
+        *(f"        - '{middleware}'" for middleware in rendered_middlewares(spec)),
+        "  middlewares:",
+        f"    '{request_body_middleware(name)}':",
+        "      buffering:",
+        f"        memRequestBodyBytes: {REQUEST_BODY_IN_MEMORY}",
+        "        disableResponseBuffer: true",
         "  services:",
         f"    '{name}':",
         "      loadBalancer:",
@@ -249,12 +274,12 @@ def parse_rendered(text: str, spec: MappingSpec, path: Path) -> MappingFile:
     """Read rendered text back and insist it says exactly what ``spec`` asked for."""
     mapping = parse_mapping(text, path)
     clauses = [clause for _, clause in mapping.key_clauses()]
-    wanted_middlewares = (ERRORS_MIDDLEWARE,) if spec.error_pages else ()
     if (
         [clause.key for clause in clauses] != list(spec.keys)
         or any(clause.regex for clause in clauses)
         or [router.service for router in mapping.routers] != [spec.service]
-        or [router.middlewares for router in mapping.routers] != [wanted_middlewares]
+        or [router.middlewares for router in mapping.routers] != [rendered_middlewares(spec)]
+        or mapping.body_buffers != (request_body_middleware(spec.service),)
         or mapping.urls != tuple(url.rstrip("/") for url in spec.urls)
     ):
         raise MappingFormatError("the rendered mapping does not read back as written; nothing was written")
@@ -375,7 +400,14 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         _parse_routers(http.get("routers")),
         _parse_services(http.get("services")),
         tuple(str(name) for name in middlewares or ()),
+        tuple(str(name) for name, body in (middlewares or {}).items() if _buffers_request_body(body)),
     )
+
+
+def _buffers_request_body(middleware: Any) -> bool:
+    """Whether a middleware definition is Traefik's buffering with the request side left on."""
+    buffering = middleware.get("buffering") if isinstance(middleware, dict) else None
+    return isinstance(buffering, dict) and buffering.get("disableRequestBuffer") is not True
 
 
 def mapping_paths(folder: Path, skip: Sequence[re.Pattern[str]] = ()) -> list[Path]:
