@@ -23,10 +23,14 @@ class Profile:
     rps_round_s: int
     startup_runs: int
     backends_many: int
+    # two-token streams per path with the CPU busy, to count the ones cut short
+    soak_streams: int
 
 
 FULL = Profile("full", duration_s=8, slow_duration_s=20, slow_timeout_s=30, connections=(1, 16),
-               chat_requests=100, rps_rounds=3, rps_round_s=5, startup_runs=5, backends_many=20)
+               chat_requests=100, rps_rounds=3, rps_round_s=5, startup_runs=5, backends_many=20,
+               soak_streams=2000)
 QUICK = Profile("quick", duration_s=1, slow_duration_s=3, slow_timeout_s=5, connections=(1, 16),
-                chat_requests=3, rps_rounds=1, rps_round_s=1, startup_runs=1, backends_many=4)
+                chat_requests=3, rps_rounds=1, rps_round_s=1, startup_runs=1, backends_many=4,
+                soak_streams=5)
 PROFILES = {profile.name: profile for profile in (FULL, QUICK)}

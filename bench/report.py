@@ -107,6 +107,11 @@ def rps_rows(results: dict) -> list[list[str]]:
     return lines
 
 
+def stream_rows(results: dict) -> list[list[str]]:
+    return [[row["path"], f"{row['streams']:,}", str(row["broken"]), f"{row['broken'] / row['streams'] * 100:.2f}%"]
+            for row in results.get("tokenpath", {}).get("streams", [])]
+
+
 def _goal(name: str, wanted: str, value: float | None, met: bool | None, shown: str) -> dict:
     return {"goal": name, "wanted": wanted, "value": value, "shown": shown,
             "met": None if value is None else met}
@@ -158,6 +163,10 @@ def goals(results: dict) -> list[dict]:
     ratio = None if not ratios or None in ratios else min(ratios)
     out.append(_goal("token path: Routheon (Traefik) ÷ LiteLLM req/s", ">= 20×", ratio,
                      ratio is not None and ratio >= 20, _ratio(ratio)))
+    cut = _find(token.get("streams", []), path="traefik")
+    out.append(_goal("streams broken through Routheon under CPU load", "0", None if cut is None else cut["broken"],
+                     cut is not None and cut["broken"] == 0,
+                     "–" if cut is None else f"{cut['broken']} of {cut['streams']:,}"))
     return out
 
 
@@ -173,6 +182,8 @@ SECTIONS = (
     ("Token path: sequential chat requests (ms)",
      ["measure", "path", "n", "failed", "p50", "p99", "p50 − direct p50", "median of paired Δ"], chat_rows),
     ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM", "proxy peak RSS MiB"], rps_rows),
+    ("Token path: streams broken under CPU load (two busy loops, two-token streams, paths in turns)",
+     ["path", "streams", "broken", "share"], stream_rows),
     ("Goals from the issue", ["goal", "wanted", "measured", "status"], goal_rows),
 )
 

@@ -13,7 +13,8 @@ Four paths to the same backends, measured the same way:
 - litellm: LiteLLM's proxy with a master key and one model per backend.
 
 Latency comes from a small sequential client (the same code for every path, paths interleaved
-request by request so that a noisy moment hurts all of them alike); requests/s from wrk.
+request by request so that a noisy moment hurts all of them alike); requests/s from wrk;
+streams cut short from many short streams per path, in turns, with two busy loops beside them.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def chat_body(model: str, stream: bool) -> str:
-    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": MAX_TOKENS,
+def chat_body(model: str, stream: bool, max_tokens: int = MAX_TOKENS) -> str:
+    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": max_tokens,
                        "temperature": 0, "stream": stream})
 
 
@@ -86,13 +87,13 @@ class ChatFailed(RuntimeError):
     """A chat request that got no usable answer: counted and shown, not fatal to the run."""
 
 
-def timed_chat(route: Route, model: str, stream: bool) -> float:
+def timed_chat(route: Route, model: str, stream: bool, max_tokens: int = MAX_TOKENS) -> float:
     """Seconds to the first generated text (stream) or to the whole answer (no stream)."""
     url = urlsplit(route.base)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     try:
         began = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body=chat_body(model, stream),
+        conn.request("POST", "/v1/chat/completions", body=chat_body(model, stream, max_tokens),
                      headers={"Content-Type": "application/json", **route.headers})
         response = conn.getresponse()
         if response.status != 200:
@@ -164,6 +165,31 @@ def latency(routes: list[Route], requests: int) -> list[dict]:
             log.warning("%-8s %-6s p50 %.2f ms  p99 %.2f ms", route.name, "stream" if stream else "full",
                         rows[-1]["p50_ms"], rows[-1]["p99_ms"])
     return rows
+
+
+def broken_streams(stk: stack.Stack, routes: list[Route], count: int) -> list[dict]:
+    """Per path: how many of ``count`` two-token streams broke while two busy loops ran.
+
+    A host that runs llama-server on its CPUs is always this busy. Paths take turns request by
+    request, so a noisy moment hits all of them alike. This is the measurement behind
+    traefik.yml's request-body buffering (docs/production.md, "Streams cut short").
+    """
+    burners = [stk.start(f"busy-loop-{n}", [sys.executable, "-c", "while True: pass"]) for n in (1, 2)]
+    failures: dict[str, list[str]] = {route.name: [] for route in routes}
+    try:
+        for index in range(count):
+            for route in routes[index % len(routes):] + routes[:index % len(routes)]:
+                try:
+                    timed_chat(route, LLAMA_MODEL, True, max_tokens=2)
+                except ChatFailed as exc:
+                    failures[route.name].append(str(exc))
+    finally:
+        for burner in burners:
+            burner.stop()
+    for name, failed in failures.items():
+        log.warning("%-12s %d of %d streams broke under CPU load", name, len(failed), count)
+    return [{"path": name, "streams": count, "broken": len(failed), "failures": failed[:3]}
+            for name, failed in failures.items()]
 
 
 def _wait_ok(url: str, headers: dict[str, str], proc: stack.Proc, timeout: float) -> None:
@@ -359,6 +385,7 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         via_bare = Route("traefik-bare", bare_url, _bearer(LLAMA_KEY), bare.pid)
         via_litellm = Route("litellm", litellm_url, _bearer(MASTER_KEY), litellm.pid)
         rows_chat = latency([direct, via_traefik, via_bare, via_litellm], profile.chat_requests)
+        rows_streams = broken_streams(stk, [direct, via_traefik, via_bare, via_litellm], profile.soak_streams)
 
         health = [
             (direct, wrk.Request(f"{llama_url}/health")),
@@ -383,7 +410,7 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         ]
         rows_rps = (_rps("health", "/health, key-routed", health, profile)
                     + _rps("chat", "chat completion, instant backend", chat, profile))
-        return {"chat": rows_chat, "rps": rows_rps, "versions": _versions(llama.argv, fake_llama),
+        return {"chat": rows_chat, "rps": rows_rps, "streams": rows_streams, "versions": _versions(llama.argv, fake_llama),
                 "llama": {"backend": "tests/fake_llama.py" if fake_llama else "llama-server",
                           "model": "fake" if fake_llama else Path(llama.argv[2]).name, "max_tokens": MAX_TOKENS,
                           "threads": 1}}
