@@ -172,7 +172,7 @@ def broken_streams(stk: stack.Stack, routes: list[Route], count: int) -> list[di
 
     A host that runs llama-server on its CPUs is always this busy. Paths take turns request by
     request, so a noisy moment hits all of them alike. This is the measurement behind
-    traefik.yml's request-body buffering (docs/production.md, "Streams cut short").
+    the key mappings' request-body middleware (docs/production.md, "Streams cut short under load").
     """
     burners = [stk.start(f"busy-loop-{n}", [sys.executable, "-c", "while True: pass"]) for n in (1, 2)]
     failures: dict[str, list[str]] = {route.name: [] for route in routes}

@@ -318,8 +318,8 @@ def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -
     )
     text = "\n".join(findings(tmp_path))
     assert "copy.yaml:5: error: router 'alpha' is also defined in alpha.yml" in text
-    assert "copy.yaml:13: error: middleware 'alpha-request-body' is also defined in alpha.yml" in text
-    assert "copy.yaml:18: error: service 'alpha' is also defined in alpha.yml" in text
+    assert "copy.yaml:14: error: middleware 'alpha-request-body' is also defined in alpha.yml" in text
+    assert "copy.yaml:22: error: service 'alpha' is also defined in alpha.yml" in text
     assert "dangling.yml:3: error: router 'dangling': service 'nowhere' is not defined" in text
 
 

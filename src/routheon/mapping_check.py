@@ -166,7 +166,7 @@ def _dangling_references(checked: Checked, defined: Definitions) -> list[Finding
 
 def _key_router_warnings(checked: Checked, error_pages: bool) -> list[Finding]:
     """Key routers that lack what Routheon-written ones have: error pages, whole request bodies."""
-    buffers = {name for mapping, _ in checked for name in mapping.body_buffers}
+    readers = {name for mapping, _ in checked for name in mapping.body_readers}
     findings: list[Finding] = []
     for mapping, lines in checked:
         for router in {router for router, _ in mapping.key_clauses()}:
@@ -177,7 +177,7 @@ def _key_router_warnings(checked: Checked, error_pages: bool) -> list[Finding]:
                     " plain-text 'Bad Gateway' instead of an OpenAI error (re-run `routheon mapping add`)"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
-            if not buffers.intersection(name.removesuffix("@file") for name in router.middlewares):
+            if not readers.intersection(name.removesuffix("@file") for name in router.middlewares):
                 message = (
                     f"router {router.name!r} passes request bodies on as they arrive: under CPU load Traefik"
                     " then cuts about one streamed answer in a hundred (docs/production.md);"

@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 MAPPING_SUFFIXES = (".yml", ".yaml")
 ENTRY_POINT = "llama-servers"
 ERRORS_MIDDLEWARE = "routheon-errors"
-# Traefik reads a request's whole body before it proxies the request: without that, Go's
-# net/http (which Traefik's proxy is built on) cuts about one streamed answer in a hundred
-# under CPU load. The cause and the numbers are in docs/production.md ("Streams cut short").
+# Traefik reads a request's whole body before it proxies the request: otherwise Go's net/http
+# (Traefik's proxy) cuts about one streamed answer in a hundred under CPU load. Traefik's
+# `retry` middleware is the one that does this without buffering responses (`buffering` with
+# `disableResponseBuffer` cannot be set from files); it never retries: no backend sends 599.
+# The cause and the numbers: docs/production.md, "Streams cut short under load".
 REQUEST_BODY_SUFFIX = "-request-body"
-# Bodies up to this size stay in memory; larger ones go to an unlinked temporary file.
-REQUEST_BODY_IN_MEMORY = 32 * 1024 * 1024
+NEVER_SENT_STATUS = "599"
 HEALTH_PATH = "/health"
 HEALTH_INTERVAL = "5s"
 HEALTH_TIMEOUT = "3s"
@@ -117,8 +118,8 @@ class MappingFile:
     routers: tuple[Router, ...] = ()
     services: tuple[Service, ...] = ()
     middlewares: tuple[str, ...] = ()
-    # the middlewares above that read whole request bodies before proxying (Traefik's buffering)
-    body_buffers: tuple[str, ...] = ()
+    # the middlewares above that read whole request bodies before proxying, streams unbuffered
+    body_readers: tuple[str, ...] = ()
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -218,7 +219,7 @@ def validate_url(url: str) -> None:
 
 
 def request_body_middleware(service: str) -> str:
-    """The name of the middleware, defined in ``service``'s own file, that buffers request bodies.
+    """The name of the middleware, defined in ``service``'s own file, that reads request bodies whole.
 
     Each file defines its own, so a key file works whatever else the folder holds.
     """
@@ -253,10 +254,14 @@ def render_mapping(spec: MappingSpec) -> str:
         "      middlewares:",
         *(f"        - '{middleware}'" for middleware in rendered_middlewares(spec)),
         "  middlewares:",
+        "    # Reads each request body whole before proxying; never retries (docs/production.md).",
         f"    '{request_body_middleware(name)}':",
-        "      buffering:",
-        f"        memRequestBodyBytes: {REQUEST_BODY_IN_MEMORY}",
-        "        disableResponseBuffer: true",
+        "      retry:",
+        "        attempts: 2",
+        f"        status: ['{NEVER_SENT_STATUS}']",
+        "        retryNonIdempotentMethod: true",
+        "        disableRetryOnNetworkError: true",
+        "        maxRequestBodyBytes: -1",
         "  services:",
         f"    '{name}':",
         "      loadBalancer:",
@@ -279,7 +284,7 @@ def parse_rendered(text: str, spec: MappingSpec, path: Path) -> MappingFile:
         or any(clause.regex for clause in clauses)
         or [router.service for router in mapping.routers] != [spec.service]
         or [router.middlewares for router in mapping.routers] != [rendered_middlewares(spec)]
-        or mapping.body_buffers != (request_body_middleware(spec.service),)
+        or mapping.body_readers != (request_body_middleware(spec.service),)
         or mapping.urls != tuple(url.rstrip("/") for url in spec.urls)
     ):
         raise MappingFormatError("the rendered mapping does not read back as written; nothing was written")
@@ -400,14 +405,24 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         _parse_routers(http.get("routers")),
         _parse_services(http.get("services")),
         tuple(str(name) for name in middlewares or ()),
-        tuple(str(name) for name, body in (middlewares or {}).items() if _buffers_request_body(body)),
+        tuple(str(name) for name, body in (middlewares or {}).items() if _reads_request_body_whole(body)),
     )
 
 
-def _buffers_request_body(middleware: Any) -> bool:
-    """Whether a middleware definition is Traefik's buffering with the request side left on."""
-    buffering = middleware.get("buffering") if isinstance(middleware, dict) else None
-    return isinstance(buffering, dict) and buffering.get("disableRequestBuffer") is not True
+def _reads_request_body_whole(middleware: Any) -> bool:
+    """Whether a middleware is a ``retry`` that reads POST bodies whole before proxying them.
+
+    Traefik's retry keeps a copy of the body only when it may retry the request by status code:
+    with ``status`` set, at least two attempts and non-idempotent methods allowed.
+    """
+    retry = middleware.get("retry") if isinstance(middleware, dict) else None
+    return (
+        isinstance(retry, dict)
+        and isinstance(retry.get("attempts"), int)
+        and retry["attempts"] >= 2
+        and bool(retry.get("status"))
+        and retry.get("retryNonIdempotentMethod") is True
+    )
 
 
 def mapping_paths(folder: Path, skip: Sequence[re.Pattern[str]] = ()) -> list[Path]:
