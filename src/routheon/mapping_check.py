@@ -180,7 +180,7 @@ def _key_router_warnings(checked: Checked, error_pages: bool) -> list[Finding]:
             if not readers.intersection(name.removesuffix("@file") for name in router.middlewares):
                 message = (
                     f"router {router.name!r} passes request bodies on as they arrive: under CPU load Traefik"
-                    " then cuts about one streamed answer in a hundred (docs/production.md);"
+                    " then cuts one or two streamed answers in a hundred (docs/production.md);"
                     " re-run `routheon mapping add --replace`"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
