@@ -87,6 +87,19 @@ def test_goals_count_the_worst_connection_count() -> None:
     assert by_name["models-hang: routheon ÷ original req/s"]["met"] is None
 
 
+def test_one_broken_stream_through_routheon_misses_its_goal() -> None:
+    def streams(broken: int) -> dict:
+        return {"tokenpath": {"streams": [{"path": "direct", "streams": 2000, "broken": 0},
+                                          {"path": "traefik", "streams": 2000, "broken": broken}]}}
+
+    goal = "streams broken through Routheon under CPU load"
+    assert {item["goal"]: item for item in report.goals(streams(0))}[goal]["met"] is True
+    missed = {item["goal"]: item for item in report.goals(streams(1))}[goal]
+    assert missed["met"] is False and missed["shown"] == "1 of 2,000"
+    assert report.stream_rows(streams(1))[1] == ["traefik", "2,000", "1", "0.05%"]
+    assert {item["goal"]: item for item in report.goals({})}[goal]["met"] is None
+
+
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_instant_backend_answers_what_the_python_fakes_answer(tmp_path) -> None:
     """The C++ stand-in for llama-server builds from the pinned source and serves the bodies
