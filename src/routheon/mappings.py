@@ -29,7 +29,7 @@ MAPPING_SUFFIXES = (".yml", ".yaml")
 ENTRY_POINT = "llama-servers"
 ERRORS_MIDDLEWARE = "routheon-errors"
 # Traefik reads a request's whole body before it proxies the request: otherwise Go's net/http
-# (Traefik's proxy) cuts about one streamed answer in a hundred under CPU load. Traefik's
+# (Traefik's proxy) cuts one or two streamed answers in a hundred under CPU load. Traefik's
 # `retry` middleware is the one that does this without buffering responses (`buffering` with
 # `disableResponseBuffer` cannot be set from files); it never retries: no backend sends 599.
 # The cause and the numbers: docs/production.md, "Streams cut short under load".
