@@ -85,9 +85,11 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         pytest.skip("llama-server or the demo models are missing: run `make demo-assets` first")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # as when a script starts it with `&`: SIGINT arrives ignored, and Ctrl-C must still work
     proc = subprocess.Popen(
         [sys.executable, "-m", "routheon.demo", "--port", str(port), "--workdir", str(tmp_path / "demo")],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         output = Output(proc)

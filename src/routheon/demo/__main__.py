@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
+    # Started in the background from a script (`... &`), the demo inherits SIGINT as ignored and
+    # Python then installs no KeyboardInterrupt handler: `kill -INT` must stop it all the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return run(args)
     except (BuildError, DownloadError, ModelError, StartError) as exc:
