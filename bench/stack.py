@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from routheon.mappings import MappingSpec, render_mapping
+from routheon.mappings.format import MappingSpec, render_mapping
 from tests.support import Proc, free_port, wait_http
 
 from . import env, fakes

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from routheon.keys import InvalidKeyError, generate_key, key_warnings, mask_key, validate_key
-from routheon.mappings import MappingSpec, parse_rendered, render_mapping
-from routheon.rules import header_rule, rule_keys
+from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, validate_key
+from routheon.mappings.format import MappingSpec, parse_rendered, render_mapping
+from routheon.mappings.rules import header_rule, rule_keys
 
 HOSTILE_KEYS = [
     "k.y+2$",

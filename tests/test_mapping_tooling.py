@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from routheon.mapping_check import check_folder, has_errors
-from routheon.mappings import scan_folder
+from routheon.mappings.check import check_folder, has_errors
+from routheon.mappings.folder import read_folder
 from samples import SEED_MAPPING
 from support import REPO, VENV_BIN
 
@@ -28,7 +28,7 @@ def routheon(folder: Path, *args: str, stdin: str | None = None) -> subprocess.C
 
 def keys_by_file(folder: Path) -> dict[str, list[str]]:
     return {
-        mapping.path.name: [clause.key for _, clause in mapping.key_clauses()] for mapping in scan_folder(folder).files
+        mapping.path.name: [clause.key for _, clause in mapping.key_clauses()] for mapping in read_folder(folder).files
     }
 
 
@@ -42,7 +42,7 @@ def test_add_writes_a_private_file_and_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "alpha.yml"
     assert mode(path) == 0o640
     assert keys_by_file(tmp_path) == {"alpha.yml": [KEY]}
-    assert scan_folder(tmp_path).backend_urls() == ["http://127.0.0.1:8011"]
+    assert read_folder(tmp_path).backend_urls() == ["http://127.0.0.1:8011"]
     again = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
     assert again.returncode == 0 and "unchanged" in again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [".routheon.lock", "alpha.yml"]
@@ -63,7 +63,7 @@ def test_several_keys_and_replicas_in_one_service(tmp_path: Path) -> None:
     result = routheon(tmp_path, *args, "--key", KEY, "--key-file", "-", stdin="sk-second-0123456789abcd\n")
     assert result.returncode == 0, result.stderr
     assert keys_by_file(tmp_path) == {"alpha.yml": [KEY, "sk-second-0123456789abcd"]}
-    assert scan_folder(tmp_path).backend_urls() == urls
+    assert read_folder(tmp_path).backend_urls() == urls
     assert "healthCheck" in (tmp_path / "alpha.yml").read_text()
     assert check_folder(tmp_path) == []
 
@@ -243,7 +243,7 @@ def test_check_reports_what_traefik_would_reject_or_misroute(tmp_path: Path) -> 
     assert "seed.yml:3: warning: router 'llama-server-1': seed-format HeaderRegexp" in text
     assert "pattern.yml:3: error: router 'pattern': HeaderRegexp rule reads the key as a regular expression" in text
     assert "dup.yml:3: error: router 'dup': an API key here is also routed by 'alpha' in alpha.yml" in text
-    assert "template.yml:1: error: '{{' starts a Go template" in text
+    assert "template.yml:1: warning: '{{' starts a Go template" in text
     assert "twice.yml:3: error: http.routers is defined twice" in text
     assert "seed.yml: warning: holds API keys but every user can read it" in text
     assert "seed.yml:3: warning: router 'llama-server-1' passes request bodies on as they arrive" in text
@@ -306,7 +306,7 @@ def test_add_creates_a_missing_folder_like_the_seed_script(tmp_path: Path) -> No
     result = routheon(absent, "mapping", "add", "--service", "a", "--port", "8011", "--key", KEY)
     assert result.returncode == 0, result.stderr
     assert mode(absent) == 0o750
-    assert scan_folder(absent).backend_urls() == ["http://127.0.0.1:8011"]
+    assert read_folder(absent).backend_urls() == ["http://127.0.0.1:8011"]
 
 
 def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -> None:
@@ -369,7 +369,7 @@ def test_fifos_and_deep_nesting_are_findings_not_hangs_or_crashes(tmp_path: Path
     output = result.stdout + result.stderr
     assert "pipe.yml" in output and "not a regular file" in output
     assert "deep.yml" in output and "nested too deeply" in output
-    assert [problem.path.name for problem in scan_folder(tmp_path).problems] == ["deep.yml"]  # not a file: skipped
+    assert [problem.path.name for problem in read_folder(tmp_path).errors] == ["deep.yml", "pipe.yml"]
 
 
 def test_taking_a_key_out_never_strands_another_files_router(tmp_path: Path) -> None:

@@ -1,16 +1,15 @@
 """Reading mapping folders: seed-format files, broken files and the files Traefik ignores."""
 
-import re
 from pathlib import Path
 
-from routheon.mappings import is_mapping_name, scan_folder
+from routheon.mappings.folder import is_mapping_name, read_folder
 from samples import SEED_MAPPING
 
 
 def test_seed_mapping_gives_its_backend(tmp_path: Path) -> None:
     (tmp_path / "llama-server-1.yml").write_text(SEED_MAPPING)
-    folder = scan_folder(tmp_path)
-    assert folder.problems == ()
+    folder = read_folder(tmp_path)
+    assert folder.errors == ()
     assert folder.backend_urls() == ["http://127.0.0.1:8011"]
     (router,) = folder.files[0].routers
     assert router.service == "llama-server-1" and router.entry_points == ("llama-servers",)
@@ -22,16 +21,16 @@ def test_broken_and_ignored_files(tmp_path: Path) -> None:
     (tmp_path / "list.yml").write_text("- 1\n- 2\n")
     (tmp_path / "old.yml.bak.20250101-000000").write_text("not: [yaml")
     (tmp_path / "routheon-server.yml").write_text(SEED_MAPPING.replace("8011", "9080"))
-    folder = scan_folder(tmp_path, [re.compile("routheon-server.yml")])
-    assert folder.backend_urls() == ["http://127.0.0.1:8011"]
-    problems = {p.path.name: p for p in folder.problems}
+    folder = read_folder(tmp_path)
+    assert folder.backend_urls() == ["http://127.0.0.1:8011", "http://127.0.0.1:9080"]
+    problems = {p.path.name: p for p in folder.errors}
     assert set(problems) == {"broken.yml", "list.yml"}
     assert problems["broken.yml"].line is not None
     assert "YAML" in problems["broken.yml"].message
 
 
 def test_missing_folder_is_reported_not_raised(tmp_path: Path) -> None:
-    folder = scan_folder(tmp_path / "absent")
+    folder = read_folder(tmp_path / "absent")
     assert not folder.exists and folder.files == ()
 
 

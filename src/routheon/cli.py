@@ -1,7 +1,7 @@
 """``routheon``: the operator's command for the mappings folder that Traefik routes by.
 
-Every change goes through ``routheon.mapping_store`` (atomic writes, backups, a folder lock)
-and every file it writes is rendered by ``routheon.mappings``, so this command,
+Every change goes through ``routheon.mappings.store`` (atomic writes, backups, a folder lock)
+and every file it writes is rendered by ``routheon.mappings.format``, so this command,
 create-mapping.sh (which calls it) and routheon-server agree on one file format.
 """
 
@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from routheon import __version__
-from routheon.keys import InvalidKeyError, generate_key, key_warnings, mask_key
-from routheon.mapping_check import ERROR, check_folder, has_errors
-from routheon.mapping_store import (
+from routheon.mappings.check import check_folder, has_errors
+from routheon.mappings.folder import ERROR, read_folder
+from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
+from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key
+from routheon.mappings.rules import rule_keys
+from routheon.mappings.store import (
     Change,
     MappingConflictError,
     add_mapping,
@@ -24,8 +27,6 @@ from routheon.mapping_store import (
     remove_keys,
     remove_service,
 )
-from routheon.mappings import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec, scan_folder
-from routheon.rules import rule_keys
 
 DEFAULT_MAPPINGS = "/etc/traefik/mappings"
 DEFAULT_HOST = "http://127.0.0.1"
@@ -119,7 +120,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
         for warning in key_warnings(key):
             log.warning("%s", warning)
     folder = _folder_to_write(args.mappings)
-    if args.error_pages and not defines_error_pages(scan_folder(folder).files):
+    if args.error_pages and not defines_error_pages(read_folder(folder).files):
         log.warning(
             "no file in %s defines the %s middleware: Traefik disables this router (its keys do not route)"
             " until routheon-server.yml is installed",
@@ -134,7 +135,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
 
 
 def cmd_mapping_list(args: argparse.Namespace) -> int:
-    folder = scan_folder(args.mappings)
+    folder = read_folder(args.mappings)
     if not folder.exists:
         raise CommandError(f"the mappings folder {args.mappings} does not exist")
     rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
@@ -149,15 +150,15 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
                     service,
                     ",".join(mask_key(key) for key in keys) or "-",
                     ",".join(urls.get(service, ())) or "-",
-                    mapping.path.name,
+                    str(mapping.path.relative_to(folder.path)),
                 )
             )
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
-    for problem in folder.problems:
+    for problem in folder.errors:
         log.error("%s", problem)
-    return 1 if folder.problems else 0
+    return 1 if folder.errors else 0
 
 
 def cmd_mapping_remove(args: argparse.Namespace) -> int:

@@ -6,13 +6,14 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from routheon import __version__
-from routheon.mappings import MappingProblem
+from routheon.mappings.folder import Finding
 from routheon.server import errors
 from routheon.server.config import ServerConfig
 from routheon.server.discovery import FolderWatch
@@ -76,8 +77,9 @@ async def stats(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-def _problem_json(problem: MappingProblem) -> dict[str, Any]:
-    return {"file": problem.path.name, "line": problem.line, "message": problem.message}
+def _problem_json(problem: Finding, folder: Path) -> dict[str, Any]:
+    where = problem.path.relative_to(folder) if problem.path.is_relative_to(folder) else problem.path
+    return {"file": str(where), "line": problem.line, "message": problem.message}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -87,18 +89,17 @@ async def health(request: web.Request) -> web.Response:
     supervisor to restart this server. Anyone may ask through Traefik without a key, so the
     answer names files, lines and reasons, never a key or a rule.
     """
-    scan = await request.app[FOLDER].latest()
-    folder = scan.folder
+    folder = await request.app[FOLDER].current()
     return _json(
         {
-            "status": "ok" if folder.exists and not folder.problems else "degraded",
+            "status": "ok" if folder.exists and not folder.errors else "degraded",
             "version": __version__,
             "mappings": {
                 "folder": str(folder.path),
                 "exists": folder.exists,
                 "files": len(folder.files),
-                "problems": [_problem_json(problem) for problem in folder.problems],
-                "warnings": [_problem_json(problem) for problem in scan.warnings],
+                "problems": [_problem_json(problem, folder.path) for problem in folder.errors],
+                "warnings": [_problem_json(problem, folder.path) for problem in folder.warnings],
             },
         }
     )

@@ -2,7 +2,7 @@
 
 The folder is re-scanned on demand rather than watched, so there is nothing to miss and
 nothing to set up when the folder appears later. Each scan is one pass of
-``routheon.mapping_check``: the same findings ``routheon mapping check`` prints, so there is
+``routheon.mappings.check``: the same findings ``routheon mapping check`` prints, so there is
 one definition of what is wrong with a folder. Errors are logged when they appear and when
 they go away, never once per request.
 """
@@ -17,26 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from routheon.mapping_check import ERROR, inspect_folder
-from routheon.mappings import Folder, MappingProblem
+from routheon.mappings.check import inspect_folder
+from routheon.mappings.folder import Finding, Folder
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Scan:
-    """One read of the mappings folder.
-
-    ``folder.files`` are the backends' files; ``folder.problems`` are the errors (Traefik
-    rejects the folder, disables a router or routes a key the wrong way until they are
-    fixed); ``warnings`` are findings that do not stop anything from working.
-    """
-
-    folder: Folder
-    warnings: tuple[MappingProblem, ...] = ()
-
-
-def scan_mappings(path: Path, skip: Sequence[re.Pattern[str]]) -> Scan:
+def scan_mappings(path: Path, skip: Sequence[re.Pattern[str]]) -> Folder:
     """Check the whole folder, but take backends only from the files ``skip`` does not name.
 
     ``skip`` (routheon-server.yml at least) is about *backends*: this server must not ask
@@ -46,17 +33,10 @@ def scan_mappings(path: Path, skip: Sequence[re.Pattern[str]]) -> Scan:
     without it would report every such reference as dangling. So findings cover every file.
     """
     checked = inspect_folder(path)
-    if not checked.exists:
-        return Scan(Folder(path, exists=False))
     usable = tuple(
         mapping for mapping in checked.files if not any(pattern.search(mapping.path.name) for pattern in skip)
     )
-    errors: list[MappingProblem] = []
-    warnings: list[MappingProblem] = []
-    for finding in checked.findings:
-        problem = MappingProblem(finding.path, finding.message, finding.line)
-        (errors if finding.severity == ERROR else warnings).append(problem)
-    return Scan(Folder(path, usable, tuple(errors)), tuple(warnings))
+    return Folder(checked.path, usable, checked.findings, checked.exists)
 
 
 class FolderWatch:
@@ -73,15 +53,12 @@ class FolderWatch:
         self._skip = tuple(skip)
         self._max_age = max_age
         self._clock = clock
-        self._scan: Scan | None = None
+        self._scan: Folder | None = None
         self._scanned_at = float("-inf")
-        self._rescanning: asyncio.Task[Scan] | None = None
+        self._rescanning: asyncio.Task[Folder] | None = None
 
     async def current(self) -> Folder:
-        """The files to take backends from (the same object until the folder is re-read)."""
-        return (await self.latest()).folder
-
-    async def latest(self) -> Scan:
+        """The files to take backends from, and the findings (the same object until the folder is re-read)."""
         if self._scan is not None and self._clock() - self._scanned_at < self._max_age:
             return self._scan
         if self._rescanning is None:
@@ -89,16 +66,16 @@ class FolderWatch:
         # shielded: a client hanging up must not cancel the scan other requests wait for
         return await asyncio.shield(self._rescanning)
 
-    async def _rescan(self) -> Scan:
+    async def _rescan(self) -> Folder:
         try:
             try:
                 fresh = await asyncio.to_thread(scan_mappings, self.path, self._skip)
             except OSError as exc:  # e.g. a folder we may not list: report it like a broken file
-                fresh = Scan(Folder(self.path, problems=(MappingProblem(self.path, f"cannot list folder: {exc}"),)))
+                fresh = Folder(self.path, findings=(Finding(self.path, f"cannot list folder: {exc}"),))
             except Exception as exc:  # a scan bug must not take /v1/models and /health down with it
                 log.exception("scanning %s failed", self.path)
-                fresh = Scan(Folder(self.path, problems=(MappingProblem(self.path, f"cannot scan folder: {exc}"),)))
-            self._report_changes(self._scan.folder if self._scan else None, fresh.folder)
+                fresh = Folder(self.path, findings=(Finding(self.path, f"cannot scan folder: {exc}"),))
+            self._report_changes(self._scan, fresh)
             self._scan, self._scanned_at = fresh, self._clock()
             return fresh
         finally:
@@ -110,8 +87,8 @@ class FolderWatch:
         elif after.exists and before is not None and not before.exists:
             log.info("mappings folder %s appeared", self.path)
         # identified without the line, so an edit above a problem does not report it again
-        old = {(p.path.name, p.message): p for p in before.problems} if before else {}
-        new = {(p.path.name, p.message): p for p in after.problems}
+        old = {(p.path, p.message): p for p in before.errors} if before else {}
+        new = {(p.path, p.message): p for p in after.errors}
         for identity, problem in new.items():
             if identity not in old:
                 log.warning("mapping error: %s", problem)

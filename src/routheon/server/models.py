@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from routheon.mappings import Folder
+from routheon.mappings.folder import Folder
 from routheon.server.discovery import FolderWatch
 
 log = logging.getLogger(__name__)

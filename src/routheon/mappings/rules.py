@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from routheon.keys import validate_key
+from routheon.mappings.keys import validate_key
 
 AUTH_HEADER = "Authorization"
 SCHEME = "Bearer "

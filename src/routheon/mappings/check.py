@@ -14,103 +14,61 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-
-from routheon.keys import InvalidKeyError, validate_key
-from routheon.mappings import (
-    ERRORS_MIDDLEWARE,
-    HEALTH_PATH,
-    KeyLines,
-    MappingFile,
-    MappingFormatError,
-    is_mapping_name,
-    parse_mapping,
-    read_mapping_text,
-)
-from routheon.rules import selects_by_key, rule_keys
-
-ERROR = "error"
-WARNING = "warning"
+from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_folder
+from routheon.mappings.format import ERRORS_MIDDLEWARE, HEALTH_PATH, KeyLines, MappingFile
+from routheon.mappings.keys import InvalidKeyError, validate_key
+from routheon.mappings.rules import rule_keys, selects_by_key
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One problem: where it is, how bad it is, and what to do about it."""
-
-    path: Path
-    message: str
-    severity: str = ERROR
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line else str(self.path)
-        return f"{where}: {self.severity}: {self.message}"
-
-
-def _check_file(path: Path) -> tuple[MappingFile | None, KeyLines | None, list[Finding]]:
-    findings: list[Finding] = []
-    try:
-        text, mode = read_mapping_text(path)
-    except FileNotFoundError:
-        return None, None, []  # removed (or rotated) since the folder was listed: nothing to check
-    except MappingFormatError as exc:
-        return None, None, [Finding(path, str(exc))]
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, None, [Finding(path, f"cannot read: {exc}")]
-    try:
-        mapping = parse_mapping(text, path)
-    except MappingFormatError as exc:
-        return None, None, [Finding(path, str(exc), line=exc.line)]
-    lines = KeyLines(text)
-    for dotted, duplicate_line in lines.duplicates:
-        findings.append(Finding(path, f"{dotted} is defined twice; Traefik rejects the file", line=duplicate_line))
-    for number, content in enumerate(text.splitlines(), start=1):
+def _file_findings(mapping: MappingFile, lines: KeyLines) -> list[Finding]:
+    """What is wrong inside one file that parsed."""
+    path = mapping.path
+    findings = [
+        Finding(path, f"{dotted} is defined twice; Traefik rejects the file", line=line, rejects=True)
+        for dotted, line in lines.duplicates
+    ]
+    for number, content in enumerate(mapping.text.splitlines(), start=1):
         if "{{" in content:
-            findings.append(
-                Finding(path, "'{{' starts a Go template: Traefik rewrites it before reading the file", line=number)
+            message = (
+                "'{{' starts a Go template: Traefik expands it before reading the file, Routheon reads"
+                " the file as written"
             )
-    if mapping.key_clauses() and mode & 0o004:
+            findings.append(Finding(path, message, WARNING, number))
+    if mapping.key_clauses() and mapping.mode & 0o004:
         findings.append(Finding(path, "holds API keys but every user can read it (chmod o-rwx)", WARNING))
     for router in mapping.routers:
-        line = lines.get("http", "routers", router.name)
-        clauses = rule_keys(router.rule)
-        if clauses is None:
-            if selects_by_key(router.rule):
-                findings.append(
-                    Finding(
-                        path, f"router {router.name!r}: rule not understood, its keys are not checked", WARNING, line
-                    )
-                )
-            continue
-        for clause in clauses:
-            if clause.regex and not clause.literal:
-                findings.append(
-                    Finding(
-                        path,
-                        f"router {router.name!r}: HeaderRegexp rule reads the key as a regular expression,"
-                        " so other keys match it too; rewrite it with `routheon mapping add`",
-                        ERROR,
-                        line,
-                    )
-                )
-            elif clause.regex:
-                findings.append(
-                    Finding(
-                        path,
-                        f"router {router.name!r}: seed-format HeaderRegexp rule; it works for this key,"
-                        " but Header(`Authorization`, `Bearer KEY`) matches keys literally",
-                        WARNING,
-                        line,
-                    )
-                )
-            else:
-                try:
-                    validate_key(clause.key)
-                except InvalidKeyError as exc:
-                    findings.append(Finding(path, f"router {router.name!r}: {exc}", ERROR, line))
-    return mapping, lines, findings
+        findings += _rule_findings(path, router.name, router.rule, lines.get("http", "routers", router.name))
+    return findings
+
+
+def _rule_findings(path: Path, router: str, rule: str, line: int | None) -> list[Finding]:
+    clauses = rule_keys(rule)
+    if clauses is None:
+        if selects_by_key(rule):
+            return [Finding(path, f"router {router!r}: rule not understood, its keys are not checked", WARNING, line)]
+        return []
+    findings = []
+    for clause in clauses:
+        if clause.regex and not clause.literal:
+            message = (
+                f"router {router!r}: HeaderRegexp rule reads the key as a regular expression,"
+                " so other keys match it too; rewrite it with `routheon mapping add`"
+            )
+            findings.append(Finding(path, message, ERROR, line))
+        elif clause.regex:
+            message = (
+                f"router {router!r}: seed-format HeaderRegexp rule; it works for this key,"
+                " but Header(`Authorization`, `Bearer KEY`) matches keys literally"
+            )
+            findings.append(Finding(path, message, WARNING, line))
+        else:
+            try:
+                validate_key(clause.key)
+            except InvalidKeyError as exc:
+                findings.append(Finding(path, f"router {router!r}: {exc}", ERROR, line))
+    return findings
 
 
 Checked = list[tuple[MappingFile, KeyLines]]
@@ -239,49 +197,20 @@ def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
     ]
 
 
-@dataclass(frozen=True)
-class FolderCheck:
-    """One read of a folder: its findings, and the files that parsed along the way.
-
-    routheon-server needs both every couple of seconds; getting the parsed files from the
-    same pass spares it reading and parsing the folder a second time.
-    """
-
-    exists: bool
-    files: tuple[MappingFile, ...]
-    findings: tuple[Finding, ...]
-
-
-def inspect_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> FolderCheck:
-    """Check every file of ``folder``, as ``check_folder`` does, keeping the parsed files."""
-    folder = Path(folder)
-    missing = FolderCheck(False, (), (Finding(folder, "the mappings folder does not exist"),))
-    if not folder.is_dir():
-        return missing
-    try:
-        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-    except FileNotFoundError:  # removed since is_dir() looked
-        return missing
-    findings: list[Finding] = []
-    checked: Checked = []
-    for entry in entries:
-        path = Path(entry.path)
-        if entry.is_dir():
-            findings.append(
-                Finding(path, "Traefik also reads the files in this subfolder; they are not checked", WARNING)
-            )
-        elif entry.name.lower().endswith(".toml"):
-            findings.append(Finding(path, "Traefik reads this TOML file; it is not checked", WARNING))
-        elif is_mapping_name(entry.name):
-            mapping, lines, problems = _check_file(path)
-            findings += problems
-            if mapping is not None and lines is not None:
-                checked.append((mapping, lines))
+def inspect_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> Folder:
+    """Read ``folder`` as Traefik does and add every finding: per file, across files, backends."""
+    read = read_folder(folder)
+    if not read.exists:
+        return read
+    checked: Checked = [(mapping, KeyLines(mapping.text)) for mapping in read.files]
+    findings = list(read.findings)
+    for mapping, lines in checked:
+        findings += _file_findings(mapping, lines)
     findings += _cross_file(checked)
     if connect:
         findings += _connect_findings(checked, timeout)
-    findings.sort(key=lambda finding: (finding.path.name, finding.line or 0))
-    return FolderCheck(True, tuple(mapping for mapping, _ in checked), tuple(findings))
+    findings.sort(key=lambda finding: (str(finding.path), finding.line or 0))
+    return Folder(read.path, read.files, tuple(findings))
 
 
 def check_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> list[Finding]:

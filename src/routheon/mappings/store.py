@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from routheon.mappings import (
+from routheon.mappings.folder import read_folder
+from routheon.mappings.format import (
     ERRORS_MIDDLEWARE,
     MappingFile,
     MappingFormatError,
@@ -31,10 +32,9 @@ from routheon.mappings import (
     parse_mapping,
     parse_rendered,
     render_mapping,
-    scan_folder,
     validate_service_name,
 )
-from routheon.rules import join_clauses, rule_keys
+from routheon.mappings.rules import join_clauses, rule_keys
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _restrict_mode(path: Path) -> bool:
 
 
 def _parsed_files(folder: Path) -> list[MappingFile]:
-    return list(scan_folder(folder).files)
+    return list(read_folder(folder).files)
 
 
 def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[str, Any] | None:

@@ -1,29 +1,23 @@
-"""The Traefik mapping file format: the one place that knows how a mapping is read.
+"""The Traefik mapping file format: what one file says, and the text Routheon writes.
 
-A mappings folder is Traefik's file-provider directory. Every ``*.yml``/``*.yaml`` file in it
-holds routers (one API key each) and services (the llama-server URLs). routheon-server, the
-``routheon`` CLI and create-mapping.sh all go through this module, so there is a single
-definition of what a valid mapping is.
+A mapping file holds routers (the API keys, in their rules), services (the llama-server URLs)
+and middlewares. ``routheon.mappings.folder`` reads a folder of them, ``store`` writes them,
+``check`` and ``verdict`` say whether Traefik will route them as intended.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import re
-import stat
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from routheon.keys import validate_key
-from routheon.rules import KeyClause, header_rule, rule_keys
-
-log = logging.getLogger(__name__)
+from routheon.mappings.keys import validate_key
+from routheon.mappings.rules import KeyClause, header_rule, rule_keys
 
 MAPPING_SUFFIXES = (".yml", ".yaml")
 ENTRY_POINT = "llama-servers"
@@ -54,24 +48,63 @@ class MappingFormatError(ValueError):
         self.where = where
 
 
+# Traefik reads only the first YAML document of a file; the ones after a `---` are ignored.
+def first_document(text: str) -> yaml.Node | None:
+    """The node tree of the first document of ``text`` (YAMLError when it does not parse)."""
+    for root in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        return root
+    return None
+
+
+# Go's YAML reader (Traefik's) refuses documents whose aliases expand them far beyond their
+# size; a 400-byte "billion laughs" file would otherwise expand to billions of nodes here.
+MAX_EXPANDED_NODES = 100_000
+
+
+def expanded_size(root: yaml.Node) -> int:
+    """How many nodes the tree has with every alias expanded, computed without expanding."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        total = 1 + sum(size(child) for child in children)
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
 class KeyLines:
     """The line of every mapping key of a YAML text, and the keys a mapping repeats.
 
     PyYAML forgets lines once a document is loaded and silently keeps the last of two equal
-    keys, which Go's YAML reader (Traefik's) rejects; the node tree keeps both facts.
+    keys, which Go's YAML reader (Traefik's) rejects; the node tree keeps both facts. Each
+    node is visited once, so aliases cost nothing.
     """
 
     def __init__(self, text: str) -> None:
         self.lines: dict[tuple[str, ...], int] = {}
         self.duplicates: list[tuple[str, int]] = []
+        self._seen: set[int] = set()
         try:
-            root = yaml.compose(text)
+            root = first_document(text)
             if root is not None:
                 self._walk(root, ())
         except (yaml.YAMLError, RecursionError):
             pass  # the parse itself reports what is wrong with such a text
 
     def _walk(self, node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in self._seen:
+            return
+        self._seen.add(id(node))
         if isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 self._walk(item, (*path, f"[{index}]"))
@@ -120,6 +153,9 @@ class MappingFile:
     middlewares: tuple[str, ...] = ()
     # the middlewares above that read whole request bodies before proxying, streams unbuffered
     body_readers: tuple[str, ...] = ()
+    # what the file was read from, for the checks that need lines and permissions
+    text: str = field(default="", repr=False, compare=False)
+    mode: int = field(default=0, compare=False)
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -128,37 +164,6 @@ class MappingFile:
     def key_clauses(self) -> list[tuple[Router, KeyClause]]:
         """Every key this file routes, with the router that holds it."""
         return [(router, clause) for router in self.routers for clause in rule_keys(router.rule) or ()]
-
-
-@dataclass(frozen=True)
-class MappingProblem:
-    """A file in the folder that could not be used, with the reason and (if known) the line."""
-
-    path: Path
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line else str(self.path)
-        return f"{where}: {self.message}"
-
-
-@dataclass(frozen=True)
-class Folder:
-    """The usable mapping files of a folder and the files that are broken."""
-
-    path: Path
-    files: tuple[MappingFile, ...] = ()
-    problems: tuple[MappingProblem, ...] = ()
-    exists: bool = True
-
-    def backend_urls(self) -> list[str]:
-        """Every distinct backend URL, in file order, without a trailing slash."""
-        seen: dict[str, None] = {}
-        for mapping in self.files:
-            for url in mapping.urls:
-                seen.setdefault(url.rstrip("/"), None)
-        return list(seen)
 
 
 @dataclass(frozen=True)
@@ -291,15 +296,6 @@ def parse_rendered(text: str, spec: MappingSpec, path: Path) -> MappingFile:
     return mapping
 
 
-def is_mapping_name(name: str) -> bool:
-    """Whether Traefik's file provider reads this file as YAML (rotated ``.bak.*`` files it skips).
-
-    Traefik goes by the extension alone, case-insensitively, hidden files included; it also
-    reads ``*.toml``, which Routheon never writes and ``routheon mapping check`` reports.
-    """
-    return name.lower().endswith(MAPPING_SUFFIXES)
-
-
 def _tuple_of_str(value: Any, what: str, where: tuple[str, ...]) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -377,9 +373,20 @@ def parse_mapping(text: str, path: Path) -> MappingFile:
         raise
 
 
+def _load_first_document(text: str) -> Any:
+    root = first_document(text)
+    if root is None:
+        return None
+    if expanded_size(root) > MAX_EXPANDED_NODES:
+        raise MappingFormatError(
+            f"not a Traefik mapping: its aliases expand it to more than {MAX_EXPANDED_NODES} nodes"
+        )
+    return yaml.SafeLoader("").construct_document(root)
+
+
 def _parse_document(text: str, path: Path) -> MappingFile:
     try:
-        document = yaml.safe_load(text)
+        document = _load_first_document(text)
     except RecursionError:
         raise MappingFormatError("not a Traefik mapping: nested too deeply to read") from None
     except yaml.YAMLError as exc:
@@ -387,12 +394,12 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         problem = getattr(exc, "problem", None) or str(exc)
         raise MappingFormatError(f"not valid YAML: {problem}", mark.line + 1 if mark else None) from None
     if document is None:
-        return MappingFile(path)
+        return MappingFile(path, text=text)
     if not isinstance(document, dict):
         raise MappingFormatError("not a Traefik mapping: the top level must be a mapping")
     http = document.get("http")
     if http is None:
-        return MappingFile(path)
+        return MappingFile(path, text=text)
     if not isinstance(http, dict):
         raise MappingFormatError("not a Traefik mapping: 'http' must be a mapping")
     middlewares = http.get("middlewares")
@@ -406,6 +413,7 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         _parse_services(http.get("services")),
         tuple(str(name) for name in middlewares or ()),
         tuple(str(name) for name, body in (middlewares or {}).items() if _reads_request_body_whole(body)),
+        text,
     )
 
 
@@ -423,82 +431,3 @@ def _reads_request_body_whole(middleware: Any) -> bool:
         and bool(retry.get("status"))
         and retry.get("retryNonIdempotentMethod") is True
     )
-
-
-def mapping_paths(folder: Path, skip: Sequence[re.Pattern[str]] = ()) -> list[Path]:
-    """The files of ``folder`` that Traefik reads, minus names matching a ``skip`` pattern."""
-    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file())
-    return [
-        folder / name
-        for name in names
-        if is_mapping_name(name) and not any(pattern.search(name) for pattern in skip)
-    ]
-
-
-MAX_MAPPING_BYTES = 1024 * 1024
-
-
-def read_mapping_text(path: Path) -> tuple[str, int]:
-    """The text of a mapping file and its permission bits, refusing what is not a plain file.
-
-    A FIFO or a device named ``*.yml`` would otherwise block or flood every reader of the
-    folder (routheon-server's scan included); no real mapping comes near the size cap.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as handle:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise MappingFormatError("not a regular file")
-        data = handle.read(MAX_MAPPING_BYTES + 1)
-    if len(data) > MAX_MAPPING_BYTES:
-        raise MappingFormatError(f"larger than {MAX_MAPPING_BYTES} bytes: not a mapping file")
-    return data.decode("utf-8"), stat.S_IMODE(status.st_mode)
-
-
-def read_mapping(path: Path) -> MappingFile:
-    """Read and parse one file; OSError and MappingFormatError propagate."""
-    return parse_mapping(read_mapping_text(path)[0], path)
-
-
-def scan_folder(folder: str | os.PathLike[str], skip: Iterable[re.Pattern[str]] = ()) -> Folder:
-    """Parse every mapping file of ``folder``; a broken file becomes a problem, never an exception."""
-    path = Path(folder)
-    try:
-        paths = mapping_paths(path, tuple(skip))
-    except FileNotFoundError:
-        return Folder(path, exists=False)
-    files: list[MappingFile] = []
-    problems: list[MappingProblem] = []
-    for file_path in paths:
-        try:
-            files.append(read_mapping(file_path))
-        except MappingFormatError as exc:
-            problems.append(MappingProblem(file_path, str(exc), exc.line))
-        except FileNotFoundError:
-            continue  # removed or rotated since the folder was listed
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(MappingProblem(file_path, f"cannot read: {exc}"))
-    return Folder(path, tuple(files), tuple(problems))
-
-
-__all__ = [
-    "ENTRY_POINT",
-    "ERRORS_MIDDLEWARE",
-    "Folder",
-    "KeyLines",
-    "MappingFile",
-    "MappingFormatError",
-    "MappingProblem",
-    "MappingSpec",
-    "Router",
-    "Service",
-    "is_mapping_name",
-    "mapping_paths",
-    "parse_mapping",
-    "parse_rendered",
-    "read_mapping",
-    "render_mapping",
-    "scan_folder",
-    "validate_service_name",
-    "validate_url",
-]
