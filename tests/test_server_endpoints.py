@@ -61,8 +61,10 @@ def problems(server: Server) -> dict[str, str]:
 def test_health_names_broken_files(tmp_path: Path, folder: Path) -> None:
     write_mapping(folder, "good.yml", "http://127.0.0.1:1").chmod(0o644)
     with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+        assert eventually(lambda: health(server)["mappings"]["traefik"]["state"] == "applied")
         healthy = health(server)
         assert healthy["status"] == "ok"
+        assert healthy["mappings"].pop("traefik")["version"]
         warnings = healthy["mappings"].pop("warnings")
         assert {warning["file"] for warning in warnings} == {"good.yml"}
         assert any("every user can read it" in warning["message"] for warning in warnings)
@@ -211,3 +213,17 @@ def test_signals_stop_cleanly(tmp_path: Path, folder: Path, sig: signal.Signals)
         request(f"{server.base}/v1/models")
         assert server.proc.stop(sig) == 0
     assert "Traceback" not in server.proc.log()
+
+
+def test_health_carries_traefiks_own_verdict(tmp_path: Path, folder: Path) -> None:
+    """A misspelt middleware type: Routheon's reader sees nothing wrong, Traefik rejects the folder."""
+    write_router(folder, "a", key_rule("KEY-a"))
+    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+        assert eventually(lambda: health(server)["mappings"]["traefik"]["state"] == "applied")
+        assert health(server)["status"] == "ok"
+        (folder / "limits.yml").write_text("http:\n  middlewares:\n    slow:\n      rateLimiter:\n        average: 5\n")
+        assert eventually(lambda: health(server)["mappings"]["traefik"]["state"] == "rejected")
+        answer = health(server)
+        assert answer["status"] == "degraded"
+        assert "field not found, node: rateLimiter" in answer["mappings"]["traefik"]["reason"]
+        assert any("rejects the whole folder" in problem["message"] for problem in answer["mappings"]["problems"])

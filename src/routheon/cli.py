@@ -21,6 +21,7 @@ from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, 
 from routheon.mappings.rules import rule_keys
 from routheon.mappings.verdict import (
     DEFAULT_TIMEOUT,
+    DEFAULT_TRAEFIK_CONFIG,
     TRAEFIK_ENV,
     Changes,
     VerdictUnavailable,
@@ -39,7 +40,6 @@ from routheon.mappings.store import (
 )
 
 DEFAULT_MAPPINGS = "/etc/traefik/mappings"
-DEFAULT_TRAEFIK_CONFIG = "/etc/traefik/traefik.yml"
 DEFAULT_HOST = "http://127.0.0.1"
 
 log = logging.getLogger("routheon")

@@ -43,6 +43,7 @@ from routheon.mappings.rules import rule_keys, selects_by_key
 log = logging.getLogger(__name__)
 
 TRAEFIK_ENV = "ROUTHEON_TRAEFIK"
+DEFAULT_TRAEFIK_CONFIG = "/etc/traefik/traefik.yml"
 DEFAULT_TIMEOUT = 20.0
 _COPY_NAME = "mappings"
 _REJECTED = "Cannot start the provider *file.Provider"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +15,8 @@ from aiohttp import web
 
 from routheon import __version__
 from routheon.mappings.folder import Finding
+from routheon.mappings.format import ENTRY_POINT
+from routheon.mappings.verdict import DEFAULT_TRAEFIK_CONFIG, VerdictUnavailable, entry_points_of, find_traefik
 from routheon.server import errors
 from routheon.server.config import ServerConfig
 from routheon.server.discovery import FolderWatch
@@ -100,6 +103,7 @@ async def health(request: web.Request) -> web.Response:
                 "files": len(folder.files),
                 "problems": [_problem_json(problem, folder.path) for problem in folder.errors],
                 "warnings": [_problem_json(problem, folder.path) for problem in folder.warnings],
+                "traefik": dataclasses.asdict(request.app[FOLDER].verdict),
             },
         }
     )
@@ -117,7 +121,15 @@ async def error_page(request: web.Request) -> web.Response:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Start what the handlers share (HTTP client, folder scan, CPU sampler); stop it after."""
     config = app[CONFIG]
-    folder = FolderWatch(config.mappings, config.skip_mapping, max_age=TTL)
+    traefik = None if config.traefik == "none" else find_traefik(config.traefik)
+    try:
+        entry_points = entry_points_of(Path(DEFAULT_TRAEFIK_CONFIG))
+    except VerdictUnavailable as exc:
+        log.warning("%s; judging the folder with the entry point %s", exc, ENTRY_POINT)
+        entry_points = (ENTRY_POINT,)
+    if traefik is None and config.traefik != "none":
+        log.warning("no traefik binary found: /health reports what Routheon's reader finds, without Traefik's verdict")
+    folder = FolderWatch(config.mappings, config.skip_mapping, max_age=TTL, traefik=traefik, entry_points=entry_points)
     # no pool limit: a queue for a free connection would eat into the per-backend timeout;
     # the timeout itself is applied per backend by the catalog
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None))

@@ -42,6 +42,8 @@ class ServerConfig:
     mapping_timeout: float = DEFAULT_MAPPING_TIMEOUT
     stats_config_file: Path | None = None
     log_level: str = DEFAULT_LOG_LEVEL
+    # the traefik binary that judges the folder for /health: None finds one, "none" turns it off
+    traefik: str | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"logging threshold, one of {', '.join(LOG_LEVELS)}; INFO adds one access-log line per "
         "request (default: %(default)s)",
     )
+    parser.add_argument(
+        "--traefik",
+        metavar="PATH",
+        help="the traefik binary that /health asks whether it applies the mappings folder, whenever"
+        " the folder's files change (default: $ROUTHEON_TRAEFIK, else traefik on PATH or beside this"
+        " Python; 'none': no verdict)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -160,4 +169,5 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         mapping_timeout=args.mapping_timeout,
         stats_config_file=args.stats_config_file,
         log_level=args.log_level,
+        traefik=args.traefik,
     )
