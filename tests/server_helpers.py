@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +81,16 @@ class Server:
 
 
 @contextmanager
-def running_server(tmp: Path, args: Sequence[str], binary: Path = SERVER_BIN) -> Iterator[Server]:
-    """Start a routheon-server binary on a free port with ``args``; stop it afterwards."""
+def running_server(
+    tmp: Path,
+    args: Sequence[str],
+    binary: Path = SERVER_BIN,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Server]:
+    """Start a routheon-server binary on a free port with ``args`` (and ``env`` added); stop it afterwards."""
     port = free_port()
-    proc = Proc([str(binary), "--host", "127.0.0.1", "--port", str(port), *args], tmp / f"server-{port}.log")
+    argv = [str(binary), "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = Proc(argv, tmp / f"server-{port}.log", env=dict(env or {}))
     base = f"http://127.0.0.1:{port}"
     try:
         # the original has no /health; any HTTP answer (a 404 included) means it listens
