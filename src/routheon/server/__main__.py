@@ -43,7 +43,7 @@ async def serve(config: ServerConfig, stats_config: StatsConfig | None) -> int:
     try:
         assert runner.server is not None  # set by setup()
         # not web.SockSite: it would serve with aiohttp's own handler (see protocol.py)
-        listener = await loop.create_server(handler_factory(runner.server), sock=sock)
+        listener = await loop.create_server(handler_factory(runner.server, config.idle_timeout), sock=sock)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -1,4 +1,4 @@
-"""How a connection is served: requests aiohttp's parser rejects, and the access log.
+"""How a connection is served: its idle time limit, requests aiohttp's parser rejects, the access log.
 
 aiohttp answers a request its HTTP parser rejects (a control character or a bare LF in a
 header, a line over the size limit, a bad method...) without calling the application, so the
@@ -109,16 +109,23 @@ class RequestHandler(web.RequestHandler):
         return response
 
 
-def handler_factory(server: web.Server) -> Callable[[], RequestHandler]:
+def handler_factory(server: web.Server, idle_timeout: float) -> Callable[[], RequestHandler]:
     """The protocol factory for ``loop.create_server``: one ``RequestHandler`` per connection.
 
     ``web.AppRunner`` would build aiohttp's own handler; ``server`` (the runner's) still
     tracks the connections, so the runner's cleanup closes them as before.
+
+    ``idle_timeout`` is aiohttp's ``keepalive_timeout``, which closes a connection that has no
+    complete request for that long: idle since it was opened, idle between requests, or still
+    sending its request line and headers (aiohttp has no separate limit for reading headers).
+    The first of these needs an aiohttp with aio-libs/aiohttp#13681 (3.14.5 has it): before,
+    the timer only started after the first answer.
     """
     return partial(
         RequestHandler,
         server,
         loop=asyncio.get_running_loop(),
+        keepalive_timeout=idle_timeout,
         access_log_class=AccessLog,
         max_line_size=MAX_LINE,
         max_field_size=MAX_LINE,
