@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +80,32 @@ class Server:
     proc: Proc
 
 
+# Starts the program named by its arguments with the open-files limit given first (a
+# wrapper, since Proc takes no preexec_fn).
+_WITH_FILE_LIMIT = (
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]),) * 2); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
 @contextmanager
-def running_server(tmp: Path, args: Sequence[str], binary: Path = SERVER_BIN) -> Iterator[Server]:
-    """Start a routheon-server binary on a free port with ``args``; stop it afterwards."""
+def running_server(
+    tmp: Path,
+    args: Sequence[str],
+    binary: Path = SERVER_BIN,
+    env: Mapping[str, str] | None = None,
+    max_files: int | None = None,
+) -> Iterator[Server]:
+    """Start a routheon-server binary on a free port with ``args``; stop it afterwards.
+
+    ``env`` is added to the environment; ``max_files`` limits the number of open files.
+    """
     port = free_port()
-    proc = Proc([str(binary), "--host", "127.0.0.1", "--port", str(port), *args], tmp / f"server-{port}.log")
+    argv = [str(binary), "--host", "127.0.0.1", "--port", str(port), *args]
+    if max_files is not None:
+        argv = [sys.executable, "-c", _WITH_FILE_LIMIT, str(max_files), *argv]
+    proc = Proc(argv, tmp / f"server-{port}.log", env=dict(env or {}))
     base = f"http://127.0.0.1:{port}"
     try:
         # the original has no /health; any HTTP answer (a 404 included) means it listens

@@ -36,6 +36,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
         (["--log-level", "LOUD"], ["--log-level", "LOUD"]),
         (["--mapping-timeout", "-1"], ["--mapping-timeout"]),
         (["--mapping-timeout", "nan"], ["--mapping-timeout"]),
+        (["--idle-timeout", "0"], ["--idle-timeout"]),
         (["--skip-mapping", "(unclosed"], ["--skip-mapping"]),
         (["--no-such-flag"], ["--no-such-flag"]),
     ],
@@ -105,6 +106,7 @@ def test_version_and_help() -> None:
         ("--port", "9080"),
         ("--skip-mapping", "routheon-server.yml"),
         ("--mapping-timeout", "2"),
+        ("--idle-timeout", "15"),
         ("--stats-config-file", ""),
         ("--log-level", "WARNING"),
     ]:

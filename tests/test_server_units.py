@@ -6,10 +6,13 @@ import asyncio
 import json
 import logging
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
-from routheon.server import errors, stats
+from routheon.server import errors, protocol, stats
 from routheon.server.models import BackendError, merge, parse_models_answer
 from routheon.server.stats import StatsConfig, StatsConfigError, collect, parse_stats_config, system_identity
 
@@ -177,3 +180,18 @@ class TestErrors:
     def test_unnamed_status_still_has_a_body(self) -> None:
         error = errors.for_status(599)
         assert error.body()["error"]["type"] == "server_error" and error.body()["error"]["message"]
+
+
+def test_an_exception_past_the_middleware_is_an_openai_error(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp's own answer would be plain text; the log keeps the traceback, not the query."""
+
+    async def scenario() -> web.StreamResponse:
+        handler = protocol.RequestHandler(mock.Mock(), loop=asyncio.get_running_loop())
+        request = make_mocked_request("GET", "/v1/models?api_key=sk-SECRET")
+        return handler.handle_error(request, 500, RuntimeError("boom"))
+
+    with caplog.at_level(logging.INFO):
+        response = asyncio.run(scenario())
+    assert isinstance(response, web.Response) and response.content_type == "application/json"
+    assert response.status == 500 and json.loads(response.body)["error"]["type"] == "server_error"
+    assert "boom" in caplog.text and "sk-SECRET" not in caplog.text

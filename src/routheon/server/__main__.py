@@ -16,11 +16,11 @@ from aiohttp import web
 
 from routheon.server.app import create_app
 from routheon.server.config import EXIT_USAGE, PROG, ServerConfig, parse_args
+from routheon.server.protocol import handler_factory
 from routheon.server.stats import StatsConfig, StatsConfigError, load_stats_config
 
 log = logging.getLogger("routheon.server")
 
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 SHUTDOWN_GRACE = 5.0
 
 
@@ -36,22 +36,23 @@ async def serve(config: ServerConfig, stats_config: StatsConfig | None) -> int:
         sock = socket.create_server((config.host, config.port), family=family)
     except OSError as exc:
         return _fail(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", 1)
-    runner = web.AppRunner(
-        create_app(config, stats_config),
-        access_log_format=ACCESS_LOG_FORMAT,
-        shutdown_timeout=SHUTDOWN_GRACE,
-    )
+    runner = web.AppRunner(create_app(config, stats_config), shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    listener: asyncio.Server | None = None
     try:
-        await web.SockSite(runner, sock).start()
+        assert runner.server is not None  # set by setup()
+        # not web.SockSite: it would serve with aiohttp's own handler (see protocol.py)
+        listener = await loop.create_server(handler_factory(runner.server, config.idle_timeout), sock=sock)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("listening on http://%s:%d, mappings from %s", config.host, config.port, config.mappings)
         await stop.wait()
         log.info("shutting down")
     finally:
+        if listener is not None:
+            listener.close()  # stop accepting; the runner's cleanup then ends the connections
         await runner.cleanup()
     return 0
 

@@ -24,6 +24,13 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9080
 DEFAULT_SKIP = "routheon-server.yml"
 DEFAULT_MAPPING_TIMEOUT = 2.0
+# How long a connection may go without a complete request before it is closed. Without a
+# limit (aiohttp's default is an hour) idle connections pile up until the server runs out of
+# file descriptors and accepts no more, Traefik's included. 15 s still lets a client that
+# asks every few seconds keep its connection; Traefik keeps idle ones up to 90 s but opens a
+# new one (well under a millisecond on loopback) when this server has closed one. The same
+# limit cuts off a client that sends its request headers a byte at a time.
+DEFAULT_IDLE_TIMEOUT = 15.0
 DEFAULT_LOG_LEVEL = "WARNING"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -40,6 +47,7 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     skip_mapping: tuple[re.Pattern[str], ...] = field(default=(re.compile(DEFAULT_SKIP),))
     mapping_timeout: float = DEFAULT_MAPPING_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     stats_config_file: Path | None = None
     log_level: str = DEFAULT_LOG_LEVEL
     # the traefik binary that judges the folder for /health: None finds one, "none" turns it off
@@ -133,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         "slower than this is left out of the answer (default: %(default)s)",
     )
     parser.add_argument(
+        "--idle-timeout",
+        type=_timeout,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that has sent no complete request for this long: idle since it "
+        "was opened or since its last answer, or sending its request too slowly (not in 1.0.6/1.0.7; "
+        "default: %(default)s)",
+    )
+    parser.add_argument(
         "--stats-config-file",
         type=Path,
         metavar="FILE",
@@ -167,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         port=args.port,
         skip_mapping=(re.compile(DEFAULT_SKIP), *(args.skip_mapping or ())),
         mapping_timeout=args.mapping_timeout,
+        idle_timeout=args.idle_timeout,
         stats_config_file=args.stats_config_file,
         log_level=args.log_level,
         traefik=args.traefik,

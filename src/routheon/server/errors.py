@@ -106,6 +106,11 @@ def model_not_found(model_id: str) -> ApiError:
     return ApiError(404, f"The model '{model_id}' does not exist", INVALID_REQUEST, "model_not_found")
 
 
+def malformed_request(status: int, reason: str) -> ApiError:
+    """A request aiohttp's HTTP parser rejected; ``reason`` must not quote the request."""
+    return ApiError(status, f"Malformed HTTP request: {reason}.", INVALID_REQUEST, "malformed_request")
+
+
 def internal_error() -> ApiError:
     return ApiError(500, "Internal server error; see the routheon-server log.", SERVER_ERROR, "internal_error")
 
