@@ -28,7 +28,7 @@ def routheon(folder: Path, *args: str, stdin: str | None = None) -> subprocess.C
 
 def keys_by_file(folder: Path) -> dict[str, list[str]]:
     return {
-        mapping.path.name: [clause.key for _, clause in mapping.key_clauses()] for mapping in read_folder(folder).files
+        mapping.path.name: mapping.keys() for mapping in read_folder(folder).files
     }
 
 
@@ -65,6 +65,7 @@ def test_several_keys_and_replicas_in_one_service(tmp_path: Path) -> None:
     assert keys_by_file(tmp_path) == {"alpha.yml": [KEY, "sk-second-0123456789abcd"]}
     assert read_folder(tmp_path).backend_urls() == urls
     assert "healthCheck" in (tmp_path / "alpha.yml").read_text()
+    (tmp_path / "routheon-server.yml").write_text((REPO / "traefik" / "mappings" / "routheon-server.yml").read_text())
     assert check_folder(tmp_path) == []
 
 
@@ -239,7 +240,10 @@ def test_check_reports_what_traefik_would_reject_or_misroute(tmp_path: Path) -> 
     (tmp_path / "template.yml").write_text("# {{ .Env }}\nhttp: {}\n")
     (tmp_path / "twice.yml").write_text("http:\n  routers: {}\n  routers: {}\n")
     text = "\n".join(findings(tmp_path))
-    assert "alpha.yml:5: error: router 'alpha': middleware 'routheon-errors' is not defined" in text
+    assert (
+        "alpha.yml:5: warning: router 'alpha': no file defines routheon-errors (routheon-server.yml is not in the"
+        " folder), so its keys route through 'alpha-without-error-pages', without OpenAI error pages"
+    ) in text
     assert "seed.yml:3: warning: router 'llama-server-1': seed-format HeaderRegexp" in text
     assert "pattern.yml:3: error: router 'pattern': HeaderRegexp rule reads the key as a regular expression" in text
     assert "dup.yml:3: error: router 'dup': an API key here is also routed by 'alpha' in alpha.yml" in text
@@ -277,10 +281,13 @@ def test_the_error_pages_file_cannot_be_removed_while_keys_use_it(tmp_path: Path
     assert (tmp_path / "routheon-server.yml").exists()
 
 
-def test_forcing_error_pages_without_their_definition_warns(tmp_path: Path) -> None:
-    result = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--error-pages")
-    assert result.returncode == 0 and "Traefik disables this router" in result.stderr
-    assert "middleware 'routheon-errors' is not defined" in "\n".join(findings(tmp_path))
+def test_keys_written_before_the_error_pages_say_so(tmp_path: Path) -> None:
+    result = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    assert result.returncode == 0 and "route without OpenAI error pages until routheon-server.yml" in result.stderr
+    assert "without OpenAI error pages" in "\n".join(findings(tmp_path))
+    bare = routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key", "sk-b-0123456789abcdef", "--no-error-pages")
+    assert bare.returncode == 0
+    assert "beta.yml:5: warning: router 'beta' does not use routheon-errors" in "\n".join(findings(tmp_path))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another group needs root")
@@ -318,8 +325,8 @@ def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -
     )
     text = "\n".join(findings(tmp_path))
     assert "copy.yaml:5: error: router 'alpha' is also defined in alpha.yml" in text
-    assert "copy.yaml:14: error: middleware 'alpha-request-body' is also defined in alpha.yml" in text
-    assert "copy.yaml:22: error: service 'alpha' is also defined in alpha.yml" in text
+    assert "copy.yaml:24: error: middleware 'alpha-request-body' is also defined in alpha.yml" in text
+    assert "copy.yaml:32: error: service 'alpha' is also defined in alpha.yml" in text
     assert "dangling.yml:3: error: router 'dangling': service 'nowhere' is not defined" in text
 
 

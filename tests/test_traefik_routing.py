@@ -189,17 +189,26 @@ def test_without_routheon_server_keys_still_route(tmp_path: Path) -> None:
     with Stack(tmp_path, with_server=False) as bare:
         backend = bare.start_backend("solo")
         bare.routheon("mapping", "add", "--service", "solo", "--url", backend.url, "--key", ALPHA_KEY)
-        assert "routheon-errors" not in (bare.mappings / "solo.yml").read_text()
         bare.wait_for(lambda: bare.backend_of(ALPHA_KEY) == "solo")
         unknown = bare.request("/v1/models", key="sk-nope-0123456789abcdef")
         assert unknown.status == 404 and "X-Backend" not in unknown.headers
-        # Why error pages are opt-in there: Traefik disables a router whose middleware is missing.
-        forced = ["mapping", "add", "--service", "forced", "--url", backend.url, "--key", BETA_KEY, "--error-pages"]
-        assert "Traefik disables this router" in bare.routheon(*forced).stderr
-        traefik = bare.traefik
-        assert traefik is not None
-        bare.wait_for(lambda: "routheon-errors@file" in traefik.log(), what="Traefik to read forced.yml")
-        assert bare.request("/v1/models", key=BETA_KEY).status == 404
+
+
+def test_error_pages_do_not_depend_on_the_order_files_arrive_in(stack: Stack) -> None:
+    """The original's production guide: key mappings first, routheon-server.yml copied in later."""
+    (stack.mappings / "routheon-server.yml").unlink()
+    stack.wait_for(lambda: stack.request("/", key="sk-nope-0123456789abcdef").status == 404, what="no catch-all")
+    backend = stack.start_backend("early")
+    stack.routheon("mapping", "add", "--service", "early", "--url", backend.url, "--key", ALPHA_KEY)
+    stack.wait_for(lambda: stack.backend_of(ALPHA_KEY) == "early")
+    backend.stop()
+    down = stack.request("/v1/models", key=ALPHA_KEY)
+    assert down.status in (502, 503) and down.body == b"Bad Gateway"
+    stack.install_server_mapping()
+    stack.wait_for(lambda: stack.request("/v1/models", key=ALPHA_KEY).body != b"Bad Gateway", what="error pages")
+    assert_openai_error(stack.request("/v1/models", key=ALPHA_KEY), down.status)
+    check = stack.routheon("mapping", "check", "--no-connect", check=False)
+    assert check.returncode == 0 and "without OpenAI error pages" not in check.stdout
 
 
 def test_backups_and_temporary_files_are_not_read_by_traefik(two_backends: Stack) -> None:

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from routheon import __version__
@@ -131,14 +132,15 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
         for warning in key_warnings(key):
             log.warning("%s", warning)
     folder = _folder_to_write(args.mappings)
+    spec = replace(spec, error_pages=args.error_pages)
     if args.error_pages and not defines_error_pages(read_folder(folder).files):
-        log.warning(
-            "no file in %s defines the %s middleware: Traefik disables this router (its keys do not route)"
-            " until routheon-server.yml is installed",
+        log.info(
+            "no file in %s defines the %s middleware yet: these keys route without OpenAI error pages"
+            " until routheon-server.yml is in the folder",
             folder,
             ERRORS_MIDDLEWARE,
         )
-    _report(add_mapping(folder, spec, replace=args.replace, error_pages=args.error_pages), folder)
+    _report(add_mapping(folder, spec, replace=args.replace), folder)
     if generated is not None:
         log.info("generated API key for %s (shown only now):", spec.service)
         print(generated)
@@ -152,9 +154,9 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
     rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
     for mapping in folder.files:
         urls = {service.name: service.urls for service in mapping.services}
-        keys_of: dict[str, list[str]] = {}
+        keys_of: dict[str, dict[str, None]] = {}  # a key once, also when two routers route it
         for router in mapping.routers:
-            keys_of.setdefault(router.service, []).extend(clause.key for clause in rule_keys(router.rule) or ())
+            keys_of.setdefault(router.service, {}).update(dict.fromkeys(clause.key for clause in rule_keys(router.rule) or ()))
         for service, keys in keys_of.items():
             rows.append(
                 (
@@ -324,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--error-pages",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="answer down backends with routheon-server's JSON errors (default: when the folder defines them)",
+        default=True,
+        help="answer down backends with routheon-server's OpenAI error objects whenever routheon-server.yml"
+        " is in the folder, whichever file comes first (default: on)",
     )
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
     _add_mappings_flag(add)

@@ -22,6 +22,8 @@ from routheon.mappings.format import (
     HEALTH_PATH,
     KeyLines,
     MappingFile,
+    Router,
+    fallback_router,
     without_template_comments,
 )
 from routheon.mappings.keys import InvalidKeyError, validate_key
@@ -119,7 +121,14 @@ def _dangling_references(checked: Checked, defined: Definitions) -> list[Finding
                 message = f"router {router.name!r}: service {router.service!r} is not defined"
                 findings.append(Finding(mapping.path, message, ERROR, line))
             for middleware in router.middlewares:
-                if "@" not in middleware and middleware not in defined["middlewares"]:
+                fallback = fallback_of(mapping, router)
+                if middleware == ERRORS_MIDDLEWARE and middleware not in defined["middlewares"] and fallback:
+                    message = (
+                        f"router {router.name!r}: no file defines {ERRORS_MIDDLEWARE} (routheon-server.yml is not in"
+                        f" the folder), so its keys route through {fallback.name!r}, without OpenAI error pages"
+                    )
+                    findings.append(Finding(mapping.path, message, WARNING, line))
+                elif "@" not in middleware and middleware not in defined["middlewares"]:
                     message = (
                         f"router {router.name!r}: middleware {middleware!r} is not defined,"
                         " so Traefik disables this router and its keys do not route"
@@ -128,14 +137,31 @@ def _dangling_references(checked: Checked, defined: Definitions) -> list[Finding
     return findings
 
 
-def _key_router_warnings(checked: Checked, error_pages: bool) -> list[Finding]:
+def fallback_of(mapping: MappingFile, router: Router) -> Router | None:
+    """The router of the same file that routes ``router``'s keys while its error pages are missing."""
+    for other in mapping.routers:
+        if (
+            other.name == fallback_router(router.name)
+            and other.service == router.service
+            and rule_keys(other.rule) is not None
+            and rule_keys(other.rule) == rule_keys(router.rule)
+        ):
+            return other
+    return None
+
+
+def _is_fallback(mapping: MappingFile, router: Router) -> bool:
+    return any(fallback_of(mapping, other) == router for other in mapping.routers)
+
+
+def _key_router_warnings(checked: Checked) -> list[Finding]:
     """Key routers that lack what Routheon-written ones have: error pages, whole request bodies."""
     readers = {name for mapping, _ in checked for name in mapping.body_readers}
     findings: list[Finding] = []
     for mapping, lines in checked:
         for router in {router for router, _ in mapping.key_clauses()}:
             line = lines.get("http", "routers", router.name)
-            if error_pages and ERRORS_MIDDLEWARE not in router.middlewares:
+            if ERRORS_MIDDLEWARE not in router.middlewares and not _is_fallback(mapping, router):
                 message = (
                     f"router {router.name!r} does not use {ERRORS_MIDDLEWARE}: a down backend answers"
                     " plain-text 'Bad Gateway' instead of an OpenAI error (re-run `routheon mapping add`)"
@@ -152,14 +178,19 @@ def _key_router_warnings(checked: Checked, error_pages: bool) -> list[Finding]:
 
 
 def _shared_keys(checked: Checked, lines_of: dict[Path, KeyLines]) -> list[Finding]:
-    """Keys routed by more than one router: which backend gets them is up to Traefik."""
-    owners: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    """Keys routed to more than one service: which backend gets them is up to Traefik.
+
+    Two routers of one file sending the same keys to one service (with and without error
+    pages) are one route.
+    """
+    owners: dict[str, dict[tuple[Path, str], str]] = defaultdict(dict)
     for mapping, _ in checked:
         for router, clause in mapping.key_clauses():
-            owners[clause.key].append((mapping.path, router.name))
+            owners[clause.key].setdefault((mapping.path, router.service), router.name)
     findings: list[Finding] = []
-    for (first_path, first_router), *others in (found for found in owners.values() if len(found) > 1):
-        for path, router_name in others:
+    for found in (list(found.items()) for found in owners.values() if len(found) > 1):
+        ((first_path, _), first_router), *others = found
+        for (path, _), router_name in others:
             message = f"router {router_name!r}: an API key here is also routed by {first_router!r} in {first_path.name}"
             findings.append(Finding(path, message, ERROR, lines_of[path].get("http", "routers", router_name)))
     return findings
@@ -171,7 +202,7 @@ def _cross_file(checked: Checked) -> list[Finding]:
     findings = _names_defined_twice(defined, lines_of)
     findings += _dangling_references(checked, defined)
     findings += _shared_keys(checked, lines_of)
-    findings += _key_router_warnings(checked, error_pages=ERRORS_MIDDLEWARE in defined["middlewares"])
+    findings += _key_router_warnings(checked)
     return findings
 
 

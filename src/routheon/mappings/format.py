@@ -22,6 +22,13 @@ from routheon.mappings.rules import KeyClause, header_rule, rule_keys
 MAPPING_SUFFIXES = (".yml", ".yaml")
 ENTRY_POINT = "llama-servers"
 ERRORS_MIDDLEWARE = "routheon-errors"
+# Error pages whatever order files arrive in. A key file's router uses routheon-server.yml's
+# errors middleware; while that file is missing (key files are often written first), Traefik
+# disables the router, and a second router for the same keys, without error pages and with a
+# low priority, routes them. Once routheon-server.yml is in, the first router wins again.
+# (Referencing a missing middleware disables a router: there is no optional reference.)
+FALLBACK_SUFFIX = "-without-error-pages"
+FALLBACK_PRIORITY = 2  # above routheon-server.yml's catch-all (1), below any default priority
 # Traefik reads a request's whole body before it proxies the request: otherwise Go's net/http
 # (Traefik's proxy) cuts one or two streamed answers in a hundred under CPU load. Traefik's
 # `retry` middleware is the one that does this without buffering responses (`buffering` with
@@ -162,8 +169,12 @@ class MappingFile:
         return tuple(url for service in self.services for url in service.urls)
 
     def key_clauses(self) -> list[tuple[Router, KeyClause]]:
-        """Every key this file routes, with the router that holds it."""
+        """Every key this file routes, with the router that holds it (a key may have two routers)."""
         return [(router, clause) for router in self.routers for clause in rule_keys(router.rule) or ()]
+
+    def keys(self) -> list[str]:
+        """Every key this file routes, once each, in file order."""
+        return list(dict.fromkeys(clause.key for _, clause in self.key_clauses()))
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,7 @@ class MappingSpec:
     service: str
     urls: tuple[str, ...]
     keys: tuple[str, ...]
-    error_pages: bool = False
+    error_pages: bool = True
     entry_point: str = ENTRY_POINT
 
     @property
@@ -231,10 +242,20 @@ def request_body_middleware(service: str) -> str:
     return f"{service}{REQUEST_BODY_SUFFIX}"
 
 
-def rendered_middlewares(spec: MappingSpec) -> tuple[str, ...]:
-    """The middlewares a Routheon-written router lists, outermost first."""
-    errors = (ERRORS_MIDDLEWARE,) if spec.error_pages else ()
-    return (*errors, request_body_middleware(spec.service))
+def fallback_router(router: str) -> str:
+    """The name of the router that routes ``router``'s keys while routheon-server.yml is missing."""
+    return f"{router}{FALLBACK_SUFFIX}"
+
+
+def rendered_routers(spec: MappingSpec) -> tuple[tuple[str, tuple[str, ...], int | None], ...]:
+    """``(name, middlewares, priority)`` of each router a Routheon-written file has, in file order."""
+    body = request_body_middleware(spec.service)
+    if not spec.error_pages:
+        return ((spec.service, (body,), None),)
+    return (
+        (spec.service, (ERRORS_MIDDLEWARE, body), None),
+        (fallback_router(spec.service), (body,), FALLBACK_PRIORITY),
+    )
 
 
 def render_mapping(spec: MappingSpec) -> str:
@@ -251,13 +272,21 @@ def render_mapping(spec: MappingSpec) -> str:
         "# Written by `routheon mapping add`; check the folder with `routheon mapping check`.",
         "http:",
         "  routers:",
-        f"    '{name}':",
-        f"      rule: '{header_rule(spec.keys)}'",
-        f"      service: '{name}'",
-        "      entryPoints:",
-        f"        - {spec.entry_point}",
-        "      middlewares:",
-        *(f"        - '{middleware}'" for middleware in rendered_middlewares(spec)),
+    ]
+    for router, middlewares, priority in rendered_routers(spec):
+        if priority is not None:
+            lines.append("    # The same keys while routheon-server.yml (error pages) is not in the folder.")
+        lines += [
+            f"    '{router}':",
+            f"      rule: '{header_rule(spec.keys)}'",
+            *([f"      priority: {priority}"] if priority is not None else []),
+            f"      service: '{name}'",
+            "      entryPoints:",
+            f"        - {spec.entry_point}",
+            "      middlewares:",
+            *(f"        - '{middleware}'" for middleware in middlewares),
+        ]
+    lines += [
         "  middlewares:",
         "    # Reads each request body whole before proxying; never retries (docs/production.md).",
         f"    '{request_body_middleware(name)}':",
@@ -283,12 +312,12 @@ def render_mapping(spec: MappingSpec) -> str:
 def parse_rendered(text: str, spec: MappingSpec, path: Path) -> MappingFile:
     """Read rendered text back and insist it says exactly what ``spec`` asked for."""
     mapping = parse_mapping(text, path)
-    clauses = [clause for _, clause in mapping.key_clauses()]
+    expected = rendered_routers(spec)
     if (
-        [clause.key for clause in clauses] != list(spec.keys)
-        or any(clause.regex for clause in clauses)
-        or [router.service for router in mapping.routers] != [spec.service]
-        or [router.middlewares for router in mapping.routers] != [rendered_middlewares(spec)]
+        any([clause.key for clause in rule_keys(router.rule) or ()] != list(spec.keys) for router in mapping.routers)
+        or any(clause.regex for _, clause in mapping.key_clauses())
+        or [router.service for router in mapping.routers] != [spec.service] * len(expected)
+        or [(router.name, router.middlewares, router.priority) for router in mapping.routers] != list(expected)
         or mapping.body_readers != (request_body_middleware(spec.service),)
         or mapping.urls != tuple(url.rstrip("/") for url in spec.urls)
     ):

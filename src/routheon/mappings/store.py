@@ -31,6 +31,7 @@ from routheon.mappings.format import (
     MappingSpec,
     parse_mapping,
     parse_rendered,
+    fallback_router,
     render_mapping,
     validate_service_name,
 )
@@ -234,27 +235,21 @@ def defines_error_pages(files: Iterable[MappingFile]) -> bool:
     return any(ERRORS_MIDDLEWARE in mapping.middlewares for mapping in files)
 
 
-def add_mapping(
-    folder: Path, spec: MappingSpec, *, replace: bool = False, error_pages: bool | None = None
-) -> list[Change]:
+def add_mapping(folder: Path, spec: MappingSpec, *, replace: bool = False) -> list[Change]:
     """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file.
 
-    ``error_pages`` None means: reference the errors middleware only when the folder defines
-    it, because Traefik disables a router whose middleware does not exist (its keys would
-    stop working). Overwriting a different file or moving a key needs ``replace``.
+    Overwriting a different file or moving a key needs ``replace``.
     """
     spec.validate()
     target = folder / spec.file_name
     with folder_lock(folder):
         files = _parsed_files(folder)
-        if error_pages is None:
-            error_pages = defines_error_pages(files)
-        spec = MappingSpec(spec.service, spec.urls, spec.keys, error_pages, spec.entry_point)
+        own_names = {spec.service, fallback_router(spec.service)}
         for mapping in files:
             if mapping.path == target:
                 continue
             names = {router.name for router in mapping.routers} | {service.name for service in mapping.services}
-            if spec.service in names:
+            if own_names & names:
                 raise MappingConflictError(
                     f"{mapping.path} already defines a router or service named {spec.service!r}; "
                     "remove it or choose another --service"

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from routheon.mappings.folder import ERROR, MAX_MAPPING_BYTES, WARNING, Finding, Folder, traefik_paths
-from routheon.mappings.format import ENTRY_POINT, Router
+from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, Router, fallback_router
 from routheon.mappings.rules import rule_keys, selects_by_key
 
 log = logging.getLogger(__name__)
@@ -342,9 +342,16 @@ def _flagged(findings: Iterable[Finding], router: str) -> bool:
 def _router_findings(folder: Folder, verdict: Verdict) -> list[Finding]:
     """Routers Traefik disables, and key routers whose keys Routheon cannot list or revoke."""
     known = _python_routers(folder)
+    enabled = {router.name for router in verdict.routers if router.enabled}
     findings: list[Finding] = []
     for router in verdict.routers:
         path, written = known.get(router.name, (folder.path, None))
+        if (
+            not router.enabled
+            and all(f'"{ERRORS_MIDDLEWARE}@file" does not exist' in error for error in router.errors)
+            and fallback_router(router.name) in enabled
+        ):
+            continue  # its keys route through the fallback until routheon-server.yml is in
         if not router.enabled:
             if not _flagged(folder.findings, router.name):
                 message = f"router {router.name!r}: Traefik disables it ({'; '.join(router.errors)})"
