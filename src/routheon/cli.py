@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,15 +21,18 @@ from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingForm
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key
 from routheon.mappings.rules import rule_keys
 from routheon.mappings.store import (
+    DEFAULT_BACKUPS,
     Change,
     MappingConflictError,
     add_mapping,
     defines_error_pages,
+    prune,
     remove_keys,
     remove_service,
 )
 
 DEFAULT_MAPPINGS = "/etc/traefik/mappings"
+BACKUPS_ENV = "ROUTHEON_BACKUPS"
 DEFAULT_HOST = "http://127.0.0.1"
 
 log = logging.getLogger("routheon")
@@ -90,6 +94,18 @@ def _folder_to_write(name: str) -> Path:
     return folder
 
 
+def _backups(flag: int | None) -> int:
+    """How many backups to keep per file: the flag, else $ROUTHEON_BACKUPS, else the default."""
+    if flag is not None:
+        return flag
+    value = os.environ.get(BACKUPS_ENV, "").strip()
+    if not value:
+        return DEFAULT_BACKUPS
+    if not (value.isascii() and value.isdigit()):
+        raise CommandError(f"{BACKUPS_ENV}={value!r} is not a number of backups (0 or more)")
+    return int(value)
+
+
 def _report(changes: list[Change], folder: Path) -> None:
     """Say what changed, and whether Traefik can apply it: a broken file elsewhere stops it."""
     for change in changes:
@@ -127,7 +143,8 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
             folder,
             ERRORS_MIDDLEWARE,
         )
-    _report(add_mapping(folder, spec, replace=args.replace, error_pages=args.error_pages), folder)
+    backups = _backups(args.backups)
+    _report(add_mapping(folder, spec, replace=args.replace, error_pages=args.error_pages, backups=backups), folder)
     if generated is not None:
         log.info("generated API key for %s (shown only now):", spec.service)
         print(generated)
@@ -168,11 +185,26 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
         keys += _read_key_file(args.key_file)
     if bool(args.service) == bool(keys):
         raise CommandError("give either --service NAME or the keys to remove (--key / --key-file)")
+    backups = _backups(args.backups)
     try:
-        changes = remove_service(folder, args.service) if args.service else remove_keys(folder, keys)
+        if args.service:
+            changes = remove_service(folder, args.service, backups=backups)
+        else:
+            changes = remove_keys(folder, keys, backups=backups)
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
     _report(changes, folder)
+    return 0
+
+
+def cmd_mapping_prune(args: argparse.Namespace) -> int:
+    folder = _existing_folder(args.mappings)
+    keep = _backups(args.keep)
+    changes = prune(folder, keep)
+    for change in changes:
+        log.info("%s", change)
+    if not any(change.action == "deleted" for change in changes):
+        log.info("no backup to delete in %s (keeping the %d newest of each mapping file)", folder, keep)
     return 0
 
 
@@ -204,6 +236,24 @@ def _add_mappings_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of backups (0 or more)")
+    return int(text)
+
+
+def _add_backups_flag(parser: argparse.ArgumentParser, flag: str = "--backups") -> None:
+    parser.add_argument(
+        flag,
+        type=_count,
+        metavar="N",
+        help=(
+            "keep the N newest backups of each mapping file and delete older ones; they hold revoked keys "
+            f"(default: ${BACKUPS_ENV} if set, else {DEFAULT_BACKUPS})"
+        ),
+    )
+
+
 def _add_key_flags(parser: argparse.ArgumentParser, action: str) -> None:
     parser.add_argument(
         "--key", action="append", metavar="KEY", help=f"an API key to {action}; repeat for several keys"
@@ -221,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Manage the Traefik mapping files that route each 'Authorization: Bearer KEY' to its "
             "llama-server. Keys match literally; files are written atomically, backed up as "
-            "NAME.yml.bak.TIMESTAMP and kept unreadable to other users."
+            f"NAME.yml.bak.TIMESTAMP (the {DEFAULT_BACKUPS} newest per file by default) and kept unreadable "
+            "to other users."
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -260,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
     _add_mappings_flag(add)
+    _add_backups_flag(add)
     add.set_defaults(handler=cmd_mapping_add)
 
     listing = mapping_commands.add_parser("list", help="show services, masked keys and backends")
@@ -272,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--service", help="retire SERVICE.yml")
     _add_key_flags(remove, "stop routing")
     _add_mappings_flag(remove)
+    _add_backups_flag(remove)
     remove.set_defaults(handler=cmd_mapping_remove)
 
     check = mapping_commands.add_parser(
@@ -285,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each backend (default: 2)")
     check.set_defaults(handler=cmd_mapping_check)
+
+    pruning = mapping_commands.add_parser(
+        "prune",
+        help="delete old backups (NAME.yml.bak.TIMESTAMP) now",
+        description=(
+            "Delete all but the newest backups of each mapping file in the folder and name each file deleted. "
+            "Only Routheon's own backup names are touched, never symlinks."
+        ),
+    )
+    _add_backups_flag(pruning, "--keep")
+    _add_mappings_flag(pruning)
+    pruning.set_defaults(handler=cmd_mapping_prune)
 
     key = commands.add_parser("key", help="API key helpers")
     key_commands = key.add_subparsers(dest="action", required=True, metavar="ACTION")
