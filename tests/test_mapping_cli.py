@@ -1,16 +1,22 @@
-"""The routheon command's options, run in-process: bounded backups and `mapping prune`."""
+"""The routheon command's options, run in-process: bounded backups, `mapping prune` and
+$ROUTHEON_MAPPINGS; create-mapping.sh's default folder."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from routheon import cli
+from routheon.mappings.folder import read_folder
+from support import REPO, VENV_BIN
 
+SCRIPT = REPO / "traefik" / "create-mapping" / "create-mapping.sh"
 KEY = "sk-test-0123456789abcdef"
 OTHER = "sk-other-0123456789abcdef"
 
@@ -170,3 +176,58 @@ def test_prune_keeps_five_by_default_or_what_the_environment_says(
     monkeypatch.setenv("ROUTHEON_BACKUPS", "3")
     assert run(capsys, "mapping", "prune", "--mappings", str(tmp_path))[0] == 0
     assert [p.name[-15:-7] for p in backups(tmp_path)] == ["20250107", "20250108", "20250109"]
+
+
+# --- $ROUTHEON_MAPPINGS --------------------------------------------------------------------------
+
+
+def test_the_environment_names_the_folder_unless_the_flag_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from_env, from_flag = tmp_path / "env", tmp_path / "flag"
+    monkeypatch.setenv("ROUTHEON_MAPPINGS", str(from_env))
+    code, _, err = run(capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    assert code == 0, err
+    assert (from_env / "alpha.yml").is_file()
+    code, out, _ = run(capsys, "mapping", "list")
+    assert code == 0 and "alpha" in out
+    code, _, err = run(capsys, "mapping", "check", "--no-connect")
+    assert code == 0 and str(from_env) in err
+    add(capsys, from_env, 8012)
+    assert run(capsys, "mapping", "prune", "--keep", "0")[0] == 0
+    assert backups(from_env) == []
+    assert run(capsys, "mapping", "remove", "--key", KEY)[0] == 0
+    assert not read_folder(from_env).files
+
+    code, _, err = run(capsys, "mapping", "add", "--service", "beta", "--port", "8013", "--key", OTHER,
+                       "--mappings", str(from_flag))
+    assert code == 0, err
+    assert (from_flag / "beta.yml").is_file() and not (from_env / "beta.yml").exists()
+
+
+def test_help_names_the_environment_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["mapping", "add"], ["mapping", "list"], ["mapping", "remove"], ["mapping", "check"],
+                    ["mapping", "prune"]):
+        code, out, _ = run(capsys, *command, "--help")
+        assert code == 0 and "$ROUTHEON_MAPPINGS" in out and "/etc/traefik/mappings" in out, command
+    for command in (["mapping", "add"], ["mapping", "remove"], ["mapping", "prune"]):
+        assert "$ROUTHEON_BACKUPS" in run(capsys, *command, "--help")[1], command
+
+
+# --- create-mapping.sh ---------------------------------------------------------------------------
+
+
+def script(*args: str, env: dict[str, str], path: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(path), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_script_writes_into_the_environments_folder_unless_told_otherwise(tmp_path: Path) -> None:
+    from_env, from_flag = tmp_path / "env", tmp_path / "flag"
+    env = {**os.environ, "ROUTHEON_BIN": str(VENV_BIN / "routheon"), "ROUTHEON_MAPPINGS": str(from_env)}
+    result = script("--port", "8011", "--service", "alpha", "--api_key", KEY, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (from_env / "alpha.yml").is_file()
+    result = script("--port", "8011", "--service", "beta", "--api_key", OTHER, "--mappings", str(from_flag), env=env)
+    assert result.returncode == 0, result.stderr
+    assert (from_flag / "beta.yml").is_file() and not (from_env / "beta.yml").exists()
+    assert "ROUTHEON_MAPPINGS" in script("--help", env=env).stdout

@@ -32,6 +32,7 @@ from routheon.mappings.store import (
 )
 
 DEFAULT_MAPPINGS = "/etc/traefik/mappings"
+MAPPINGS_ENV = "ROUTHEON_MAPPINGS"
 BACKUPS_ENV = "ROUTHEON_BACKUPS"
 DEFAULT_HOST = "http://127.0.0.1"
 
@@ -230,9 +231,9 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 def _add_mappings_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mappings",
-        default=DEFAULT_MAPPINGS,
+        default=os.environ.get(MAPPINGS_ENV) or DEFAULT_MAPPINGS,
         metavar="DIR",
-        help=f"Traefik's file-provider folder (default: {DEFAULT_MAPPINGS})",
+        help=f"Traefik's file-provider folder (default: ${MAPPINGS_ENV} if set, else {DEFAULT_MAPPINGS})",
     )
 
 
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Manage the Traefik mapping files that route each 'Authorization: Bearer KEY' to its "
             "llama-server. Keys match literally; files are written atomically, backed up as "
             f"NAME.yml.bak.TIMESTAMP (the {DEFAULT_BACKUPS} newest per file by default) and kept unreadable "
-            "to other users."
+            f"to other users. ${MAPPINGS_ENV} sets the default folder for --mappings."
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -18,7 +18,8 @@ kept as a backup (FILE.bak.TIMESTAMP) and replaced.
   --port PORT      port of the llama-server (required)
   --service NAME   service name, also the file name NAME.yml (required)
   --api_key KEY    API key clients send as "Authorization: Bearer KEY" (required)
-  --mappings DIR   Traefik's mappings folder (default: /etc/traefik/mappings)
+  --mappings DIR   Traefik's mappings folder (default: $ROUTHEON_MAPPINGS if set,
+                   else /etc/traefik/mappings)
   --host URL       scheme and host of the llama-server (default: http://127.0.0.1)
   --help           show this help
 
@@ -36,7 +37,7 @@ port=""
 service=""
 api_key=""
 have_key=0
-mappings="/etc/traefik/mappings"
+mappings="${ROUTHEON_MAPPINGS:-/etc/traefik/mappings}"
 host="http://127.0.0.1"
 
 while [ "$#" -gt 0 ]; do
