@@ -1,5 +1,5 @@
-"""The routheon command's options, run in-process: bounded backups, `mapping prune` and
-$ROUTHEON_MAPPINGS; create-mapping.sh's default folder."""
+"""The routheon command's options, run in-process: bounded backups, `mapping prune`,
+$ROUTHEON_MAPPINGS, and -q after the command; create-mapping.sh's default folder."""
 
 from __future__ import annotations
 
@@ -212,6 +212,23 @@ def test_help_names_the_environment_variables(capsys: pytest.CaptureFixture[str]
         assert code == 0 and "$ROUTHEON_MAPPINGS" in out and "/etc/traefik/mappings" in out, command
     for command in (["mapping", "add"], ["mapping", "remove"], ["mapping", "prune"]):
         assert "$ROUTHEON_BACKUPS" in run(capsys, *command, "--help")[1], command
+
+
+# --- -q after the command -----------------------------------------------------------------------
+
+
+def test_quiet_works_before_and_after_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--service", "alpha", "--port", "8011", "--key", KEY, "--key", OTHER, "--mappings", str(tmp_path)]
+    code, _, err = run(capsys, "mapping", "add", "-q", *base)
+    assert (code, err) == (0, "")
+    code, _, err = run(capsys, "mapping", "remove", "-q", "--key", KEY, "--mappings", str(tmp_path))
+    assert (code, err) == (0, "")
+    code, _, err = run(capsys, "-q", "mapping", "remove", "--key", OTHER, "--mappings", str(tmp_path))
+    assert (code, err) == (0, "")
+    code, _, err = run(capsys, "mapping", "prune", "--quiet", "--keep", "0", "--mappings", str(tmp_path))
+    assert (code, err) == (0, "")
+    code, _, err = run(capsys, "mapping", "add", *base)
+    assert code == 0 and "wrote" in err
 
 
 # --- create-mapping.sh ---------------------------------------------------------------------------

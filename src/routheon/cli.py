@@ -357,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate = key_commands.add_parser("generate", help="print new random API keys")
     generate.add_argument("--count", type=int, default=1, help="how many keys (default: 1)")
     generate.set_defaults(handler=cmd_key_generate)
+    for command in (add, listing, remove, check, pruning, generate):  # also after the command's name
+        command.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors and generated keys"
+        )
     return parser
 
 
