@@ -1,11 +1,12 @@
 """The routheon command's options, run in-process: bounded backups, `mapping prune`,
-$ROUTHEON_MAPPINGS, and -q after the command; create-mapping.sh's default folder."""
+$ROUTHEON_MAPPINGS, and -q after the command; create-mapping.sh's defaults and install hint."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -248,3 +249,20 @@ def test_script_writes_into_the_environments_folder_unless_told_otherwise(tmp_pa
     assert result.returncode == 0, result.stderr
     assert (from_flag / "beta.yml").is_file() and not (from_env / "beta.yml").exists()
     assert "ROUTHEON_MAPPINGS" in script("--help", env=env).stdout
+
+
+def test_script_without_routheon_says_how_to_install_it(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = script("--port", "1", "--service", "x", "--api_key", KEY, env=env)
+    assert result.returncode == 2
+    # from a clone: the command to type, naming this clone (PyPI has no "routheon")
+    assert "pip install routheon" not in result.stderr
+    assert f"~/.routheon/venv/bin/pip install '{REPO}'" in result.stderr
+    assert 'name = "routheon"' in (REPO / "pyproject.toml").read_text()
+    # installed on its own (as in /usr/local/bin): it says where the package comes from
+    copy = tmp_path / "create-mapping.sh"
+    shutil.copy(SCRIPT, copy)
+    result = script("--port", "1", "--service", "x", "--api_key", KEY, env=env, path=copy)
+    assert result.returncode == 2
+    assert "from a clone of its repository" in result.stderr
+    assert "python3 -m venv ~/.routheon/venv && ~/.routheon/venv/bin/pip install" in result.stderr

@@ -81,7 +81,16 @@ elif command -v routheon >/dev/null 2>&1; then
 elif [ -x "${HOME:-}/.routheon/venv/bin/routheon" ]; then
     routheon="$HOME/.routheon/venv/bin/routheon"
 else
-    die "the routheon command was not found: install it (pip install routheon) or set ROUTHEON_BIN"
+    # Routheon is installed from its repository (it is not on PyPI; PyPI's routheon-server is
+    # the original 1.0.x, without this command): name the clone this script sits in, if it does.
+    source="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." 2>/dev/null && pwd)" || source=""
+    if [ -z "$source" ] || ! grep -qs '^name = "routheon"$' "$source/pyproject.toml"; then
+        source="/path/to/a/clone/of/routheon"
+    fi
+    die "the routheon command was not found. Install Routheon from a clone of its repository
+into the venv this script looks in:
+  python3 -m venv ~/.routheon/venv && ~/.routheon/venv/bin/pip install '$source'
+or set ROUTHEON_BIN to the routheon command."
 fi
 
 # Values travel as single --flag=VALUE arguments: never word-split, never read as options,
