@@ -186,12 +186,13 @@ def test_the_environment_names_the_folder_unless_the_flag_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from_env, from_flag = tmp_path / "env", tmp_path / "flag"
+    add(capsys, from_env, 8010)
     monkeypatch.setenv("ROUTHEON_MAPPINGS", str(from_env))
-    code, _, err = run(capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
-    assert code == 0, err
-    assert (from_env / "alpha.yml").is_file()
-    code, out, _ = run(capsys, "mapping", "list")
+    code, out, _ = run(capsys, "mapping", "list")  # read first: never write to the real default here
     assert code == 0 and "alpha" in out
+    code, _, err = run(capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--replace")
+    assert code == 0, err
+    assert "8011" in (from_env / "alpha.yml").read_text()
     code, _, err = run(capsys, "mapping", "check", "--no-connect")
     assert code == 0 and str(from_env) in err
     add(capsys, from_env, 8012)
