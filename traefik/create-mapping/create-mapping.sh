@@ -13,7 +13,8 @@ Usage: create-mapping.sh --port PORT --service NAME --api_key KEY [--mappings DI
 
 Writes DIR/NAME.yml so that requests with "Authorization: Bearer KEY" reach HOST:PORT.
 A different mapping already in NAME.yml, or the same key in another service's file, is
-kept as a backup (FILE.bak.TIMESTAMP) and replaced.
+kept as a backup (FILE.bak.TIMESTAMP) and replaced. Each file keeps its newest 5 backups,
+or $ROUTHEON_BACKUPS; older ones are deleted, as they hold revoked keys.
 
   --port PORT      port of the llama-server (required)
   --service NAME   service name, also the file name NAME.yml (required)
