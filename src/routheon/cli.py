@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -32,15 +33,19 @@ from routheon.mappings.verdict import (
     judged,
 )
 from routheon.mappings.store import (
+    DEFAULT_BACKUPS,
     Change,
     MappingConflictError,
     add_mapping,
     defines_error_pages,
+    prune,
     remove_keys,
     remove_service,
 )
 
 DEFAULT_MAPPINGS = "/etc/traefik/mappings"
+MAPPINGS_ENV = "ROUTHEON_MAPPINGS"
+BACKUPS_ENV = "ROUTHEON_BACKUPS"
 DEFAULT_HOST = "http://127.0.0.1"
 
 log = logging.getLogger("routheon")
@@ -102,6 +107,18 @@ def _folder_to_write(name: str) -> Path:
     return folder
 
 
+def _backups(flag: int | None) -> int:
+    """How many backups to keep per file: the flag, else $ROUTHEON_BACKUPS, else the default."""
+    if flag is not None:
+        return flag
+    value = os.environ.get(BACKUPS_ENV, "").strip()
+    if not value:
+        return DEFAULT_BACKUPS
+    if not (value.isascii() and value.isdigit()):
+        raise CommandError(f"{BACKUPS_ENV}={value!r} is not a number of backups (0 or more)")
+    return int(value)
+
+
 def _report(changes: list[Change], folder: Path) -> None:
     """Say what changed, and whether Traefik can apply it: a broken file elsewhere stops it."""
     for change in changes:
@@ -140,7 +157,8 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
             folder,
             ERRORS_MIDDLEWARE,
         )
-    _report(add_mapping(folder, spec, replace=args.replace), folder)
+    backups = _backups(args.backups)
+    _report(add_mapping(folder, spec, replace=args.replace, backups=backups), folder)
     if generated is not None:
         log.info("generated API key for %s (shown only now):", spec.service)
         print(generated)
@@ -181,18 +199,34 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
         keys += _read_key_file(args.key_file)
     if bool(args.service) == bool(keys):
         raise CommandError("give either --service NAME or the keys to remove (--key / --key-file)")
+    backups = _backups(args.backups)
     try:
-        changes = remove_service(folder, args.service) if args.service else remove_keys(folder, keys)
+        if args.service:
+            changes = remove_service(folder, args.service, backups=backups)
+        else:
+            changes = remove_keys(folder, keys, backups=backups)
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
     _report(changes, folder)
     return 0
 
 
-def _traefik_judges(folder: Folder, args: argparse.Namespace, changes: Changes = {}) -> Folder:
-    """``folder``'s findings with Traefik's own verdict in them, or a warning saying why there is none."""
+def cmd_mapping_prune(args: argparse.Namespace) -> int:
+    folder = _existing_folder(args.mappings)
+    keep = _backups(args.keep)
+    changes = prune(folder, keep)
+    for change in changes:
+        log.info("%s", change)
+    if not any(change.action == "deleted" for change in changes):
+        log.info("no backup to delete in %s (keeping the %d newest of each mapping file)", folder, keep)
+    return 0
+
+
+def _traefik_judges(folder: Folder, args: argparse.Namespace, changes: Changes = {}) -> tuple[Folder, str]:
+    """``folder``'s findings with Traefik's own verdict in them (or a warning saying why there is none),
+    and the verdict in words."""
     if args.traefik == "none":
-        return folder
+        return folder, "not asked of Traefik (--traefik none)"
     binary = find_traefik(args.traefik)
     try:
         if binary is None:
@@ -241,9 +275,27 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 def _add_mappings_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mappings",
-        default=DEFAULT_MAPPINGS,
+        default=os.environ.get(MAPPINGS_ENV) or DEFAULT_MAPPINGS,
         metavar="DIR",
-        help=f"Traefik's file-provider folder (default: {DEFAULT_MAPPINGS})",
+        help=f"Traefik's file-provider folder (default: ${MAPPINGS_ENV} if set, else {DEFAULT_MAPPINGS})",
+    )
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of backups (0 or more)")
+    return int(text)
+
+
+def _add_backups_flag(parser: argparse.ArgumentParser, flag: str = "--backups") -> None:
+    parser.add_argument(
+        flag,
+        type=_count,
+        metavar="N",
+        help=(
+            "keep the N newest backups of each mapping file and delete older ones; they hold revoked keys "
+            f"(default: ${BACKUPS_ENV} if set, else {DEFAULT_BACKUPS})"
+        ),
     )
 
 
@@ -292,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Manage the Traefik mapping files that route each 'Authorization: Bearer KEY' to its "
             "llama-server. Keys match literally; files are written atomically, backed up as "
-            "NAME.yml.bak.TIMESTAMP and kept unreadable to other users."
+            f"NAME.yml.bak.TIMESTAMP (the {DEFAULT_BACKUPS} newest per file by default) and kept unreadable "
+            f"to other users. ${MAPPINGS_ENV} sets the default folder for --mappings."
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -332,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
     _add_mappings_flag(add)
+    _add_backups_flag(add)
     add.set_defaults(handler=cmd_mapping_add)
 
     listing = mapping_commands.add_parser("list", help="show services, masked keys and backends")
@@ -344,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--service", help="retire SERVICE.yml")
     _add_key_flags(remove, "stop routing")
     _add_mappings_flag(remove)
+    _add_backups_flag(remove)
     remove.set_defaults(handler=cmd_mapping_remove)
 
     check = mapping_commands.add_parser(
@@ -359,11 +414,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_traefik_flags(check)
     check.set_defaults(handler=cmd_mapping_check)
 
+    pruning = mapping_commands.add_parser(
+        "prune",
+        help="delete old backups (NAME.yml.bak.TIMESTAMP) now",
+        description=(
+            "Delete all but the newest backups of each mapping file in the folder and name each file deleted. "
+            "Only Routheon's own backup names are touched, never symlinks."
+        ),
+    )
+    _add_backups_flag(pruning, "--keep")
+    _add_mappings_flag(pruning)
+    pruning.set_defaults(handler=cmd_mapping_prune)
+
     key = commands.add_parser("key", help="API key helpers")
     key_commands = key.add_subparsers(dest="action", required=True, metavar="ACTION")
     generate = key_commands.add_parser("generate", help="print new random API keys")
     generate.add_argument("--count", type=int, default=1, help="how many keys (default: 1)")
     generate.set_defaults(handler=cmd_key_generate)
+    for command in (add, listing, remove, check, pruning, generate):  # also after the command's name
+        command.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors and generated keys"
+        )
     return parser
 
 

