@@ -244,7 +244,7 @@ def test_check_reports_what_traefik_would_reject_or_misroute(tmp_path: Path) -> 
         "alpha.yml:5: warning: router 'alpha': no file defines routheon-errors (routheon-server.yml is not in the"
         " folder), so its keys route through 'alpha-without-error-pages', without OpenAI error pages"
     ) in text
-    assert "seed.yml:3: warning: router 'llama-server-1': seed-format HeaderRegexp" in text
+    assert "seed.yml:3: warning: router 'llama-server-1': HeaderRegexp rule in the format of routheon-server 1.0.x" in text
     assert "pattern.yml:3: error: router 'pattern': HeaderRegexp rule reads the key as a regular expression" in text
     assert "dup.yml:3: error: router 'dup': an API key here is also routed by 'alpha' in alpha.yml" in text
     assert "template.yml:1: warning: '{{' starts a Go template" in text

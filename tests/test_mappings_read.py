@@ -1,4 +1,4 @@
-"""Reading mapping folders: seed-format files, broken files and the files Traefik ignores."""
+"""Reading mapping folders: files in the format of routheon-server 1.0.x, broken files and the files Traefik ignores."""
 
 from pathlib import Path
 

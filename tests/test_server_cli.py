@@ -12,6 +12,7 @@ from server_helpers import SERVER_BIN, running_server
 from support import request
 
 from routheon import __version__
+from routheon.server.config import parse_args
 
 
 def start(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -111,3 +112,11 @@ def test_version_and_help() -> None:
         ("--log-level", "WARNING"),
     ]:
         assert flag in usage.stdout and default in usage.stdout
+
+
+def test_the_mappings_folder_comes_from_the_environment_like_for_the_routheon_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROUTHEON_MAPPINGS", str(tmp_path))
+    assert parse_args([]).mappings == tmp_path
+    assert parse_args(["--mappings", "/elsewhere"]).mappings == Path("/elsewhere")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from routheon import __version__
 from routheon.mappings.check import check_folder, inspect_folder
-from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_folder
+from routheon.mappings.folder import DEFAULT_MAPPINGS, ERROR, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key
 from routheon.mappings.rules import rule_keys
@@ -43,8 +43,6 @@ from routheon.mappings.store import (
     remove_service,
 )
 
-DEFAULT_MAPPINGS = "/etc/traefik/mappings"
-MAPPINGS_ENV = "ROUTHEON_MAPPINGS"
 BACKUPS_ENV = "ROUTHEON_BACKUPS"
 DEFAULT_HOST = "http://127.0.0.1"
 

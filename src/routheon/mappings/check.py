@@ -67,7 +67,7 @@ def _rule_findings(path: Path, router: str, rule: str, line: int | None) -> list
             findings.append(Finding(path, message, ERROR, line))
         elif clause.regex:
             message = (
-                f"router {router!r}: seed-format HeaderRegexp rule; it works for this key,"
+                f"router {router!r}: HeaderRegexp rule in the format of routheon-server 1.0.x; it works for this key,"
                 " but Header(`Authorization`, `Bearer KEY`) matches keys literally"
             )
             findings.append(Finding(path, message, WARNING, line))

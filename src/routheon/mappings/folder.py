@@ -16,6 +16,10 @@ from pathlib import Path
 
 from routheon.mappings.format import MappingFile, MappingFormatError, parse_mapping
 
+# Where Traefik's file provider looks by default; the variable sets another folder for every
+# Routheon command and routheon-server, so --mappings need not be repeated.
+DEFAULT_MAPPINGS = "/etc/traefik/mappings"
+MAPPINGS_ENV = "ROUTHEON_MAPPINGS"
 ERROR = "error"
 WARNING = "warning"
 YAML_SUFFIXES = (".yml", ".yaml")

@@ -205,7 +205,7 @@ def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[
 
     Routers left without a key go, and so do services no remaining router uses, and middlewares
     that no remaining router here nor any router in ``used_elsewhere``'s files uses (such as
-    the file's own request-body middleware); clauses that stay are kept as written, seed-format
+    the file's own request-body middleware); clauses that stay are kept as written, 1.0.x-format
     ones included.
     """
     document = yaml.safe_load(path.read_text(encoding="utf-8"))

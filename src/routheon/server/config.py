@@ -9,6 +9,7 @@ here: a bad one stops start-up with one line on stderr instead of a traceback la
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import re
 import sys
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from routheon import __version__
+from routheon.mappings.folder import DEFAULT_MAPPINGS, MAPPINGS_ENV
 
 PROG = "routheon-server"
-DEFAULT_MAPPINGS = Path("/etc/traefik/mappings")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9080
 DEFAULT_SKIP = "routheon-server.yml"
@@ -42,7 +43,7 @@ EXIT_USAGE = 2
 class ServerConfig:
     """Everything the server needs to run, already validated."""
 
-    mappings: Path = DEFAULT_MAPPINGS
+    mappings: Path = Path(DEFAULT_MAPPINGS)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     skip_mapping: tuple[re.Pattern[str], ...] = field(default=(re.compile(DEFAULT_SKIP),))
@@ -107,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mappings",
         type=Path,
-        default=DEFAULT_MAPPINGS,
+        default=Path(os.environ.get(MAPPINGS_ENV) or DEFAULT_MAPPINGS),
         help="folder of Traefik mapping files (*.yml, *.yaml) whose services are the backends; "
         "changes are picked up without a restart, a folder that does not exist yet is waited for "
-        "(default: %(default)s)",
+        f"(default: ${MAPPINGS_ENV} if set, as for the routheon command, else {DEFAULT_MAPPINGS})",
     )
     parser.add_argument(
         "--host",
