@@ -274,11 +274,10 @@ def add_mapping(
         text = render_mapping(spec)
         parse_rendered(text, spec, target)
         data = text.encode("utf-8")
-        changes: list[Change] = []
+        action = "wrote"
         if target.exists():
             if target.read_bytes() == data:
-                detail = "mode tightened to no world access" if _restrict_mode(target) else ""
-                changes.append(Change("unchanged", target, detail))
+                action = "unchanged"
             elif not replace:
                 raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
             elif users := _users_of(files, target, kept=frozenset({spec.service})):
@@ -287,13 +286,20 @@ def add_mapping(
                     "disable their routers: choose another --service"
                 )
             else:
-                saved = backup(target)
-                write_atomic(target, data)
-                changes.append(Change("replaced", target, f"old content in {saved.name}"))
+                action = "replaced"
+        # Keys leave their old files before SERVICE.yml is written: a crash (kill -9) between two
+        # writes leaves a key routed by no router for a moment, never by two.
+        changes = _take_keys(files, set(spec.keys), skip=target)
+        if action == "unchanged":
+            detail = "mode tightened to no world access" if _restrict_mode(target) else ""
+            changes.append(Change("unchanged", target, detail))
+        elif action == "replaced":
+            saved = backup(target)
+            write_atomic(target, data)
+            changes.append(Change("replaced", target, f"old content in {saved.name}"))
         else:
             write_atomic(target, data)
             changes.append(Change("wrote", target))
-        changes += _take_keys(files, set(spec.keys), skip=target)
         return changes
 
 

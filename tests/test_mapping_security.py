@@ -1,0 +1,98 @@
+"""Security review findings: crashes mid-change, hostile input, links and modes in the mappings folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from routheon.mappings.check import check_folder
+from routheon.mappings.folder import read_folder
+from routheon.mappings.format import MappingSpec
+from routheon.mappings.store import add_mapping
+
+MOVED = "sk-moved-0123456789abcdef"
+ALONE = "sk-alone-0123456789abcdef"
+STAYS = "sk-stays-0123456789abcdef"
+
+
+class Crash(BaseException):
+    """What ``kill -9`` does to a writer: it stops between two steps, and no handler runs."""
+
+
+def key_owners(folder: Path) -> Counter[str]:
+    """How many files route each key, as ``routheon mapping list`` would count them."""
+    return Counter(clause.key for mapping in read_folder(folder).files for _, clause in mapping.key_clauses())
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Let ``steps`` changes of the folder happen (a rename into place, an unlink), then crash.
+
+    Every write of the store ends in ``os.replace`` (new files, rewrites and backups alike) and
+    every removal in ``os.unlink``, so this stops the change between any two of its steps.
+    """
+    done = 0
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def step() -> None:
+        nonlocal done
+        if done == steps:
+            raise Crash
+        done += 1
+
+    def replace(*args: object, **kwargs: object) -> None:
+        step()
+        real_replace(*args, **kwargs)
+
+    def unlink(*args: object, **kwargs: object) -> None:
+        step()
+        real_unlink(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+
+
+def moving_folder(root: Path, with_target: bool) -> Path:
+    """A folder where one add --replace must rewrite one file, retire another and write a third."""
+    folder = root / "mappings"
+    folder.mkdir(parents=True)
+    add_mapping(folder, MappingSpec("one", ("http://127.0.0.1:8011",), (MOVED, STAYS)))
+    add_mapping(folder, MappingSpec("two", ("http://127.0.0.1:8012",), (ALONE,)))
+    if with_target:
+        add_mapping(folder, MappingSpec("three", ("http://127.0.0.1:8099",), ("sk-old-0123456789abcdef",)))
+    return folder
+
+
+MOVE = MappingSpec("three", ("http://127.0.0.1:8013",), (MOVED, ALONE))
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["replacing", "new-file"])
+def test_a_crash_at_any_step_of_a_move_never_leaves_a_key_in_two_routers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_target: bool
+) -> None:
+    pristine = moving_folder(tmp_path / "pristine", with_target)
+    steps = 0
+    while True:
+        folder = tmp_path / f"crash-{steps}"
+        shutil.copytree(pristine, folder)
+        with monkeypatch.context() as patch:
+            crash_after(patch, steps)
+            try:
+                add_mapping(folder, MOVE, replace=True)
+                finished = True
+            except Crash:
+                finished = False
+        owners = key_owners(folder)
+        assert max(owners.values()) == 1, f"crash after {steps} step(s): {owners}"
+        assert not [str(f) for f in check_folder(folder) if "also routed by" in f.message], steps
+        # running the command again after the crash finishes the move
+        add_mapping(folder, MOVE, replace=True)
+        assert key_owners(folder) == {MOVED: 1, ALONE: 1, STAYS: 1}
+        assert {m.path.name for m in read_folder(folder).files} == {"one.yml", "three.yml"}
+        if finished:
+            break
+        steps += 1
+    assert steps == (6 if with_target else 5)  # every backup, rewrite, retirement and new file was cut
