@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from routheon.mappings.check import check_folder
 from routheon.mappings.folder import read_folder
 from routheon.mappings.format import MappingSpec
 from routheon.mappings.store import add_mapping
+from support import VENV_BIN
 
 MOVED = "sk-moved-0123456789abcdef"
 ALONE = "sk-alone-0123456789abcdef"
@@ -96,3 +98,55 @@ def test_a_crash_at_any_step_of_a_move_never_leaves_a_key_in_two_routers(
             break
         steps += 1
     assert steps == (6 if with_target else 5)  # every backup, rewrite, retirement and new file was cut
+
+
+# --- the routheon command, as an operator runs it -------------------------------------------------
+
+ROUTHEON = str(VENV_BIN / "routheon")
+KEY = "sk-test-0123456789abcdef"
+
+
+def routheon(folder: Path, *args: str, stdin: str | bytes | None = None) -> subprocess.CompletedProcess[str]:
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    result = subprocess.run(
+        [ROUTHEON, *args, "--mappings", str(folder)], input=data, capture_output=True, timeout=60
+    )
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+def one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """The command failed with one ``routheon: error:`` line holding every fragment, no traceback."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("routheon: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def test_a_planted_lock_link_is_refused_not_followed(tmp_path: Path) -> None:
+    folder, victim = tmp_path / "mappings", tmp_path / "elsewhere" / "created-by-root"
+    folder.mkdir()
+    victim.parent.mkdir()
+    (folder / ".routheon.lock").symlink_to(victim)
+    result = routheon(folder, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    one_error_line(result, ".routheon.lock is a symbolic link")
+    assert not victim.exists() and not (folder / "alpha.yml").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--replace"],
+        ["mapping", "remove", "--service", "alpha"],
+    ],
+    ids=["replace", "remove"],
+)
+def test_a_linked_mapping_file_is_neither_backed_up_nor_replaced_nor_removed(tmp_path: Path, args: list[str]) -> None:
+    folder, secret = tmp_path / "mappings", tmp_path / "secret"
+    folder.mkdir()
+    secret.write_text("root:$6$hash:19000:0:99999:7:::\n")
+    (folder / "alpha.yml").symlink_to(secret)
+    one_error_line(routheon(folder, *args), "alpha.yml is a symbolic link")
+    assert (folder / "alpha.yml").is_symlink() and secret.read_text().startswith("root:")
+    assert sorted(path.name for path in folder.iterdir() if not path.name.startswith(".")) == ["alpha.yml"]
