@@ -150,3 +150,18 @@ def test_a_linked_mapping_file_is_neither_backed_up_nor_replaced_nor_removed(tmp
     one_error_line(routheon(folder, *args), "alpha.yml is a symbolic link")
     assert (folder / "alpha.yml").is_symlink() and secret.read_text().startswith("root:")
     assert sorted(path.name for path in folder.iterdir() if not path.name.startswith(".")) == ["alpha.yml"]
+
+
+@pytest.mark.parametrize(("mode", "who"), [(0o777, "every user"), (0o1777, "every user"), (0o770, "its group")])
+def test_check_warns_about_a_folder_others_can_write(tmp_path: Path, mode: int, who: str) -> None:
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    assert routheon(folder, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY).returncode == 0
+    assert routheon(folder, "mapping", "check", "--no-connect").stdout == ""
+    folder.chmod(mode)
+    result = routheon(folder, "mapping", "check", "--no-connect")
+    assert result.returncode == 0  # a warning: Traefik still routes as intended today
+    assert result.stdout == (
+        f"{folder}: warning: the folder is writable by {who} (mode {mode:04o}): whoever can add a file here"
+        f" can route any API key to a backend of their own; chmod go-w {folder}\n"
+    )

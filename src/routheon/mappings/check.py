@@ -197,6 +197,29 @@ def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
     ]
 
 
+def _folder_mode_findings(folder: Path) -> list[Finding]:
+    """The folder and subfolders Traefik reads that users other than the owner can write to.
+
+    Whoever can add a file there can route any API key to a backend of their own (Traefik
+    reads every file, and a router may outrank Routheon's). A sticky bit does not help: it
+    only keeps others from removing or renaming files they do not own, not from adding one.
+    """
+    findings: list[Finding] = []
+    for directory, _, _ in os.walk(folder):
+        try:
+            mode = os.lstat(directory).st_mode & 0o7777
+        except OSError:
+            continue
+        if mode & 0o022:
+            who = "every user" if mode & 0o002 else "its group"
+            message = (
+                f"the folder is writable by {who} (mode {mode:04o}): whoever can add a file here can route"
+                f" any API key to a backend of their own; chmod go-w {directory}"
+            )
+            findings.append(Finding(Path(directory), message, WARNING))
+    return findings
+
+
 def inspect_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> Folder:
     """Read ``folder`` as Traefik does and add every finding: per file, across files, backends."""
     read = read_folder(folder)
@@ -204,6 +227,7 @@ def inspect_folder(folder: str | os.PathLike[str], *, connect: bool = False, tim
         return read
     checked: Checked = [(mapping, KeyLines(mapping.text)) for mapping in read.files]
     findings = list(read.findings)
+    findings += _folder_mode_findings(read.path)
     for mapping, lines in checked:
         findings += _file_findings(mapping, lines)
     findings += _cross_file(checked)
