@@ -14,7 +14,7 @@ from routheon.mappings.check import check_folder
 from routheon.mappings.folder import read_folder
 from routheon.mappings.format import MappingSpec
 from routheon.mappings.store import add_mapping
-from support import VENV_BIN
+from support import REPO, VENV_BIN
 
 MOVED = "sk-moved-0123456789abcdef"
 ALONE = "sk-alone-0123456789abcdef"
@@ -165,3 +165,59 @@ def test_check_warns_about_a_folder_others_can_write(tmp_path: Path, mode: int, 
         f"{folder}: warning: the folder is writable by {who} (mode {mode:04o}): whoever can add a file here"
         f" can route any API key to a backend of their own; chmod go-w {folder}\n"
     )
+
+
+SCRIPT = REPO / "traefik" / "create-mapping" / "create-mapping.sh"
+
+
+def script(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ROUTHEON_BIN": ROUTHEON}
+    return subprocess.run(
+        [str(SCRIPT), "--port", "8011", "--service", "alpha", *args, "--mappings", str(folder)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [("", "--api_key is empty"), (f"{KEY}\nsk-second-0123456789ab", "line break"), (f"{KEY}\r", "line break")],
+    ids=["empty", "newline", "carriage-return"],
+)
+def test_the_script_refuses_an_empty_or_multi_line_key(tmp_path: Path, key: str, message: str) -> None:
+    result = script(tmp_path, "--api_key", key)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()] and message in result.stderr
+    assert not (tmp_path / "alpha.yml").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (b"", ("no API key in", "keys.txt")),
+        (b"\n \n\r\n", ("no API key in", "keys.txt")),
+        (KEY.encode() + b"\x0csk-second-0123456789ab\n", ("whitespace at position 25",)),
+        (KEY.encode() + b"\x1csk-second-0123456789ab\n", ("whitespace at position 25",)),
+        (KEY.encode() + b"\xff\n", ("keys.txt", "not UTF-8 text (byte 25)")),
+    ],
+    ids=["empty", "blank-lines", "form-feed", "file-separator", "not-utf8"],
+)
+def test_a_key_file_is_split_on_newlines_only_and_must_hold_a_key(
+    tmp_path: Path, content: bytes, fragments: tuple[str, ...]
+) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_bytes(content)
+    folder = tmp_path / "mappings"
+    result = routheon(folder, "mapping", "add", "--service", "alpha", "--port", "8011", "--key-file", str(key_file))
+    line = one_error_line(result, *fragments)
+    assert "sk-second" not in line and KEY not in line
+    assert not (folder / "alpha.yml").exists()
+
+
+def test_key_files_with_crlf_and_stdin_still_work(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_bytes(f"{KEY}\r\n\r\nsk-second-0123456789ab\r\n".encode())
+    args = ["mapping", "add", "--service", "alpha", "--port", "8011"]
+    assert routheon(tmp_path, *args, "--key-file", str(key_file)).returncode == 0
+    assert key_owners(tmp_path) == {KEY: 1, "sk-second-0123456789ab": 1}
+    refused = routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key-file", "-", stdin=b"\xfe")
+    one_error_line(refused, "cannot read keys from stdin: not UTF-8 text (byte 1)")

@@ -47,12 +47,25 @@ class CommandError(Exception):
 
 
 def _read_key_file(name: str) -> list[str]:
-    """Keys one per line from a file or ``-`` (stdin), so keys stay out of the process list."""
+    """Keys one per line from a file or ``-`` (stdin), so keys stay out of the process list.
+
+    Lines end at ``\n`` (or ``\r\n``) only: ``str.splitlines`` would also split at form
+    feeds and other separators, turning one bad key into two routed ones. A file without a key
+    is refused: ``mapping add`` would otherwise generate a key nobody asked for.
+    """
+    shown = "stdin" if name == "-" else name
     try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
     except OSError as exc:
-        raise CommandError(f"cannot read keys from {name}: {exc.strerror}") from None
-    return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
+        raise CommandError(f"cannot read keys from {shown}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"cannot read keys from {shown}: not UTF-8 text (byte {exc.start + 1})") from None
+    keys = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+    if not keys:
+        raise CommandError(f"no API key in {shown}: give one key per line")
+    return keys
 
 
 def _backend_urls(args: argparse.Namespace) -> tuple[str, ...]:
