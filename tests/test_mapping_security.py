@@ -221,3 +221,29 @@ def test_key_files_with_crlf_and_stdin_still_work(tmp_path: Path) -> None:
     assert key_owners(tmp_path) == {KEY: 1, "sk-second-0123456789ab": 1}
     refused = routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key-file", "-", stdin=b"\xfe")
     one_error_line(refused, "cannot read keys from stdin: not UTF-8 text (byte 1)")
+
+
+def test_two_adds_creating_the_folder_at_once_both_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from routheon import cli
+
+    folder = tmp_path / "etc" / "mappings"
+    real_mkdir = Path.mkdir
+
+    def other_add_wins_the_race(self: Path, *args: object, **kwargs: object) -> None:
+        if self == folder:
+            real_mkdir(self, 0o750, parents=True, exist_ok=True)  # the other `mapping add`, a moment earlier
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_add_wins_the_race)
+    args = ["mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--mappings", str(folder)]
+    assert cli.main(args) == 0
+    assert key_owners(folder) == {KEY: 1}
+
+
+def test_an_empty_mappings_flag_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [ROUTHEON, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--mappings", ""],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )
+    one_error_line(result, "--mappings is empty")
+    assert list(tmp_path.iterdir()) == []

@@ -93,13 +93,19 @@ def _folder_to_write(name: str) -> Path:
     The seed's create-mapping.sh created it too, so a llama-server unit that chains it keeps
     working on a fresh host.
     """
+    if not name:
+        raise CommandError("--mappings is empty (an unset variable?): give the mappings folder")
     folder = Path(name)
     if not folder.is_dir():
         try:
             folder.mkdir(mode=0o750, parents=True)
+        except FileExistsError:
+            if not folder.is_dir():  # another `mapping add` may have just created it: that is fine
+                raise CommandError(f"the mappings folder {folder} exists but is not a folder") from None
         except OSError as exc:
             raise CommandError(f"cannot create the mappings folder {folder}: {exc.strerror}") from None
-        log.info("created the mappings folder %s (mode 0750)", folder)
+        else:
+            log.info("created the mappings folder %s (mode 0750)", folder)
     return folder
 
 
