@@ -247,3 +247,57 @@ def test_an_empty_mappings_flag_is_refused(tmp_path: Path) -> None:
     )
     one_error_line(result, "--mappings is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("host", "what"),
+    [
+        ("http://127.0.0.1/v1", "a path"),
+        ("http://127.0.0.1:9000", "a port"),
+        ("http://[::1]:9000", "a port"),
+        ("http://127.0.0.1?x=1", "a query"),
+        ("http://user:hunter2@127.0.0.1", "credentials"),
+        ("http://h:1\\@evil", "credentials"),
+        ("127.0.0.1", "a scheme and a host"),
+    ],
+)
+def test_host_is_a_scheme_and_a_host_only(tmp_path: Path, host: str, what: str) -> None:
+    result = routheon(tmp_path, "mapping", "add", "--service", "a", "--port", "8011", "--host", host, "--key", KEY)
+    line = one_error_line(result, "--host must be a scheme and a host", what)
+    assert "hunter2" not in line
+    assert not (tmp_path / "a.yml").exists()
+
+
+def test_host_without_extras_still_works(tmp_path: Path) -> None:
+    for service, host in (("a", "https://backend.example/"), ("b", "http://[::1]")):
+        result = routheon(tmp_path, "mapping", "add", "--service", service, "--port", "8011", "--host", host, "--key", service * 16)
+        assert result.returncode == 0, result.stderr
+    assert read_folder(tmp_path).backend_urls() == ["https://backend.example:8011", "http://[::1]:8011"]
+
+
+@pytest.mark.parametrize("url", ["http://user:hunter2@127.0.0.1:8011", "http://h:1\\@evil", "http://hunter2@h:1"])
+def test_backend_urls_with_credentials_are_refused_without_echoing_them(tmp_path: Path, url: str) -> None:
+    result = routheon(tmp_path, "mapping", "add", "--service", "a", "--url", url, "--key", KEY)
+    line = one_error_line(result, "credentials")
+    assert "hunter2" not in line and "@" in line  # shown masked: http://***@...
+    assert not (tmp_path / "a.yml").exists()
+
+
+def test_list_and_check_mask_credentials_in_hand_written_files(tmp_path: Path) -> None:
+    assert routheon(tmp_path, "mapping", "add", "--service", "a", "--url", "http://127.0.0.1:9", "--key", KEY).returncode == 0
+    text = (tmp_path / "a.yml").read_text().replace("http://127.0.0.1:9", "http://user:hunter2@127.0.0.1:9")
+    (tmp_path / "a.yml").write_text(text)
+    listing = routheon(tmp_path, "mapping", "list")
+    assert listing.returncode == 0 and "http://***@127.0.0.1:9" in listing.stdout
+    check = routheon(tmp_path, "mapping", "check", "--timeout", "1")
+    assert "backend http://***@127.0.0.1:9 does not answer" in check.stdout
+    assert "hunter2" not in listing.stdout + listing.stderr + check.stdout + check.stderr
+
+
+def test_check_survives_a_url_python_cannot_request(tmp_path: Path) -> None:
+    (tmp_path / "odd.yml").write_text(
+        "http:\n  services:\n    odd:\n      loadBalancer:\n        servers:\n          - url: 'http://h:x'\n"
+    )
+    result = routheon(tmp_path, "mapping", "check", "--timeout", "1")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "backend http://h:x does not answer: nonnumeric port" in result.stdout

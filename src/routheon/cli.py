@@ -12,12 +12,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from routheon import __version__
 from routheon.mappings.check import check_folder, has_errors
 from routheon.mappings.folder import ERROR, read_folder
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
-from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key
+from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
 from routheon.mappings.store import (
     Change,
@@ -77,7 +78,35 @@ def _backend_urls(args: argparse.Namespace) -> tuple[str, ...]:
         raise CommandError("give the backend with --port PORT (and --host) or --url URL")
     if not 0 < args.port < 65536:
         raise CommandError(f"--port {args.port} is not a port number (1-65535)")
-    return (f"{args.host.rstrip('/')}:{args.port}",)
+    return (f"{_backend_host(args.host)}:{args.port}",)
+
+
+def _backend_host(host: str) -> str:
+    """``--host`` as ``scheme://host``: a path, port or query in it would end up before ``:PORT``.
+
+    ``http://127.0.0.1/v1`` plus ``--port 8011`` made ``http://127.0.0.1/v1:8011``, a URL to
+    port 80. The value is not echoed: it may hold a password.
+    """
+    parts = urlsplit(host)
+    hostport = parts.netloc.rpartition("@")[2]
+    extra = [
+        what
+        for what, present in (
+            ("credentials (user:password@)", "@" in parts.netloc or "\\" in host),
+            ("a port (give it with --port)", ":" in hostport.rpartition("]")[2]),
+            ("a path", parts.path not in ("", "/")),
+            ("a query or fragment", bool(parts.query or parts.fragment) or "?" in host or "#" in host),
+        )
+        if present
+    ]
+    if extra:
+        raise CommandError(
+            f"--host must be a scheme and a host only, like {DEFAULT_HOST}; it holds {extra[0]}"
+            " (give a whole backend URL with --url instead)"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CommandError(f"--host must be a scheme and a host, like {DEFAULT_HOST}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _existing_folder(name: str) -> Path:
@@ -168,7 +197,7 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
                 (
                     service,
                     ",".join(mask_key(key) for key in keys) or "-",
-                    ",".join(urls.get(service, ())) or "-",
+                    ",".join(mask_url(url) for url in urls.get(service, ())) or "-",
                     str(mapping.path.relative_to(folder.path)),
                 )
             )

@@ -8,6 +8,7 @@ routheon-server can report them on ``/health``.
 
 from __future__ import annotations
 
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -20,6 +21,7 @@ from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_folde
 from routheon.mappings.format import ERRORS_MIDDLEWARE, HEALTH_PATH, KeyLines, MappingFile
 from routheon.mappings.keys import InvalidKeyError, validate_key
 from routheon.mappings.rules import rule_keys, selects_by_key
+from routheon.mappings.keys import mask_url
 
 
 def _file_findings(mapping: MappingFile, lines: KeyLines) -> list[Finding]:
@@ -170,13 +172,17 @@ def _cross_file(checked: Checked) -> list[Finding]:
 
 
 def _reachable(url: str, timeout: float) -> str | None:
-    """None when something answers HTTP at ``url``'s health path, else why not."""
+    """None when something answers HTTP at ``url``'s health path, else why not.
+
+    Credentials are left out of the request, so no error message can repeat them, and a URL
+    Python cannot request (``http.client.InvalidURL``) is a reason, not a crash.
+    """
     try:
-        with urllib.request.urlopen(url.rstrip("/") + HEALTH_PATH, timeout=timeout):
+        with urllib.request.urlopen(mask_url(url, "").rstrip("/") + HEALTH_PATH, timeout=timeout):
             return None
     except urllib.error.HTTPError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         return str(reason)
 
@@ -191,7 +197,7 @@ def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
     with ThreadPoolExecutor(max_workers=8) as pool:
         reasons = list(pool.map(lambda target: _reachable(target[3], timeout), targets))
     return [
-        Finding(path, f"service {name!r}: backend {url} does not answer: {reason}", WARNING, line)
+        Finding(path, f"service {name!r}: backend {mask_url(url)} does not answer: {reason}", WARNING, line)
         for (path, line, name, url), reason in zip(targets, reasons, strict=True)
         if reason is not None
     ]
