@@ -301,3 +301,10 @@ def test_check_survives_a_url_python_cannot_request(tmp_path: Path) -> None:
     result = routheon(tmp_path, "mapping", "check", "--timeout", "1")
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "backend http://h:x does not answer: nonnumeric port" in result.stdout
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "-1", "0", "1e300"])
+def test_check_refuses_a_timeout_it_cannot_use(tmp_path: Path, timeout: str) -> None:
+    assert routheon(tmp_path, "mapping", "add", "--service", "a", "--url", "http://127.0.0.1:9", "--key", KEY).returncode == 0
+    result = routheon(tmp_path, "mapping", "check", "--timeout", timeout)
+    one_error_line(result, "--timeout", "more than 0 and at most 3600 seconds")

@@ -9,6 +9,7 @@ routheon-server can report them on ``/health``.
 from __future__ import annotations
 
 import http.client
+import math
 import os
 import urllib.error
 import urllib.request
@@ -187,7 +188,19 @@ def _reachable(url: str, timeout: float) -> str | None:
         return str(reason)
 
 
+MAX_TIMEOUT = 3600.0
+
+
+def _check_timeout(timeout: float) -> None:
+    """Refuse a timeout sockets cannot take (inf, nan, huge) or that means no wait at all (0, negative)."""
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        raise ValueError(
+            f"the backend timeout (--timeout) must be more than 0 and at most {MAX_TIMEOUT:g} seconds, not {timeout:g}"
+        )
+
+
 def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
+    _check_timeout(timeout)
     targets = [
         (mapping.path, lines.get("http", "services", service.name), service.name, url)
         for mapping, lines in checked
