@@ -308,3 +308,16 @@ def test_check_refuses_a_timeout_it_cannot_use(tmp_path: Path, timeout: str) -> 
     assert routheon(tmp_path, "mapping", "add", "--service", "a", "--url", "http://127.0.0.1:9", "--key", KEY).returncode == 0
     result = routheon(tmp_path, "mapping", "check", "--timeout", timeout)
     one_error_line(result, "--timeout", "more than 0 and at most 3600 seconds")
+
+
+def test_every_yaml_problem_is_one_finding_line_with_its_line_number(tmp_path: Path) -> None:
+    (tmp_path / "nul.yml").write_text("http:\n  routers:\n    a: \x00\n")
+    (tmp_path / "bell.yml").write_text("http: \x07\n")
+    (tmp_path / "tab.yml").write_text("http:\n\t- b\n")
+    result = routheon(tmp_path, "mapping", "check", "--no-connect")
+    assert result.returncode == 1
+    assert sorted(result.stdout.splitlines()) == [
+        f"{tmp_path / 'bell.yml'}:1: error: not valid YAML: character #x0007 is not allowed",
+        f"{tmp_path / 'nul.yml'}:3: error: not valid YAML: character #x0000 is not allowed",
+        f"{tmp_path / 'tab.yml'}:2: error: not valid YAML: found character '\\t' that cannot start any token",
+    ]

@@ -400,9 +400,14 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         document = _load_first_document(text)
     except RecursionError:
         raise MappingFormatError("not a Traefik mapping: nested too deeply to read") from None
+    except yaml.reader.ReaderError as exc:
+        # its str() spans two lines and names no line; a finding is one line, FILE:LINE first
+        line = text.count("\n", 0, exc.position) + 1
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise MappingFormatError(f"not valid YAML: character #x{character:04x} is not allowed", line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
         raise MappingFormatError(f"not valid YAML: {problem}", mark.line + 1 if mark else None) from None
     if document is None:
         return MappingFile(path, text=text)
