@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -321,3 +324,40 @@ def test_every_yaml_problem_is_one_finding_line_with_its_line_number(tmp_path: P
         f"{tmp_path / 'nul.yml'}:3: error: not valid YAML: character #x0000 is not allowed",
         f"{tmp_path / 'tab.yml'}:2: error: not valid YAML: found character '\\t' that cannot start any token",
     ]
+
+
+class _EchoHeaders(http.server.BaseHTTPRequestHandler):
+    """A backend that answers every GET with the names of the request headers it received."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        body = json.dumps(list(self.headers.keys())).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.traefik
+def test_traefik_starts_without_the_alias_warning_and_drops_aliased_headers(tmp_path: Path) -> None:
+    from traefik_stack import Stack
+
+    echo = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHeaders)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    try:
+        with Stack(tmp_path) as stack:
+            url = f"http://127.0.0.1:{echo.server_address[1]}"
+            stack.routheon("mapping", "add", "--service", "echo", "--url", url, "--key", KEY)
+            stack.wait_for(lambda: stack.request("/", key=KEY).status == 200)
+            reply = stack.request("/", key=KEY, headers={"X_Real_Ip": "10.0.0.1", "X.Forwarded.For": "10.0.0.2"})
+            assert reply.status == 200
+            received = {name.lower() for name in reply.json()}
+            assert "x-real-ip" in received and not received & {"x_real_ip", "x.forwarded.for"}
+            assert stack.traefik is not None
+            log = stack.traefik.log()
+        assert "aliasHeadersStrategy" not in log
+    finally:
+        echo.shutdown()
