@@ -14,12 +14,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from routheon import __version__
 from routheon.mappings.check import check_folder, inspect_folder
 from routheon.mappings.folder import DEFAULT_MAPPINGS, ERROR, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
-from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key
+from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
 from routheon.mappings.verdict import (
     DEFAULT_TIMEOUT,
@@ -62,12 +63,25 @@ class CommandError(Exception):
 
 
 def _read_key_file(name: str) -> list[str]:
-    """Keys one per line from a file or ``-`` (stdin), so keys stay out of the process list."""
+    """Keys one per line from a file or ``-`` (stdin), so keys stay out of the process list.
+
+    Lines end at ``\n`` (or ``\r\n``) only: ``str.splitlines`` would also split at form
+    feeds and other separators, turning one bad key into two routed ones. A file without a key
+    is refused: ``mapping add`` would otherwise generate a key nobody asked for.
+    """
+    shown = "stdin" if name == "-" else name
     try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
     except OSError as exc:
-        raise CommandError(f"cannot read keys from {name}: {exc.strerror}") from None
-    return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
+        raise CommandError(f"cannot read keys from {shown}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"cannot read keys from {shown}: not UTF-8 text (byte {exc.start + 1})") from None
+    keys = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+    if not keys:
+        raise CommandError(f"no API key in {shown}: give one key per line")
+    return keys
 
 
 def _backend_urls(args: argparse.Namespace) -> tuple[str, ...]:
@@ -79,7 +93,35 @@ def _backend_urls(args: argparse.Namespace) -> tuple[str, ...]:
         raise CommandError("give the backend with --port PORT (and --host) or --url URL")
     if not 0 < args.port < 65536:
         raise CommandError(f"--port {args.port} is not a port number (1-65535)")
-    return (f"{args.host.rstrip('/')}:{args.port}",)
+    return (f"{_backend_host(args.host)}:{args.port}",)
+
+
+def _backend_host(host: str) -> str:
+    """``--host`` as ``scheme://host``: a path, port or query in it would end up before ``:PORT``.
+
+    ``http://127.0.0.1/v1`` plus ``--port 8011`` made ``http://127.0.0.1/v1:8011``, a URL to
+    port 80. The value is not echoed: it may hold a password.
+    """
+    parts = urlsplit(host)
+    hostport = parts.netloc.rpartition("@")[2]
+    extra = [
+        what
+        for what, present in (
+            ("credentials (user:password@)", "@" in parts.netloc or "\\" in host),
+            ("a port (give it with --port)", ":" in hostport.rpartition("]")[2]),
+            ("a path", parts.path not in ("", "/")),
+            ("a query or fragment", bool(parts.query or parts.fragment) or "?" in host or "#" in host),
+        )
+        if present
+    ]
+    if extra:
+        raise CommandError(
+            f"--host must be a scheme and a host only, like {DEFAULT_HOST}; it holds {extra[0]}"
+            " (give a whole backend URL with --url instead)"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CommandError(f"--host must be a scheme and a host, like {DEFAULT_HOST}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _existing_folder(name: str) -> Path:
@@ -95,13 +137,19 @@ def _folder_to_write(name: str) -> Path:
     The seed's create-mapping.sh created it too, so a llama-server unit that chains it keeps
     working on a fresh host.
     """
+    if not name:
+        raise CommandError("--mappings is empty (an unset variable?): give the mappings folder")
     folder = Path(name)
     if not folder.is_dir():
         try:
             folder.mkdir(mode=0o750, parents=True)
+        except FileExistsError:
+            if not folder.is_dir():  # another `mapping add` may have just created it: that is fine
+                raise CommandError(f"the mappings folder {folder} exists but is not a folder") from None
         except OSError as exc:
             raise CommandError(f"cannot create the mappings folder {folder}: {exc.strerror}") from None
-        log.info("created the mappings folder %s (mode 0750)", folder)
+        else:
+            log.info("created the mappings folder %s (mode 0750)", folder)
     return folder
 
 
@@ -148,15 +196,16 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
             log.warning("%s", warning)
     folder = _folder_to_write(args.mappings)
     spec = replace(spec, error_pages=args.error_pages)
-    if args.error_pages and not defines_error_pages(read_folder(folder).files):
+    without_error_pages = args.error_pages and not defines_error_pages(read_folder(folder).files)
+    backups = _backups(args.backups)
+    _report(add_mapping(folder, spec, replace=args.replace, backups=backups), folder)
+    if without_error_pages:
         log.info(
             "no file in %s defines the %s middleware yet: these keys route without OpenAI error pages"
             " until routheon-server.yml is in the folder",
             folder,
             ERRORS_MIDDLEWARE,
         )
-    backups = _backups(args.backups)
-    _report(add_mapping(folder, spec, replace=args.replace, backups=backups), folder)
     if generated is not None:
         log.info("generated API key for %s (shown only now):", spec.service)
         print(generated)
@@ -178,7 +227,7 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
                 (
                     service,
                     ",".join(mask_key(key) for key in keys) or "-",
-                    ",".join(urls.get(service, ())) or "-",
+                    ",".join(mask_url(url) for url in urls.get(service, ())) or "-",
                     str(mapping.path.relative_to(folder.path)),
                 )
             )

@@ -74,6 +74,13 @@ done
 [ -n "$port" ] || die "--port is required (see --help)"
 [ -n "$service" ] || die "--service is required (see --help)"
 [ "$have_key" = 1 ] || die "--api_key is required (see --help)"
+# An empty key is an unset variable in the unit file: routheon would generate a key nobody knows.
+[ -n "$api_key" ] || die "--api_key is empty (an unset variable?); give the key clients send"
+# The key travels to routheon as a line: a line break would route it as two keys.
+case "$api_key" in
+    *$'\n'* | *$'\r'*) die "--api_key holds a line break; give one key on one line" ;;
+esac
+[ -n "$mappings" ] || die "--mappings is empty (an unset variable?)"
 
 if [ -n "${ROUTHEON_BIN:-}" ]; then
     routheon="$ROUTHEON_BIN"

@@ -8,6 +8,8 @@ routheon-server can report them on ``/health``.
 
 from __future__ import annotations
 
+import http.client
+import math
 import os
 import urllib.error
 import urllib.request
@@ -28,6 +30,7 @@ from routheon.mappings.format import (
 )
 from routheon.mappings.keys import InvalidKeyError, validate_key
 from routheon.mappings.rules import rule_keys, selects_by_key
+from routheon.mappings.keys import mask_url
 
 
 def _file_findings(mapping: MappingFile, lines: KeyLines) -> list[Finding]:
@@ -207,18 +210,34 @@ def _cross_file(checked: Checked) -> list[Finding]:
 
 
 def _reachable(url: str, timeout: float) -> str | None:
-    """None when something answers HTTP at ``url``'s health path, else why not."""
+    """None when something answers HTTP at ``url``'s health path, else why not.
+
+    Credentials are left out of the request, so no error message can repeat them, and a URL
+    Python cannot request (``http.client.InvalidURL``) is a reason, not a crash.
+    """
     try:
-        with urllib.request.urlopen(url.rstrip("/") + HEALTH_PATH, timeout=timeout):
+        with urllib.request.urlopen(mask_url(url, "").rstrip("/") + HEALTH_PATH, timeout=timeout):
             return None
     except urllib.error.HTTPError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         return str(reason)
 
 
+MAX_TIMEOUT = 3600.0
+
+
+def _check_timeout(timeout: float) -> None:
+    """Refuse a timeout sockets cannot take (inf, nan, huge) or that means no wait at all (0, negative)."""
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        raise ValueError(
+            f"the backend timeout (--timeout) must be more than 0 and at most {MAX_TIMEOUT:g} seconds, not {timeout:g}"
+        )
+
+
 def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
+    _check_timeout(timeout)
     targets = [
         (mapping.path, lines.get("http", "services", service.name), service.name, url)
         for mapping, lines in checked
@@ -228,10 +247,33 @@ def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
     with ThreadPoolExecutor(max_workers=8) as pool:
         reasons = list(pool.map(lambda target: _reachable(target[3], timeout), targets))
     return [
-        Finding(path, f"service {name!r}: backend {url} does not answer: {reason}", WARNING, line)
+        Finding(path, f"service {name!r}: backend {mask_url(url)} does not answer: {reason}", WARNING, line)
         for (path, line, name, url), reason in zip(targets, reasons, strict=True)
         if reason is not None
     ]
+
+
+def _folder_mode_findings(folder: Path) -> list[Finding]:
+    """The folder and subfolders Traefik reads that users other than the owner can write to.
+
+    Whoever can add a file there can route any API key to a backend of their own (Traefik
+    reads every file, and a router may outrank Routheon's). A sticky bit does not help: it
+    only keeps others from removing or renaming files they do not own, not from adding one.
+    """
+    findings: list[Finding] = []
+    for directory, _, _ in os.walk(folder):
+        try:
+            mode = os.lstat(directory).st_mode & 0o7777
+        except OSError:
+            continue
+        if mode & 0o022:
+            who = "every user" if mode & 0o002 else "its group"
+            message = (
+                f"the folder is writable by {who} (mode {mode:04o}): whoever can add a file here can route"
+                f" any API key to a backend of their own; chmod go-w {directory}"
+            )
+            findings.append(Finding(Path(directory), message, WARNING))
+    return findings
 
 
 def inspect_folder(folder: str | os.PathLike[str], *, connect: bool = False, timeout: float = 2.0) -> Folder:
@@ -241,6 +283,7 @@ def inspect_folder(folder: str | os.PathLike[str], *, connect: bool = False, tim
         return read
     checked: Checked = [(mapping, KeyLines(mapping.text)) for mapping in read.files]
     findings = list(read.findings)
+    findings += _folder_mode_findings(read.path)
     for mapping, lines in checked:
         findings += _file_findings(mapping, lines)
     findings += _cross_file(checked)

@@ -42,8 +42,9 @@ class Finding:
     rejects: bool = False
 
     def __str__(self) -> str:
+        """``FILE:LINE: severity: message`` on one line, whatever the message holds."""
         where = f"{self.path}:{self.line}" if self.line else str(self.path)
-        return f"{where}: {self.severity}: {self.message}"
+        return f"{where}: {self.severity}: " + " ".join(self.message.split())
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from routheon.mappings.keys import validate_key
+from routheon.mappings.keys import mask_url, validate_key
 from routheon.mappings.rules import KeyClause, header_rule, rule_keys
 
 MAPPING_SUFFIXES = (".yml", ".yaml")
@@ -220,18 +220,29 @@ def validate_service_name(name: str) -> None:
 
 
 def validate_url(url: str) -> None:
-    """A backend URL Traefik can use, with nothing that would break the file around it."""
+    """A backend URL Traefik can use, with nothing that would break the file around it.
+
+    Credentials are refused: Traefik would send them to the backend, and every reader of the
+    folder (``routheon mapping list``) would see them. A backslash is refused because parsers
+    disagree on it: ``http://h:1\\@evil`` is host ``evil`` to Python and Go, ``h`` to others.
+    """
+    shown = mask_url(url)
+    if "@" in urlsplit(url).netloc or "\\" in url:
+        raise ValueError(
+            f"invalid backend URL {shown!r}: it holds credentials (user:password@) or a backslash;"
+            " give scheme://host:port only"
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid backend URL {url!r}: it must look like http://127.0.0.1:8011")
+        raise ValueError(f"invalid backend URL {shown!r}: it must look like http://127.0.0.1:8011")
     if any(char.isspace() or char in "'\"`{}" or not char.isprintable() for char in url):
-        raise ValueError(f"invalid backend URL {url!r}: it holds a character a URL cannot have here")
+        raise ValueError(f"invalid backend URL {shown!r}: it holds a character a URL cannot have here")
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
-        raise ValueError(f"invalid backend URL {url!r}: the port is not a number from 1 to 65535")
+        raise ValueError(f"invalid backend URL {shown!r}: the port is not a number from 1 to 65535")
 
 
 def request_body_middleware(service: str) -> str:
@@ -429,9 +440,14 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         document = _load_first_document(text)
     except RecursionError:
         raise MappingFormatError("not a Traefik mapping: nested too deeply to read") from None
+    except yaml.reader.ReaderError as exc:
+        # its str() spans two lines and names no line; a finding is one line, FILE:LINE first
+        line = text.count("\n", 0, exc.position) + 1
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise MappingFormatError(f"not valid YAML: character #x{character:04x} is not allowed", line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
         raise MappingFormatError(f"not valid YAML: {problem}", mark.line + 1 if mark else None) from None
     if document is None:
         return MappingFile(path, text=text)

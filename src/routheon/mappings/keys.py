@@ -1,4 +1,4 @@
-"""API key rules: which keys can be written into a Traefik rule, generating and masking keys.
+"""API key rules: which keys can be written into a Traefik rule, generating and masking keys (and URL passwords).
 
 A key ends up inside a backtick string of a Traefik rule, inside a single-quoted YAML scalar,
 inside a file that Traefik first expands as a Go template. Each of those layers has characters
@@ -8,6 +8,7 @@ the whole mappings folder), so such keys are refused here, before anything is wr
 
 from __future__ import annotations
 
+import re
 import secrets
 
 KEY_PREFIX = "sk-"
@@ -74,3 +75,12 @@ def mask_key(key: str) -> str:
         return "*" * len(key)
     shown = 4 if len(key) >= 16 else 2
     return f"{key[:shown]}...{key[-shown:]}"
+
+
+# The userinfo of a URL: everything between "scheme://" and the last "@" before the path.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def mask_url(url: str, mask: str = "***@") -> str:
+    """``url`` with its credentials (``user:password@``) replaced by ``mask``: a password is a key too."""
+    return _USERINFO.sub(lambda match: match.group(1) + mask, url)

@@ -11,6 +11,7 @@ write. Files that hold keys are never world-readable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from routheon.mappings.folder import read_folder
+from routheon.mappings.folder import read_folder, read_mapping_text
 from routheon.mappings.format import (
     ERRORS_MIDDLEWARE,
     MappingFile,
@@ -55,6 +56,52 @@ class MappingConflictError(Exception):
     """A change that would overwrite or move something; the caller must ask for it explicitly."""
 
 
+class UnsafeFileError(ValueError):
+    """A symbolic link or special file where Routheon writes: acting on it would reach outside the folder.
+
+    Routheon usually runs as root; a link planted in the folder would have it copy a file it
+    points to into a backup (readable by Traefik's group), or create and open files elsewhere.
+    """
+
+
+def _open_no_follow(path: Path, flags: int, what: str) -> int:
+    """``os.open`` that refuses a symbolic link or anything but a regular file at ``path``."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(
+                f"{path} is a symbolic link: Routheon never follows links in the mappings folder;"
+                f" replace it with {what}"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeFileError(f"{path} is not a regular file: replace it with {what}")
+    return fd
+
+
+def _refuse_unsafe(path: Path) -> None:
+    """Refuse to back up, replace or remove ``path`` when it is a link or not a regular file."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise UnsafeFileError(
+            f"{path} is a symbolic link: Routheon neither backs up, rewrites nor removes mapping files"
+            " through links; put the file itself in the folder"
+        )
+    if not stat.S_ISREG(mode):
+        raise UnsafeFileError(f"{path} is not a regular file; Routheon leaves it alone")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The content of a mapping file, read without following a link (see ``UnsafeFileError``)."""
+    with os.fdopen(_open_no_follow(path, os.O_RDONLY, "the file itself"), "rb") as handle:
+        return handle.read()
+
+
 @dataclass(frozen=True)
 class Change:
     """One thing done to the folder, for the operator to read."""
@@ -69,8 +116,12 @@ class Change:
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder for one read-modify-write."""
-    fd = os.open(folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644)
+    """Hold an exclusive lock on the folder for one read-modify-write.
+
+    The lock file is never opened through a link: one planted there would have root create or
+    open a file anywhere.
+    """
+    fd = _open_no_follow(folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT, "an empty regular file, or remove it")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -126,7 +177,7 @@ def backup(path: Path) -> Path:
     ]
     if taken:
         target = path.with_name(f"{path.name}.bak.{stamp}.{max(taken) + 1}")
-    write_atomic(target, path.read_bytes(), mode=KEY_FILE_MODE & stat.S_IMODE(path.stat().st_mode))
+    write_atomic(target, _read_bytes(path), mode=KEY_FILE_MODE & stat.S_IMODE(path.lstat().st_mode))
     return target
 
 
@@ -208,7 +259,7 @@ def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[
     the file's own request-body middleware); clauses that stay are kept as written, 1.0.x-format
     ones included.
     """
-    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document = yaml.safe_load(read_mapping_text(path)[0])
     http = document["http"]
     routers: dict[str, Any] = http.get("routers") or {}
     for name in list(routers):
@@ -351,11 +402,11 @@ def add_mapping(
         text = render_mapping(spec)
         parse_rendered(text, spec, target)
         data = text.encode("utf-8")
-        changes: list[Change] = []
+        _refuse_unsafe(target)
+        action = "wrote"
         if target.exists():
-            if target.read_bytes() == data:
-                detail = "mode tightened to no world access" if _restrict_mode(target) else ""
-                changes.append(Change("unchanged", target, detail))
+            if _read_bytes(target) == data:
+                action = "unchanged"
             elif not replace:
                 raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
             elif users := _users_of(files, target, kept=frozenset({spec.service})):
@@ -364,13 +415,20 @@ def add_mapping(
                     "disable their routers: choose another --service"
                 )
             else:
-                saved = _saved(target, backups)
-                write_atomic(target, data)
-                changes.append(Change("replaced", target, saved))
+                action = "replaced"
+        # Keys leave their old files before SERVICE.yml is written: a crash (kill -9) between two
+        # writes leaves a key routed by no router for a moment, never by two.
+        changes = _take_keys(files, set(spec.keys), skip=target, backups=backups)
+        if action == "unchanged":
+            detail = "mode tightened to no world access" if _restrict_mode(target) else ""
+            changes.append(Change("unchanged", target, detail))
+        elif action == "replaced":
+            saved = _saved(target, backups)
+            write_atomic(target, data)
+            changes.append(Change("replaced", target, saved))
         else:
             write_atomic(target, data)
             changes.append(Change("wrote", target))
-        changes += _take_keys(files, set(spec.keys), skip=target, backups=backups)
         return _with_pruning(folder, changes, backups)
 
 
@@ -379,6 +437,7 @@ def remove_service(folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS
     validate_service_name(service)  # never a path: "../x" must not reach a file outside the folder
     target = folder / f"{service}.yml"
     with folder_lock(folder):
+        _refuse_unsafe(target)
         if not target.exists():
             raise FileNotFoundError(f"no mapping file {target}")
         users = _users_of(_parsed_files(folder), target)
