@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from server_helpers import Server, running_server
-from support import eventually, request
+from support import request
 
 IDLE_TIMEOUT = 1.0  # seconds; short to keep the tests short (the default is 15)
 FILE_LIMIT = 256
@@ -49,12 +49,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def test_idle_connections_cannot_use_up_the_file_descriptors(tmp_path: Path) -> None:
-    args = ["--mappings", str(tmp_path), "--idle-timeout", str(IDLE_TIMEOUT)]
+    # no Traefik verdict: this test is about connections
+    args = ["--mappings", str(tmp_path), "--idle-timeout", str(IDLE_TIMEOUT), "--traefik", "none"]
     with running_server(tmp_path, args, max_files=FILE_LIMIT) as server:
         # the kernel queues what the server cannot accept, so every connect succeeds
         idle = [socket.create_connection(address(server), timeout=PATIENCE) for _ in range(IDLE_CONNECTIONS)]
         try:
-            assert eventually(lambda: "out of system resource" in server.proc.log(), timeout=PATIENCE)
+            # (On an idle machine the server runs out of descriptors first and logs "out of system
+            # resource"; on a busy one it may close idle connections as fast as it accepts them.
+            # Without the idle timeout it never answers: that is what fails here.)
             # queued behind the idle ones: answered once the server has closed enough of them
             assert request(f"{server.base}/health", timeout=PATIENCE).status == 200
             assert all(closed_by_server(sock) for sock in idle)
