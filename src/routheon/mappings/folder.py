@@ -93,17 +93,19 @@ def traefik_paths(folder: Path) -> Iterator[Path]:
             yield Path(entry.path)
 
 
-def read_mapping_text(path: Path) -> tuple[str, int]:
-    """The text of a mapping file and its permission bits, refusing what is not a plain file.
+def read_plain_file(path: Path, *, follow_links: bool = False) -> tuple[bytes, int]:
+    """The bytes of a regular file of the folder and its permission bits, or MappingFormatError.
 
     A FIFO or a device named ``*.yml`` would otherwise block or flood every reader of the
     folder (routheon-server's scan included); no real mapping comes near the size cap. A
-    symbolic link is refused: Routheon would back up and rewrite what it points to.
+    symbolic link is refused unless ``follow_links`` (Traefik follows them; Routheon would
+    back up and rewrite what it points to).
     """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as exc:
-        if os.path.islink(path):
+        if not follow_links and os.path.islink(path):
             raise MappingFormatError(
                 "a symbolic link: Routheon neither reads nor writes mapping files through links;"
                 " put the file itself in the folder"
@@ -116,11 +118,17 @@ def read_mapping_text(path: Path) -> tuple[str, int]:
         data = handle.read(MAX_MAPPING_BYTES + 1)
     if len(data) > MAX_MAPPING_BYTES:
         raise MappingFormatError(f"larger than {MAX_MAPPING_BYTES} bytes: not a mapping file")
+    return data, stat.S_IMODE(status.st_mode)
+
+
+def read_mapping_text(path: Path) -> tuple[str, int]:
+    """The text of a mapping file and its permission bits (see ``read_plain_file``)."""
+    data, mode = read_plain_file(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MappingFormatError(f"not UTF-8 text (byte {exc.start + 1})") from None
-    return text, stat.S_IMODE(status.st_mode)
+    return text, mode
 
 
 def read_mapping(path: Path) -> MappingFile:

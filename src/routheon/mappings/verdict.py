@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -36,8 +35,8 @@ from typing import Any
 
 import yaml
 
-from routheon.mappings.folder import ERROR, MAX_MAPPING_BYTES, WARNING, Finding, Folder, traefik_paths
-from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, Router, fallback_router
+from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_plain_file, traefik_paths
+from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, Router, fallback_router
 from routheon.mappings.rules import rule_keys, selects_by_key
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ class Verdict:
     applied: bool
     reason: str = ""
     routers: tuple[RouterState, ...] = ()
-    # file-provider names of the routers Traefik read, for telling apart 'missing' and 'not built'
+    # how long Traefik took to answer, for the log
     seconds: float = field(default=0.0, compare=False)
 
     def describe(self) -> str:
@@ -122,16 +121,11 @@ def entry_points_of(static_config: Path | None) -> tuple[str, ...]:
 def _copy_file(source: Path) -> bytes:
     """What Traefik would read from ``source`` (following links, as it does), refusing what would hang it."""
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_plain_file(source, follow_links=True)[0]
+    except MappingFormatError as exc:
+        raise _Unreadable(f"{source}: {exc} (Traefik would block or fail reading it)") from None
     except OSError as exc:
         raise _Unreadable(f"{source}: cannot read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Unreadable(f"{source}: not a regular file (Traefik would block or fail reading it)")
-        data = handle.read(MAX_MAPPING_BYTES + 1)
-    if len(data) > MAX_MAPPING_BYTES:
-        raise _Unreadable(f"{source}: larger than {MAX_MAPPING_BYTES} bytes")
-    return data
 
 
 class _Unreadable(Exception):
