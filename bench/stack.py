@@ -1,7 +1,7 @@
 """Start and stop the processes a case measures, on free loopback ports.
 
-Process handling is the test suite's (``tests/support.py``): one definition of how a child is
-started in its own session and killed with its children.
+Process handling is ``routheon.supervisor``'s, as for the demo and the tests: one definition of
+how a child is started in its own session, waited for and killed with its children.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from pathlib import Path
 
 import psutil
 
+from routheon.loopback import free_port
 from routheon.mappings.format import MappingSpec, render_mapping
-from tests.support import Proc, free_port, wait_http
+from routheon.probe import http_ok
+from routheon.supervisor import Child, start_child
 
 from . import env, fakes
 
@@ -34,17 +36,15 @@ class Stack(contextlib.AbstractContextManager):
     """The processes of one case; all stopped on exit, whatever happened."""
 
     workdir: Path
-    procs: list[Proc] = field(default_factory=list)
+    procs: list[Child] = field(default_factory=list)
 
     def start(self, name: str, argv: Sequence[str], ready_url: str | None = None,
-              timeout: float = 30.0, env_vars: dict[str, str] | None = None) -> Proc:
-        proc = Proc(argv, self.workdir / f"{name}-{next(_LOG_NUMBERS)}.log", env=env_vars)
+              timeout: float = 30.0, env_vars: dict[str, str] | None = None) -> Child:
+        """Start ``argv``; with ``ready_url``, wait until it answers (any HTTP status)."""
+        proc = start_child(name, argv, self.workdir / f"{name}-{next(_LOG_NUMBERS)}.log", env_vars)
         self.procs.append(proc)
         if ready_url:
-            try:
-                wait_http(ready_url, timeout=timeout, proc=proc.popen)
-            except (RuntimeError, TimeoutError) as exc:
-                raise RuntimeError(f"{name} did not start: {exc}\n{proc.log()[-2000:]}") from exc
+            proc.wait_http(ready_url, timeout=timeout, any_status=True)
         return proc
 
     def __exit__(self, *exc_info: object) -> None:
@@ -59,9 +59,9 @@ def fake_backends(stack: Stack, live: int, hang: int = 0) -> tuple[list[str], li
     hang_ports = [free_port() for _ in range(hang)]
     argv = [PYTHON, "-m", "bench.fakes", "backends",
             "--live", ",".join(map(str, live_ports)), "--hang", ",".join(map(str, hang_ports))]
-    stack.start("backends", argv)
+    proc = stack.start("backends", argv)
     for port in live_ports:
-        wait_http(f"http://127.0.0.1:{port}/health")
+        proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
     urls = [f"http://127.0.0.1:{port}" for port in live_ports]
     return urls, [f"http://127.0.0.1:{port}" for port in hang_ports]
 
@@ -166,15 +166,7 @@ def startup_seconds(kind: str, mappings: Path, workdir: Path, runs: int) -> dict
         with Stack(workdir) as stack:
             began = time.perf_counter()
             proc = stack.start(kind, server_argv(kind, mappings, port))
-            while True:
-                if proc.popen.poll() is not None:
-                    raise RuntimeError(f"{kind} exited during start-up:\n{proc.log()[-2000:]}")
-                try:
-                    with urllib.request.urlopen(url, timeout=5) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.002)
+            proc.wait_until(lambda: http_ok(url, timeout=5), f"200 from {url}", timeout=60, interval=0.002)
             samples.append(time.perf_counter() - began)
     return {"runs": runs, "median_s": round(statistics.median(samples), 4),
             "min_s": round(min(samples), 4), "max_s": round(max(samples), 4)}

@@ -35,7 +35,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from tests.support import free_port
+from routheon.loopback import LoopbackTraefik, free_port, install_server_mapping, shipped_static_config
+from routheon.mappings.format import ENTRY_POINT
+from routheon.probe import http_status
+from routheon.supervisor import Child
 
 from . import env, stack, wrk
 from .profile import Profile
@@ -192,29 +195,14 @@ def broken_streams(stk: stack.Stack, routes: list[Route], count: int) -> list[di
             for name, failed in failures.items()]
 
 
-def _wait_ok(url: str, headers: dict[str, str], proc: stack.Proc, timeout: float) -> None:
+def _wait_ok(url: str, headers: dict[str, str], proc: Child, timeout: float) -> None:
     """Until ``url`` answers 200: Traefik answers 401/404 before it has read its mappings."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"exited before {url} answered:\n{proc.log()[-2000:]}")
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s:\n{proc.log()[-2000:]}")
+    proc.wait_until(lambda: http_status(url, timeout=5, headers=headers) == 200, f"200 from {url}", timeout, 0.2)
 
 
-def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_key: str) -> tuple[stack.Proc, str]:
+def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_key: str) -> tuple[Child, str]:
     port = free_port()
-    static["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{port}"
-    static["providers"]["file"]["directory"] = str(folder)
-    static["log"] = {"level": "ERROR"}
-    config = stk.workdir / f"{name}.yml"
-    config.write_text(yaml.safe_dump(static))
+    config = LoopbackTraefik(folder, {ENTRY_POINT: port}, log_level="ERROR").write(stk.workdir / f"{name}.yml", static)
     proc = stk.start(name, [str(TRAEFIK), f"--configFile={config}"])
     base = f"http://127.0.0.1:{port}"
     # Traefik answers 401/404 until it has read the folder: wait for a key-routed 200
@@ -225,20 +213,18 @@ def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_
 def write_traefik_mappings(stk: stack.Stack, routheon_url: str, keys: dict[str, str]) -> Path:
     """The key mappings as ``routheon mapping add`` writes them, and the repo's routheon-server.yml."""
     folder = stack.write_mappings(stk.workdir / "traefik-mappings", keys, error_pages=True)
-    routheon_mapping = yaml.safe_load((REPO / "traefik" / "mappings" / "routheon-server.yml").read_text())
-    routheon_mapping["http"]["services"]["routheon-server"]["loadBalancer"]["servers"] = [{"url": routheon_url}]
-    (folder / "routheon-server.yml").write_text(yaml.safe_dump(routheon_mapping))
+    install_server_mapping(folder, urlsplit(routheon_url).port or 0)
     return folder
 
 
-def start_traefik(stk: stack.Stack, folder: Path, keys: dict[str, str], reuse: bool = False) -> tuple[stack.Proc, str]:
+def start_traefik(stk: stack.Stack, folder: Path, keys: dict[str, str], reuse: bool = False) -> tuple[Child, str]:
     """Traefik with the repo's own static config on the mappings in ``folder``, on free ports.
 
     ``reuse`` drops traefik.yml's ``serversTransport`` (Traefik's default connection reuse):
     unsafe with llama-server's streams, measured against the instant backend only, to show
     what the new connection per request costs.
     """
-    static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
+    static = shipped_static_config()
     if reuse:
         del static["serversTransport"]
     proc, base = _run_traefik(stk, "traefik-reuse" if reuse else "traefik", static, folder, next(iter(keys)))
@@ -246,7 +232,7 @@ def start_traefik(stk: stack.Stack, folder: Path, keys: dict[str, str], reuse: b
     return proc, base
 
 
-def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[stack.Proc, str]:
+def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[Child, str]:
     """Traefik with nothing of Routheon's: one plain header router per key, no middleware,
     no health check, no catch-all, but the same connections to the backends as traefik.yml
     makes. The difference to ``start_traefik`` is what Routheon's routers and middlewares
@@ -254,12 +240,10 @@ def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[stack.Pr
     folder = stk.workdir / "traefik-bare-mappings"
     folder.mkdir()
     routers = {f"bare-{i}": {"rule": f"Header(`Authorization`, `Bearer {key}`)", "service": f"bare-{i}",
-                             "entryPoints": ["llama-servers"]} for i, key in enumerate(keys)}
+                             "entryPoints": [ENTRY_POINT]} for i, key in enumerate(keys)}
     services = {f"bare-{i}": {"loadBalancer": {"servers": [{"url": url}]}} for i, url in enumerate(keys.values())}
     (folder / "bare.yml").write_text(yaml.safe_dump({"http": {"routers": routers, "services": services}}))
-    repo_static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
-    static = {"entryPoints": {"llama-servers": {}}, "providers": {"file": {}},
-              "serversTransport": repo_static["serversTransport"]}
+    static = {"serversTransport": shipped_static_config()["serversTransport"]}
     return _run_traefik(stk, "traefik-bare", static, folder, next(iter(keys)))
 
 
@@ -275,7 +259,7 @@ def _check_catch_all(base: str) -> None:
     raise RuntimeError("Traefik let an unknown key through: Routheon's catch-all router is not in place")
 
 
-def start_litellm(stk: stack.Stack, llama_url: str, fake_url: str) -> tuple[stack.Proc, str]:
+def start_litellm(stk: stack.Stack, llama_url: str, fake_url: str) -> tuple[Child, str]:
     config = {
         "model_list": [
             {"model_name": LLAMA_MODEL, "litellm_params": {"model": f"openai/{LLAMA_MODEL}",
@@ -300,7 +284,7 @@ def start_litellm(stk: stack.Stack, llama_url: str, fake_url: str) -> tuple[stac
     return proc, base
 
 
-def start_llama(stk: stack.Stack, fake: bool) -> tuple[stack.Proc, str]:
+def start_llama(stk: stack.Stack, fake: bool) -> tuple[Child, str]:
     """The real llama-server with SmolLM2, or (``fake``, to check the harness) the test stand-in."""
     port = free_port()
     if fake:

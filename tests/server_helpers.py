@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import REPO, VENV_BIN, Proc, free_port, request, wait_http
+from support import REPO, VENV_BIN
+
+from routheon.loopback import free_port
+from routheon.supervisor import Child, start_child
 
 SERVER_BIN = VENV_BIN / "routheon-server"
 
@@ -43,10 +46,6 @@ def mapping_folder(tmp: Path, urls: dict[str, str]) -> Path:
     return folder
 
 
-def model_ids(base: str) -> list[str]:
-    return [entry["id"] for entry in request(f"{base}/v1/models").json()["data"]]
-
-
 @dataclass
 class Backends:
     """The fake-backend process: ``url("ok/alpha")`` is a backend base URL."""
@@ -60,9 +59,10 @@ class Backends:
 @contextmanager
 def running_backends(tmp: Path, port: int | None = None) -> Iterator[Backends]:
     port = port or free_port()
-    proc = Proc([sys.executable, str(REPO / "tests" / "backends.py"), str(port)], tmp / f"backends-{port}.log")
+    proc = start_child("backends", [sys.executable, str(REPO / "tests" / "backends.py"), str(port)],
+                       tmp / f"backends-{port}.log")
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc=proc.popen)
+        proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=20)
         yield Backends(port)
     finally:
         proc.stop()
@@ -77,11 +77,11 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
 @dataclass
 class Server:
     base: str
-    proc: Proc
+    proc: Child
 
 
 # Starts the program named by its arguments with the open-files limit given first (a
-# wrapper, since Proc takes no preexec_fn).
+# wrapper: start_child takes no preexec_fn of the caller's).
 _WITH_FILE_LIMIT = (
     "import os, resource, sys; "
     "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]),) * 2); "
@@ -105,11 +105,11 @@ def running_server(
     argv = [str(binary), "--host", "127.0.0.1", "--port", str(port), *args]
     if max_files is not None:
         argv = [sys.executable, "-c", _WITH_FILE_LIMIT, str(max_files), *argv]
-    proc = Proc(argv, tmp / f"server-{port}.log", env=dict(env or {}))
+    proc = start_child("routheon-server", argv, tmp / f"server-{port}.log", env)
     base = f"http://127.0.0.1:{port}"
     try:
         # the original has no /health; any HTTP answer (a 404 included) means it listens
-        wait_http(f"{base}/health", proc=proc.popen)
+        proc.wait_http(f"{base}/health", timeout=20, any_status=True)
         yield Server(base, proc)
     finally:
         proc.stop()

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from bench import fakes, report, stack, wrk
-from tests.support import REPO
+from support import REPO
 
 SUMMARY = ('WRK_JSON {"requests":1500,"duration_us":3000000,"bytes":99,'
            '"errors":{"connect":0,"read":1,"write":0,"status":2,"timeout":3},'

@@ -15,8 +15,10 @@ import pytest
 
 from routheon.demo.llama import installed_binary
 from routheon.demo.models import DEMO_MODELS
-from routheon.demo.stack import model_ids
-from support import REPO, eventually, free_port, request
+from routheon.loopback import free_port
+from routheon.probe import model_ids
+from routheon.supervisor import eventually
+from support import REPO, request
 
 pytestmark = [pytest.mark.llama, pytest.mark.traefik]
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,8 +21,8 @@ import pytest
 
 from routheon.demo import download, llama, models
 from routheon.demo.stack import Stack, StackConfig
-from routheon.demo.supervisor import StartError, Supervisor
-from support import free_port
+from routheon.loopback import free_port
+from routheon.supervisor import StartError, Supervisor, eventually
 
 PAYLOAD = b"llama.cpp source, pretend" * 1000
 
@@ -146,28 +145,27 @@ def test_source_extraction_keeps_only_the_llama_cpp_tree(tmp_path: Path) -> None
     assert not (tmp_path / "escape.txt").exists()
 
 
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited right now (a zombie counts)."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/status").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return True
+    return "State:\tZ" in state
+
+
 def _gone(pid: int, patience: float = 5.0) -> bool:
-    """Whether ``pid`` has exited (a zombie counts); a signalled process may take a moment."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            os.kill(pid, 0)
-            state = Path(f"/proc/{pid}/status").read_text()
-        except (ProcessLookupError, FileNotFoundError):
-            return True
-        if "State:\tZ" in state:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
+    """Whether ``pid`` exits within ``patience`` seconds: a signalled process may take a moment."""
+    return eventually(lambda: _exited(pid), patience)
 
 
 def test_stop_takes_the_whole_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
     with Supervisor(tmp_path / "logs") as supervisor:
         child = supervisor.start("shell", ["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"])
-        supervisor.wait_until(child, pidfile.exists, "the grandchild's pid")
-        supervisor.wait_until(child, lambda: pidfile.read_text().strip() != "", "the grandchild's pid")
+        child.wait_until(pidfile.exists, "the grandchild's pid")
+        child.wait_until(lambda: pidfile.read_text().strip() != "", "the grandchild's pid")
         grandchild = int(pidfile.read_text())
         supervisor.stop("shell")
         assert child.popen is not None and child.popen.poll() is not None
@@ -184,7 +182,7 @@ def test_a_child_that_dies_fails_the_wait_with_its_log(tmp_path: Path) -> None:
     with Supervisor(tmp_path / "logs") as supervisor:
         child = supervisor.start("broken", [sys.executable, "-c", "print('model file not found'); raise SystemExit(3)"])
         with pytest.raises(StartError, match=r"(?s)exited with 3.*model file not found"):
-            supervisor.wait_http(child, "http://127.0.0.1:9/health", timeout=30)
+            child.wait_http("http://127.0.0.1:9/health", timeout=30)
 
 
 def test_a_missing_program_is_one_clear_error(tmp_path: Path) -> None:
@@ -205,7 +203,7 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from routheon.demo.supervisor import Supervisor\n"
+        "from routheon.supervisor import Supervisor\n"
         f"child = Supervisor(Path({str(tmp_path)!r})).start('sleeper', ['sleep', '300'])\n"
         "print(child.pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

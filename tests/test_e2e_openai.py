@@ -20,9 +20,10 @@ import pytest
 
 from routheon.demo.llama import installed_binary
 from routheon.demo.models import SMOLLM2
-from routheon.demo.stack import LOOPBACK, Backend, Stack, StackConfig, model_ids
-from routheon.demo.supervisor import Supervisor
-from support import eventually, free_port
+from routheon.demo.stack import Backend, Stack, StackConfig
+from routheon.loopback import LOOPBACK, free_port
+from routheon.probe import model_ids
+from routheon.supervisor import Supervisor, eventually
 
 pytestmark = [pytest.mark.llama, pytest.mark.traefik]
 

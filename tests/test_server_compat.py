@@ -1,45 +1,28 @@
 """Compatibility with the original routheon-server 1.0.7 from PyPI: same folder, same model ids.
 
-The original is installed once into ~/.cache/routheon/original-1.0.7 (shared with the
-benchmarks); a lock keeps two test runs from installing it at the same time.
+The original is installed once into the venv the benchmarks use (``bench.env``, under
+~/.cache/routheon/); a lock keeps two runs from installing it at the same time.
 """
 
 from __future__ import annotations
 
-import fcntl
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from server_helpers import Backends, backends, mapping_folder, running_server
-from support import free_port, request
+from support import request
+
+from bench.env import original_server
+from routheon.loopback import free_port
 
 __all__ = ["backends"]
-
-ORIGINAL = Path.home() / ".cache" / "routheon" / "original-1.0.7"
-ORIGINAL_BIN = ORIGINAL / "bin" / "routheon-server"
 
 pytestmark = pytest.mark.compat
 
 
-def install_original() -> Path:
-    ORIGINAL.parent.mkdir(parents=True, exist_ok=True)
-    with open(ORIGINAL.parent / "original-1.0.7.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not ORIGINAL_BIN.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(ORIGINAL)], check=True)
-            subprocess.run(
-                [str(ORIGINAL / "bin" / "pip"), "install", "--quiet", "routheon-server==1.0.7"],
-                check=True,
-                timeout=600,
-            )
-    return ORIGINAL_BIN
-
-
 @pytest.fixture(scope="module")
 def original() -> Path:
-    return install_original()
+    return original_server()
 
 
 def test_same_model_ids_as_the_original(tmp_path: Path, backends: Backends, original: Path) -> None:

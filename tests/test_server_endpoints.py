@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 from server_helpers import Server, running_server, write_mapping
-from support import eventually, request
+from support import request
+
+from routheon.supervisor import eventually
 
 ERROR_KEYS = {"message", "type", "code"}
 

@@ -10,12 +10,15 @@ from server_helpers import (
     Backends,
     backends,
     mapping_folder,
-    model_ids,
     running_backends,
     running_server,
     write_mapping,
 )
-from support import eventually, free_port, request
+from support import request
+
+from routheon.loopback import free_port
+from routheon.probe import model_ids
+from routheon.supervisor import eventually
 
 __all__ = ["backends"]  # the fixture, imported for pytest
 

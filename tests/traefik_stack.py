@@ -12,6 +12,7 @@ tests wait for the routing they expect with ``Stack.wait_for`` instead of sleepi
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -19,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from routheon.loopback import LoopbackTraefik, free_port, install_server_mapping, shipped_static_config
+from routheon.mappings.format import ENTRY_POINT
+from routheon.supervisor import Child, eventually, start_child
+from support import REPO, VENV_BIN, Reply, request
 
-from support import REPO, VENV_BIN, Proc, Reply, eventually, free_port, request, wait_http
-
-STATIC_CONFIG = REPO / "traefik" / "traefik.yml"
-SERVER_MAPPING = REPO / "traefik" / "mappings" / "routheon-server.yml"
 FAKE_LLAMA = REPO / "tests" / "fake_llama.py"
 
 
@@ -34,7 +34,7 @@ class Backend:
 
     name: str
     port: int
-    proc: Proc
+    proc: Child
 
     @property
     def url(self) -> str:
@@ -56,8 +56,8 @@ class Stack:
     response_timeout: str | None = None
     port: int = field(default_factory=free_port)
     server_port: int = field(default_factory=free_port)
-    server: Proc | None = None
-    traefik: Proc | None = None
+    server: Child | None = None
+    traefik: Child | None = None
     backends: list[Backend] = field(default_factory=list)
 
     @property
@@ -74,29 +74,22 @@ class Stack:
 
     def _static_config(self) -> Path:
         """The shipped traefik.yml, moved to a free loopback port and this stack's folder."""
-        config = yaml.safe_load(STATIC_CONFIG.read_text())
-        config["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{self.port}"
-        config["providers"]["file"]["directory"] = str(self.mappings)
-        config["providers"]["providersThrottleDuration"] = "200ms"
-        config["log"]["level"] = "INFO"
+        static = shipped_static_config()
         if self.response_timeout:
-            config["serversTransport"]["forwardingTimeouts"] = {"responseHeaderTimeout": self.response_timeout}
-        path = self.workdir / "traefik.yml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+            static["serversTransport"]["forwardingTimeouts"] = {"responseHeaderTimeout": self.response_timeout}
+        loopback = LoopbackTraefik(self.mappings, {ENTRY_POINT: self.port}, log_level="INFO", throttle="200ms")
+        return loopback.write(self.workdir / "traefik.yml", static)
 
     def install_server_mapping(self) -> None:
         """The shipped routheon-server.yml, pointed at this stack's routheon-server port."""
-        text = SERVER_MAPPING.read_text().replace(
-            "http://routheon-server:9080", f"http://127.0.0.1:{self.server_port}"
-        )
-        (self.mappings / "routheon-server.yml").write_text(text)
+        install_server_mapping(self.mappings, self.server_port)
 
     def start(self) -> Stack:
         self.mappings.mkdir(parents=True, exist_ok=True)
         if self.with_server:
             self.install_server_mapping()
-            self.server = Proc(
+            self.server = start_child(
+                "routheon-server",
                 [
                     str(VENV_BIN / "routheon-server"),
                     "--mappings", str(self.mappings),
@@ -105,19 +98,23 @@ class Stack:
                 ],
                 self.workdir / "routheon-server.log",
             )
-            wait_http(f"{self.server_url}/health", proc=self.server.popen)
-        self.traefik = Proc(
-            [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"], self.workdir / "traefik.log"
+            self.server.wait_http(f"{self.server_url}/health", timeout=20)
+        self.traefik = start_child(
+            "traefik", [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"], self.workdir / "traefik.log"
         )
-        wait_http(self.url, proc=self.traefik.popen)
+        self.traefik.wait_http(self.url, timeout=20, any_status=True)
         if self.with_server:
             self.wait_for(lambda: self.request("/", key="no-such-key").status == 401)
         return self
 
     def stop(self) -> None:
-        for proc in (*(backend.proc for backend in self.backends), self.traefik, self.server):
-            if proc is not None:
-                proc.stop()
+        for backend in self.backends:
+            backend.stop()
+        if self.traefik is not None:
+            # no test looks at Traefik's graceful stop, which waits up to 10 s for open connections
+            self.traefik.stop(signal.SIGKILL)
+        if self.server is not None:
+            self.server.stop()
 
     def __enter__(self) -> Stack:
         try:
@@ -131,7 +128,8 @@ class Stack:
 
     def start_backend(self, name: str, chunk_interval: float = 0.2, chunks: int = 5) -> Backend:
         port = free_port()
-        proc = Proc(
+        proc = start_child(
+            f"backend-{name}",
             [
                 sys.executable, str(FAKE_LLAMA),
                 "--port", str(port), "--name", name,
@@ -141,7 +139,7 @@ class Stack:
         )
         backend = Backend(name, port, proc)
         self.backends.append(backend)
-        wait_http(f"{backend.url}/health", proc=proc.popen)
+        proc.wait_http(f"{backend.url}/health", timeout=20)
         return backend
 
     def routheon(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

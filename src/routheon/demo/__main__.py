@@ -17,8 +17,9 @@ from routheon.demo import cache_root
 from routheon.demo.download import DownloadError
 from routheon.demo.llama import BuildError, ensure_llama_server
 from routheon.demo.models import DEMO_MODELS, ModelError, ensure_model
-from routheon.demo.stack import Backend, Stack, StackConfig, check_entry_port, free_port
-from routheon.demo.supervisor import StartError, Supervisor
+from routheon.demo.stack import Backend, Stack, StackConfig, check_entry_port
+from routheon.loopback import free_port
+from routheon.supervisor import StartError, Supervisor
 
 log = logging.getLogger("routheon.demo")
 

