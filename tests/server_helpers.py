@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from support import REPO, VENV_BIN
 
 from routheon.loopback import free_port
@@ -66,12 +65,6 @@ def running_backends(tmp: Path, port: int | None = None) -> Iterator[Backends]:
         yield Backends(port)
     finally:
         proc.stop()
-
-
-@pytest.fixture(scope="session")
-def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
-    with running_backends(tmp_path_factory.mktemp("backends")) as running:
-        yield running
 
 
 @dataclass

@@ -9,13 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from server_helpers import Backends, backends, mapping_folder, running_server
+from server_helpers import Backends, mapping_folder, running_server
 from support import request
 
 from bench.env import original_server
 from routheon.loopback import free_port
-
-__all__ = ["backends"]
 
 pytestmark = pytest.mark.compat
 

@@ -8,7 +8,6 @@ import openai
 import pytest
 from server_helpers import (
     Backends,
-    backends,
     mapping_folder,
     running_backends,
     running_server,
@@ -19,8 +18,6 @@ from support import request
 from routheon.loopback import free_port
 from routheon.probe import model_ids
 from routheon.supervisor import eventually
-
-__all__ = ["backends"]  # the fixture, imported for pytest
 
 BAD_MODES = ("hang", "garbage", "html500", "array", "nodata", "huge")  # ways tests/backends.py misbehaves
 
