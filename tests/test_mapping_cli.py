@@ -3,7 +3,6 @@ $ROUTHEON_MAPPINGS, and -q after the command; create-mapping.sh's defaults and i
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -34,8 +33,6 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
         code = cli.main(list(args))
     except SystemExit as exc:  # argparse: --help, usage errors
         code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        logging.getLogger("routheon").handlers.clear()  # main() adds one per call
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -267,3 +264,26 @@ def test_script_without_routheon_says_how_to_install_it(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "from a clone of its repository" in result.stderr
     assert "python3 -m venv ~/.routheon/venv && ~/.routheon/venv/bin/pip install" in result.stderr
+
+
+# --- main() as a library call ---------------------------------------------------------------------
+
+
+def test_each_line_is_logged_once_however_often_main_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for port in (8011, 8012, 8013):
+        _, _, err = run(capsys, "mapping", "add", "--service", "alpha", "--port", str(port), "--key", KEY,
+                        "--replace", "--mappings", str(tmp_path))
+        lines = err.splitlines()
+        assert lines and len(lines) == len(set(lines)), err
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only Routheon's own refusals become one line: any other ValueError is a bug to see whole."""
+
+    def broken(*_: object, **__: object) -> None:
+        raise ValueError("a bug, not a refusal")
+
+    monkeypatch.setattr(cli, "add_mapping", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--mappings", str(tmp_path)])

@@ -14,12 +14,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import urlsplit
 
 from routheon import __version__
 from routheon.mappings.check import check_folder, inspect_folder
 from routheon.mappings.folder import DEFAULT_MAPPINGS, ERROR, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
-from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
+from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, InputError, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
 from routheon.mappings.verdict import (
@@ -37,6 +38,7 @@ from routheon.mappings.store import (
     DEFAULT_BACKUPS,
     Change,
     MappingConflictError,
+    UnsafeFileError,
     add_mapping,
     defines_error_pages,
     prune,
@@ -485,15 +487,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not when the handler was made.
+
+    ``main`` installs it once per process, so a caller that runs ``main`` many times (tests,
+    scripts) gets each line once, and sees it in the stderr it has swapped in meanwhile.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(_Formatter())
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        """logging.StreamHandler sets a stream of its own; this handler has none to keep."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    log.addHandler(handler)
+    if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
+        log.addHandler(_StderrHandler())
     log.setLevel(logging.ERROR if args.quiet else logging.INFO)
     try:
         return args.handler(args)
-    except (CommandError, InvalidKeyError, MappingConflictError, MappingFormatError, ValueError) as exc:
+    # the project's own refusals are one line; anything else is a bug and keeps its traceback
+    except (
+        CommandError, InputError, InvalidKeyError, MappingConflictError, MappingFormatError, UnsafeFileError
+    ) as exc:
         print(f"routheon: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -22,6 +22,7 @@ from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_folde
 from routheon.mappings.format import (
     ERRORS_MIDDLEWARE,
     HEALTH_PATH,
+    InputError,
     KeyLines,
     MappingFile,
     Router,
@@ -231,7 +232,7 @@ MAX_TIMEOUT = 3600.0
 def _check_timeout(timeout: float) -> None:
     """Refuse a timeout sockets cannot take (inf, nan, huge) or that means no wait at all (0, negative)."""
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
-        raise ValueError(
+        raise InputError(
             f"the backend timeout (--timeout) must be more than 0 and at most {MAX_TIMEOUT:g} seconds, not {timeout:g}"
         )
 

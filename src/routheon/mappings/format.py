@@ -43,6 +43,14 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MAX_SERVICE_NAME = 100
 
 
+class InputError(ValueError):
+    """A value given to Routheon (a service name, URL, entry point, timeout) that it refuses.
+
+    A subclass of its own, so that the command line can report exactly these as one line
+    and let any other ValueError, a bug, show its traceback.
+    """
+
+
 class MappingFormatError(ValueError):
     """A file that Traefik would reject, or that is not a Traefik mapping at all.
 
@@ -192,31 +200,31 @@ class MappingSpec:
         return f"{self.service}.yml"
 
     def validate(self) -> None:
-        """Raise ValueError (InvalidKeyError for keys) naming the first thing that cannot be written."""
+        """Raise InputError (InvalidKeyError for keys) naming the first thing that cannot be written."""
         validate_service_name(self.service)
         if not _SERVICE_NAME.fullmatch(self.entry_point):
-            raise ValueError(f"invalid entry point {self.entry_point!r}: use letters, digits, '.', '_' and '-'")
+            raise InputError(f"invalid entry point {self.entry_point!r}: use letters, digits, '.', '_' and '-'")
         if not self.urls:
-            raise ValueError("a mapping needs at least one backend URL")
+            raise InputError("a mapping needs at least one backend URL")
         for url in self.urls:
             validate_url(url)
         if not self.keys:
-            raise ValueError("a mapping needs at least one API key")
+            raise InputError("a mapping needs at least one API key")
         for key in self.keys:
             validate_key(key)
         if len(set(self.keys)) != len(self.keys):
-            raise ValueError("the same API key is given twice")
+            raise InputError("the same API key is given twice")
 
 
 def validate_service_name(name: str) -> None:
     """Service names become file names and Traefik names: keep them to a safe alphabet."""
     if not _SERVICE_NAME.fullmatch(name) or len(name) > _MAX_SERVICE_NAME:
-        raise ValueError(
+        raise InputError(
             f"invalid service name {name!r}: use letters, digits, '.', '_' and '-',"
             f" starting with a letter or digit, at most {_MAX_SERVICE_NAME} characters"
         )
     if name.lower().endswith((".yml", ".yaml", ".toml")) or ".bak" in name.lower():
-        raise ValueError(f"invalid service name {name!r}: it must not look like a mapping or backup file name")
+        raise InputError(f"invalid service name {name!r}: it must not look like a mapping or backup file name")
 
 
 def validate_url(url: str) -> None:
@@ -228,21 +236,21 @@ def validate_url(url: str) -> None:
     """
     shown = mask_url(url)
     if "@" in urlsplit(url).netloc or "\\" in url:
-        raise ValueError(
+        raise InputError(
             f"invalid backend URL {shown!r}: it holds credentials (user:password@) or a backslash;"
             " give scheme://host:port only"
         )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid backend URL {shown!r}: it must look like http://127.0.0.1:8011")
+        raise InputError(f"invalid backend URL {shown!r}: it must look like http://127.0.0.1:8011")
     if any(char.isspace() or char in "'\"`{}" or not char.isprintable() for char in url):
-        raise ValueError(f"invalid backend URL {shown!r}: it holds a character a URL cannot have here")
+        raise InputError(f"invalid backend URL {shown!r}: it holds a character a URL cannot have here")
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
-        raise ValueError(f"invalid backend URL {shown!r}: the port is not a number from 1 to 65535")
+        raise InputError(f"invalid backend URL {shown!r}: the port is not a number from 1 to 65535")
 
 
 def request_body_middleware(service: str) -> str:
