@@ -7,7 +7,8 @@ seconds apart and stamp each with the time it was sent. A streaming request with
 that receives the first chunk before releasing knows nothing on the way buffered it.
 
 Run as a process (``python tests/fake_llama.py --port P --name N``) so that a test can stop
-it like a crashed llama-server.
+it like a crashed llama-server. It also takes llama-server's own command line (``--alias``
+names it, the model and tuning flags are ignored), so the demo can run it as its llama-server.
 """
 
 from __future__ import annotations
@@ -78,13 +79,14 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--name", required=True)
+    parser.add_argument("--name", "--alias", dest="name", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--chunk-interval", type=float, default=0.2)
-    args = parser.parse_args()
+    args, _llama_server_flags = parser.parse_known_args()
     web.run_app(
         build_app(args.name, args.chunks, args.chunk_interval),
-        host="127.0.0.1",
+        host=args.host,
         port=args.port,
         print=None,
     )

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from demo_process import Output, children
 from routheon.demo.llama import installed_binary
 from routheon.demo.models import DEMO_MODELS
 from routheon.loopback import free_port
@@ -30,48 +28,6 @@ SEED_CHAT = {
     ],
     "max_tokens": 16,
 }
-
-
-def _children(pid: int) -> set[int]:
-    """Direct children of ``pid``, from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.add(int(entry.name))
-    return found
-
-
-class Output:
-    """The demo's stdout, read by a thread so that waiting for a line can time out."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
-
-    def _pump(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.lines.put(line)
-
-    def until(self, marker: str, timeout: float = 240.0) -> str:
-        """Lines up to the one holding ``marker`` (bounded so that a broken demo fails)."""
-        deadline = time.monotonic() + timeout
-        start = len(self.seen)
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            if marker in line:
-                return "".join(self.seen[start:])
-        raise AssertionError(f"no {marker!r} from the demo; it printed:\n{''.join(self.seen)}")
 
 
 def _chat(url: str, key: str) -> dict:
@@ -97,7 +53,7 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         output = Output(proc)
         printed = output.until("Ctrl-C stops everything")
         assert f"curl {url}/v1/models" in printed
-        started = _children(proc.pid)
+        started = children(proc.pid)
         assert len(started) == 4, "two llama-servers, routheon-server and Traefik"
 
         for key in ("API_KEY-1", "API_KEY-2"):
@@ -119,7 +75,7 @@ def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Pat
         assert _chat(url, "API_KEY-2")["choices"], "usable once 'started' shows"
         assert eventually(lambda: len(model_ids(url)) == 2)
 
-        current = _children(proc.pid)
+        current = children(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         for pid in started | current:

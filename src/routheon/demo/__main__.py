@@ -64,11 +64,43 @@ Type `stop llama-server-2` and then `curl {url}/v1/models` lists one model;
 
 
 class _Stop(Exception):
-    """SIGTERM or SIGHUP: leave the wait loop and tear the stack down like Ctrl-C does."""
+    """The first SIGINT, SIGTERM or SIGHUP: leave what the demo is doing and tear the stack down."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop(signal.Signals(signum).name)
+class _Signals:
+    """The demo's own signal handling, the same whatever the shell or make did to the defaults.
+
+    - Started from a script with ``&``, the demo inherits SIGINT as ignored and Python installs
+      no KeyboardInterrupt handler: ``kill -INT`` must stop it all the same.
+    - The first signal raises ``_Stop``; the stack then stops its children gracefully.
+    - A signal during that teardown (make passes a SIGTERM on, so it arrives twice; a second
+      Ctrl-C) never interrupts it with a traceback: it kills every child at once instead, so
+      that none outlives make by the seconds a graceful stop may take.
+    """
+
+    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.supervisor: Supervisor | None = None
+        self.stopping = False
+
+    def install(self) -> None:
+        for signum in self.HANDLED:
+            signal.signal(signum, self._handle)
+
+    def begin_teardown(self) -> None:
+        self.stopping = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise _Stop(signum)
+        if self.supervisor is not None:
+            self.supervisor.kill_all()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,7 +149,7 @@ def _commands(stack: Stack) -> None:
     signal.pause()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, signals: _Signals) -> int:
     if not args.prepare:
         check_entry_port(args.port)
     binary, models = prepare(args.jobs)
@@ -135,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         server_port=free_port(9080),
     )
     with Supervisor(args.workdir / "logs") as supervisor:
+        signals.supervisor = supervisor
         stack = Stack(config, supervisor)
         try:
             stack.start()
@@ -149,8 +182,10 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
             _commands(stack)
-        except (KeyboardInterrupt, _Stop):
+        except _Stop:
             print("\nStopping the demo ...", file=sys.stderr)
+        finally:
+            signals.begin_teardown()
     print("Demo stopped; every process it started has exited.", file=sys.stderr)
     return 0
 
@@ -158,19 +193,16 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGHUP, _raise_stop)
-    # Started in the background from a script (`... &`), the demo inherits SIGINT as ignored and
-    # Python then installs no KeyboardInterrupt handler: `kill -INT` must stop it all the same.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signals = _Signals()
+    signals.install()
     try:
-        return run(args)
+        return run(args, signals)
     except (BuildError, DownloadError, ModelError, StartError) as exc:
         print(f"routheon demo: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except _Stop as stop:  # before the stack started: while building or downloading
         print("\nInterrupted.", file=sys.stderr)
-        return 130
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":
