@@ -27,7 +27,7 @@ class Output:
     """The demo's stdout, read by a thread so that waiting for a line can time out."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: queue.Queue[str] = queue.Queue()
+        self.lines: queue.Queue[str | None] = queue.Queue()  # None: the output has closed
         self.seen: list[str] = []
         threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
 
@@ -35,6 +35,7 @@ class Output:
         assert proc.stdout is not None
         for line in proc.stdout:
             self.lines.put(line)
+        self.lines.put(None)
 
     def until(self, marker: str, timeout: float = 240.0) -> str:
         """Lines up to the one holding ``marker`` (bounded so that a broken demo fails)."""
@@ -45,17 +46,22 @@ class Output:
                 line = self.lines.get(timeout=left)
             except queue.Empty:
                 break
+            if line is None:
+                break
             self.seen.append(line)
             if marker in line:
                 return "".join(self.seen[start:])
         raise AssertionError(f"no {marker!r} from the demo; it printed:\n{''.join(self.seen)}")
 
-    def rest(self, timeout: float = 5.0) -> str:
-        """Everything printed from now until the output closes."""
+    def rest(self, timeout: float = 10.0) -> str:
+        """Everything printed, once the output has closed (or ``timeout`` has passed)."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                self.seen.append(self.lines.get(timeout=left))
+                line = self.lines.get(timeout=left)
             except queue.Empty:
                 break
+            if line is None:
+                break
+            self.seen.append(line)
         return "".join(self.seen)

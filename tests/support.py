@@ -6,6 +6,8 @@ supervisor too); ports come from ``routheon.loopback``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 import urllib.error
@@ -14,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from routheon import cli
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -50,3 +54,34 @@ def request(
             return Reply(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as exc:
         return Reply(exc.code, dict(exc.headers), exc.read())
+
+
+@dataclass
+class CliResult:
+    """What a run of the ``routheon`` command left: its exit status and its two outputs."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_routheon(*args: str, stdin: str | bytes | None = None) -> CliResult:
+    """``routheon ARGS`` in this process (``cli.main``), with ``stdin`` as its standard input.
+
+    A hundred times faster than a process and the same code; not for threads, since it swaps
+    the process's standard streams. An exception other than the command's own refusals
+    propagates, as a traceback would end the real command.
+    """
+    data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+    out, err = io.StringIO(), io.StringIO()
+    fake_stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    saved_stdin, sys.stdin = sys.stdin, fake_stdin
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exc:  # argparse: --help, usage errors
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.stdin = saved_stdin
+    return CliResult(code, out.getvalue(), err.getvalue())

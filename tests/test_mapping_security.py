@@ -17,7 +17,7 @@ from routheon.mappings.check import check_folder
 from routheon.mappings.folder import read_folder
 from routheon.mappings.format import MappingSpec
 from routheon.mappings.store import add_mapping
-from support import REPO, VENV_BIN
+from support import REPO, VENV_BIN, CliResult, run_routheon
 
 MOVED = "sk-moved-0123456789abcdef"
 ALONE = "sk-alone-0123456789abcdef"
@@ -109,15 +109,11 @@ ROUTHEON = str(VENV_BIN / "routheon")
 KEY = "sk-test-0123456789abcdef"
 
 
-def routheon(folder: Path, *args: str, stdin: str | bytes | None = None) -> subprocess.CompletedProcess[str]:
-    data = stdin.encode() if isinstance(stdin, str) else stdin
-    result = subprocess.run(
-        [ROUTHEON, *args, "--mappings", str(folder)], input=data, capture_output=True, timeout=60
-    )
-    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
+def routheon(folder: Path, *args: str, stdin: str | bytes | None = None) -> CliResult:
+    return run_routheon(*args, "--mappings", str(folder), stdin=stdin)
 
 
-def one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+def one_error_line(result: CliResult | subprocess.CompletedProcess[str], *fragments: str) -> str:
     """The command failed with one ``routheon: error:`` line holding every fragment, no traceback."""
     assert result.returncode == 1, (result.stdout, result.stderr)
     lines = result.stderr.splitlines()

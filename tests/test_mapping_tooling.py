@@ -1,4 +1,8 @@
-"""The routheon command and create-mapping.sh on a mappings folder (no Traefik needed)."""
+"""The routheon command and create-mapping.sh on a mappings folder (no Traefik needed).
+
+The command runs in this process (``run_routheon``); real processes only where several run at
+once, where a hang must stay bounded, and for create-mapping.sh, which calls the command.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,20 @@ import pytest
 from routheon.mappings.check import check_folder, has_errors
 from routheon.mappings.folder import read_folder
 from samples import SEED_MAPPING
-from support import REPO, VENV_BIN
+from support import REPO, VENV_BIN, CliResult, run_routheon
 
 ROUTHEON = str(VENV_BIN / "routheon")
 SCRIPT = REPO / "traefik" / "create-mapping" / "create-mapping.sh"
 KEY = "sk-test-0123456789abcdef"
 
 
-def routheon(folder: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [ROUTHEON, *args, "--mappings", str(folder)], input=stdin, capture_output=True, text=True, timeout=60
-    )
+def routheon(folder: Path, *args: str, stdin: str | None = None) -> CliResult:
+    return run_routheon(*args, "--mappings", str(folder), stdin=stdin)
+
+
+def routheon_process(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command as its own process: for the tests whose point is several at once."""
+    return subprocess.run([ROUTHEON, *args, "--mappings", str(folder)], capture_output=True, text=True, timeout=60)
 
 
 def keys_by_file(folder: Path) -> dict[str, list[str]]:
@@ -141,7 +148,7 @@ def test_concurrent_adds_keep_every_mapping(tmp_path: Path) -> None:
     def add(index: int) -> int:
         key = f"sk-concurrent-{index:02d}-0123456789"
         args = ["mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", key]
-        return routheon(tmp_path, *args).returncode
+        return routheon_process(tmp_path, *args).returncode
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert list(pool.map(add, range(8))) == [0] * 8
@@ -152,7 +159,7 @@ def test_concurrent_adds_keep_every_mapping(tmp_path: Path) -> None:
 def test_concurrent_moves_of_one_key_leave_it_in_exactly_one_file(tmp_path: Path) -> None:
     def add(index: int) -> int:
         args = ["mapping", "add", "--service", f"s{index}", "--port", str(9000 + index), "--key", KEY, "--replace"]
-        return routheon(tmp_path, *args).returncode
+        return routheon_process(tmp_path, *args).returncode
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert list(pool.map(add, range(8))) == [0] * 8

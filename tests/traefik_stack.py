@@ -13,7 +13,6 @@ tests wait for the routing they expect with ``Stack.wait_for`` instead of sleepi
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 from routheon.loopback import LoopbackTraefik, free_port, install_server_mapping, shipped_static_config
 from routheon.mappings.format import ENTRY_POINT
 from routheon.supervisor import Child, eventually, start_child
-from support import REPO, VENV_BIN, Reply, request
+from support import REPO, VENV_BIN, CliResult, Reply, request, run_routheon
 
 FAKE_LLAMA = REPO / "tests" / "fake_llama.py"
 
@@ -41,7 +40,8 @@ class Backend:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.proc.stop()
+        """Kill it, as a llama-server crashes: no answer in flight is waited for."""
+        self.proc.stop(signal.SIGKILL)
 
 
 @dataclass
@@ -98,10 +98,12 @@ class Stack:
                 ],
                 self.workdir / "routheon-server.log",
             )
-            self.server.wait_http(f"{self.server_url}/health", timeout=20)
         self.traefik = start_child(
             "traefik", [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"], self.workdir / "traefik.log"
         )
+        # both start at once; each fails the wait with its own log if it exits
+        if self.server is not None:
+            self.server.wait_http(f"{self.server_url}/health", timeout=20)
         self.traefik.wait_http(self.url, timeout=20, any_status=True)
         if self.with_server:
             self.wait_for(lambda: self.request("/", key="no-such-key").status == 401)
@@ -142,12 +144,11 @@ class Stack:
         proc.wait_http(f"{backend.url}/health", timeout=20)
         return backend
 
-    def routheon(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run the ``routheon`` command against this stack's mappings folder."""
-        argv = [str(VENV_BIN / "routheon"), *args, "--mappings", str(self.mappings)]
-        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+    def routheon(self, *args: str, stdin: str | None = None, check: bool = True) -> CliResult:
+        """Run the ``routheon`` command (in this process) against this stack's mappings folder."""
+        result = run_routheon(*args, "--mappings", str(self.mappings), stdin=stdin)
         if check and result.returncode != 0:
-            raise AssertionError(f"{argv} failed ({result.returncode}): {result.stderr}")
+            raise AssertionError(f"routheon {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
 
     def request(
