@@ -1,8 +1,17 @@
-"""What routheon-server's integration tests share: fake backends, mapping files, the server."""
+"""What routheon-server's integration tests share: fake backends, mapping files, the server.
+
+The server runs in the test's own process (``serving``) unless the process is the point
+(``running_server``): signals, file limits, the environment, the original 1.0.7.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import logging
+import socket
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,7 +20,10 @@ from pathlib import Path
 from support import REPO, VENV_BIN
 
 from routheon.loopback import free_port
-from routheon.supervisor import Child, start_child
+from routheon.server.__main__ import LOG_FORMAT, listening
+from routheon.server.config import parse_args
+from routheon.server.stats import StatsConfig, load_stats_config
+from routheon.supervisor import Child, eventually, start_child
 
 SERVER_BIN = VENV_BIN / "routheon-server"
 
@@ -68,9 +80,19 @@ def running_backends(tmp: Path, port: int | None = None) -> Iterator[Backends]:
 
 
 @dataclass
+class InProcess:
+    """A routheon-server running in this process: its log lines, formatted as the command writes them."""
+
+    lines: io.StringIO
+
+    def log(self) -> str:
+        return self.lines.getvalue()
+
+
+@dataclass
 class Server:
     base: str
-    proc: Child
+    proc: Child | InProcess
 
 
 # Starts the program named by its arguments with the open-files limit given first (a
@@ -106,3 +128,59 @@ def running_server(
         yield Server(base, proc)
     finally:
         proc.stop()
+
+
+@contextmanager
+def _captured_log(level: str) -> Iterator[io.StringIO]:
+    """routheon-server's loggers (its own and aiohttp's access log) into a buffer, at ``level``."""
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    loggers = [logging.getLogger("routheon"), logging.getLogger("aiohttp.access")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(level)
+    try:
+        yield lines
+    finally:
+        for logger, old in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(old)
+
+
+@contextmanager
+def serving(args: Sequence[str]) -> Iterator[Server]:
+    """routheon-server in this process, on an event loop of its own thread, until the block ends.
+
+    The same flags, app, connection handler and log lines as the command (``listening`` is
+    what ``routheon-server`` runs), without the second it takes to start a process.
+    """
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = parse_args(["--host", "127.0.0.1", "--port", str(port), *args])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="routheon-server", daemon=True)
+    stop = asyncio.Event()
+    started = threading.Event()
+
+    async def serve(stats_config: StatsConfig | None) -> None:
+        async with listening(config, stats_config, sock):
+            started.set()
+            await stop.wait()
+
+    with _captured_log(config.log_level) as lines:
+        stats_config = load_stats_config(config.stats_config_file) if config.stats_config_file else None
+        thread.start()
+        running = asyncio.run_coroutine_threadsafe(serve(stats_config), loop)
+        try:
+            assert eventually(lambda: started.is_set() or running.done(), timeout=20), "the server did not start"
+            if running.done():
+                running.result()  # raises what stopped it
+            yield Server(f"http://127.0.0.1:{port}", InProcess(lines))
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            running.result(timeout=30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+            loop.close()

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
-from server_helpers import SERVER_BIN, running_server
-from support import request
+from server_helpers import serving
+from support import CliResult, request, run_command
 
 from routheon import __version__
+from routheon.server import __main__ as server_command
 from routheon.server.config import parse_args
 
 
-def start(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SERVER_BIN), *args], check=False, capture_output=True, text=True, timeout=timeout)
+def start(*args: str) -> CliResult:
+    """``routheon-server ARGS`` in this process: each of these ends before it would serve."""
+    return run_command(server_command.main, *args)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+def assert_one_line_error(result: CliResult, *words: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -83,7 +84,7 @@ def test_stats_config_that_is_a_folder(tmp_path: Path) -> None:
 def test_unknown_stats_section_is_a_warning(tmp_path: Path) -> None:
     path = tmp_path / "stats.yml"
     path.write_text("enabled_sections: [cpu, gpu]\n")
-    with running_server(tmp_path, ["--mappings", str(tmp_path), "--stats-config-file", str(path)]) as server:
+    with serving(["--mappings", str(tmp_path), "--stats-config-file", str(path)]) as server:
         assert set(request(f"{server.base}/stats").json()) == {"timestamp", "cpu"}
         assert "gpu" in server.proc.log()
 

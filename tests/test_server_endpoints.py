@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_helpers import Server, running_server, write_mapping
+from server_helpers import Server, running_server, serving, write_mapping
 from support import request
 
 from routheon.supervisor import eventually
@@ -26,7 +26,7 @@ def folder(tmp_path: Path) -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server with an empty folder for the tests that only read answers."""
     tmp = tmp_path_factory.mktemp("plain")
-    with running_server(tmp, ["--mappings", str(tmp)]) as running:
+    with serving(["--mappings", str(tmp)]) as running:
         yield running
 
 
@@ -62,7 +62,7 @@ def problems(server: Server) -> dict[str, str]:
 
 def test_health_names_broken_files(tmp_path: Path, folder: Path) -> None:
     write_mapping(folder, "good.yml", "http://127.0.0.1:1").chmod(0o644)
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+    with serving(["--mappings", str(folder)]) as server:
         assert eventually(lambda: health(server)["mappings"]["traefik"]["state"] == "applied")
         healthy = health(server)
         assert healthy["status"] == "ok"
@@ -84,7 +84,7 @@ def test_health_names_broken_files(tmp_path: Path, folder: Path) -> None:
 def test_health_reports_what_traefik_would_reject_or_misroute(tmp_path: Path, folder: Path) -> None:
     write_router(folder, "a", key_rule("KEY-shared"))
     write_router(folder, "b", key_rule("KEY-shared"))
-    with running_server(tmp_path, ["--mappings", str(folder), "--log-level", "INFO"]) as server:
+    with serving(["--mappings", str(folder), "--log-level", "INFO"]) as server:
         assert health(server)["status"] == "degraded"
         assert problems(server) == {"b.yml": "router 'b': an API key here is also routed by 'a' in a.yml"}
 
@@ -113,7 +113,7 @@ def test_skipped_files_are_checked_but_not_asked(tmp_path: Path, folder: Path) -
         (folder / "routheon-server.yml").read_text() + "  middlewares:\n    routheon-errors:\n      errors: {}\n"
     )
     write_router(folder, "a", key_rule("KEY-a"), middlewares=("routheon-errors",))
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+    with serving(["--mappings", str(folder)]) as server:
         assert health(server)["mappings"]["files"] == 1
         assert list(problems(server)) == ["routheon-server.yml"]
         assert "'also-missing' is not defined" in problems(server)["routheon-server.yml"]
@@ -132,7 +132,7 @@ def test_health_and_log_never_show_a_key(tmp_path: Path, folder: Path) -> None:
     write_router(folder, "shared1", key_rule(HOSTILE))
     write_router(folder, "shared2", key_rule(HOSTILE))
     write_router(folder, "opaque", f"Header(`Authorization`, `Bearer {HOSTILE}`) || Host(`{HOSTILE}`)")
-    with running_server(tmp_path, ["--mappings", str(folder), "--log-level", "DEBUG"]) as server:
+    with serving(["--mappings", str(folder), "--log-level", "DEBUG"]) as server:
         answer = request(f"{server.base}/health")
         found = set(problems(server))
         log = server.proc.log()
@@ -193,7 +193,7 @@ def test_stats_has_the_original_sections(server: Server) -> None:
 def test_stats_config_hides_what_it_leaves_out(tmp_path: Path, folder: Path) -> None:
     config = tmp_path / "stats-config.yml"
     config.write_text("enabled_sections: [cpu, memory]\nenabled_fields:\n  memory: [percent]\n")
-    with running_server(tmp_path, ["--mappings", str(folder), "--stats-config-file", str(config)]) as server:
+    with serving(["--mappings", str(folder), "--stats-config-file", str(config)]) as server:
         stats = request(f"{server.base}/stats").json()
     assert set(stats) == {"timestamp", "cpu", "memory"}
     assert set(stats["memory"]) == {"percent"}
@@ -201,9 +201,8 @@ def test_stats_config_hides_what_it_leaves_out(tmp_path: Path, folder: Path) -> 
 
 
 def test_access_log_at_info(tmp_path: Path, folder: Path) -> None:
-    with running_server(tmp_path, ["--mappings", str(folder), "--log-level", "info"]) as server:
+    with serving(["--mappings", str(folder), "--log-level", "info"]) as server:
         request(f"{server.base}/v1/models", headers={"Authorization": "Bearer s3cret-KEY"})
-        server.proc.stop()
     log = server.proc.log()
     assert any('"GET /v1/models HTTP/1.1" 200' in line for line in log.splitlines())
     assert "s3cret" not in log
@@ -220,7 +219,7 @@ def test_signals_stop_cleanly(tmp_path: Path, folder: Path, sig: signal.Signals)
 def test_health_carries_traefiks_own_verdict(tmp_path: Path, folder: Path) -> None:
     """A misspelt middleware type: Routheon's reader sees nothing wrong, Traefik rejects the folder."""
     write_router(folder, "a", key_rule("KEY-a"))
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+    with serving(["--mappings", str(folder)]) as server:
         assert eventually(lambda: health(server)["mappings"]["traefik"]["state"] == "applied")
         assert health(server)["status"] == "ok"
         (folder / "limits.yml").write_text("http:\n  middlewares:\n    slow:\n      rateLimiter:\n        average: 5\n")

@@ -10,7 +10,7 @@ from server_helpers import (
     Backends,
     mapping_folder,
     running_backends,
-    running_server,
+    serving,
     write_mapping,
 )
 from support import request
@@ -46,7 +46,7 @@ def mixed_folder(tmp_path: Path, backends: Backends) -> Path:
 
 def test_bad_backends_and_files_are_left_out(tmp_path: Path, mixed_folder: Path) -> None:
     args = ["--mappings", str(mixed_folder), "--mapping-timeout", "1", "--skip-mapping", "^priv"]
-    with running_server(tmp_path, args) as server:
+    with serving(args) as server:
         answer = request(f"{server.base}/v1/models")
         assert answer.status == 200 and answer.headers["Content-Type"].startswith("application/json")
         body = answer.json()
@@ -74,7 +74,7 @@ def backends_url_logged(log: str, mode: str) -> bool:
 
 def test_one_model_by_id(tmp_path: Path, backends: Backends) -> None:
     folder = mapping_folder(tmp_path, {"one.yml": backends.url("ok/org/model-1")})
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+    with serving(["--mappings", str(folder)]) as server:
         found = request(f"{server.base}/v1/models/org/model-1")
         assert found.status == 200 and found.json()["id"] == "org/model-1"
         missing = request(f"{server.base}/v1/models/nope")
@@ -85,7 +85,7 @@ def test_one_model_by_id(tmp_path: Path, backends: Backends) -> None:
 def test_first_backend_in_url_order_wins(tmp_path: Path, backends: Backends) -> None:
     # file order and URL order disagree: the sorted URL decides, as in 1.0.7
     folder = mapping_folder(tmp_path, {"a.yml": backends.url("ok/zz,shared"), "b.yml": backends.url("ok/aa,shared")})
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+    with serving(["--mappings", str(folder)]) as server:
         body = request(f"{server.base}/v1/models").json()
     shared = next(entry for entry in body["data"] if entry["id"] == "shared")
     assert shared["meta"]["owner"] == "ok/aa,shared"
@@ -95,7 +95,7 @@ def test_first_backend_in_url_order_wins(tmp_path: Path, backends: Backends) -> 
 def test_folder_and_backend_changes_show_without_restart(tmp_path: Path) -> None:
     folder = tmp_path / "later"
     port = free_port()
-    with running_server(tmp_path, ["--mappings", str(folder), "--mapping-timeout", "0.5"]) as server:
+    with serving(["--mappings", str(folder), "--mapping-timeout", "0.5"]) as server:
         assert model_ids(server.base) == []
         assert request(f"{server.base}/health").json()["status"] == "degraded"
         folder.mkdir()
@@ -112,14 +112,14 @@ def test_folder_and_backend_changes_show_without_restart(tmp_path: Path) -> None
 
 def test_hanging_backend_does_not_hide_the_others(tmp_path: Path, backends: Backends) -> None:
     folder = mapping_folder(tmp_path, {"hang.yml": backends.url("hang"), "ok.yml": backends.url("ok/alive")})
-    with running_server(tmp_path, ["--mappings", str(folder), "--mapping-timeout", "0.5"]) as server:
+    with serving(["--mappings", str(folder), "--mapping-timeout", "0.5"]) as server:
         for _ in range(5):
             assert model_ids(server.base) == ["alive"]
 
 
 def test_openai_client_lists_models(tmp_path: Path, backends: Backends) -> None:
     folder = mapping_folder(tmp_path, {"ok.yml": backends.url("ok/alpha,beta")})
-    with running_server(tmp_path, ["--mappings", str(folder)]) as server:
+    with serving(["--mappings", str(folder)]) as server:
         client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0)
         assert [model.id for model in client.models.list()] == ["alpha", "beta"]
         assert client.models.retrieve("beta").id == "beta"
