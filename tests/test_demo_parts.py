@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from routheon.demo import download, llama, models
+from routheon.demo.progress import ProgressLine
 from routheon.demo.stack import Stack, StackConfig
 from routheon.loopback import free_port
 from routheon.supervisor import StartError, Supervisor, eventually
@@ -235,3 +236,38 @@ def test_a_busy_entry_port_is_one_clear_error_before_any_work(tmp_path: Path) ->
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_build_output_becomes_one_progress_line_and_a_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cmake's 14,000 lines go to the log; the terminal sees the percentages only."""
+    fake_cmake = "; ".join([
+        "import sys",
+        "print('-- Configuring done')",
+        "print('[ 10%] Building CXX object common/CMakeFiles/common.dir/arg.cpp.o')",
+        "print('warning: a compiler note nobody needs to read', file=sys.stderr)",
+        "print('[ 55%] Linking CXX static library libllama.a')",
+        "print('[100%] Built target llama-server')",
+    ])
+    shown = io.StringIO()  # not a terminal: a plain line at each quarter
+    monkeypatch.setattr(llama, "ProgressLine", lambda label: ProgressLine(label, shown))
+    log_path = tmp_path / "build.log"
+    llama._run([sys.executable, "-c", fake_cmake], "build", log_path)
+    assert shown.getvalue().splitlines() == [
+        "  build:   0% Building CXX object common/CMakeFiles/common.dir/arg.cpp.o",
+        "  build:  50% Linking CXX static library libllama.a",
+        "  build: 100% Built target llama-server",
+    ]
+    assert "compiler note" in log_path.read_text() and "Built target llama-server" in log_path.read_text()
+
+
+def test_a_failed_build_names_its_log_and_shows_the_end_of_it(tmp_path: Path) -> None:
+    log_path = tmp_path / "build.log"
+    script = "import sys; print('[ 40%] Building'); print('error: llama.cpp:1: no such file'); sys.exit(2)"
+    with pytest.raises(llama.BuildError, match=rf"(?s)build failed \(exit 2\); the full log is {log_path}.*no such file"):
+        llama._run([sys.executable, "-c", script], "build", log_path)
+
+
+def test_build_progress_reads_make_and_ninja_lines() -> None:
+    assert llama.build_progress(b"[ 45%] Building CXX object x.o\n") == (45, "Building CXX object x.o")
+    assert llama.build_progress(b"[120/240] Building CXX object y.o\n") == (50, "Building CXX object y.o")
+    assert llama.build_progress(b"/src/ggml.c:12: warning: unused\n") is None

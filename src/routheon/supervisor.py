@@ -84,6 +84,11 @@ class Child:
         """The output pipe of a child started without a log file."""
         return self.popen.stdout if self.popen else None
 
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the child to exit by itself; its exit status."""
+        assert self.popen is not None
+        return self.popen.wait(timeout)
+
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 

@@ -11,11 +11,12 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from routheon.demo.progress import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +64,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _Progress:
-    """Download progress: a self-updating line on a terminal, a few plain lines in a log."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
-        self.tty = sys.stderr.isatty()
-        self.shown = -1
-
-    def update(self, done: int) -> None:
-        if self.total <= 0:
-            return
-        percent = done * 100 // self.total
-        step = percent if self.tty else percent // 25 * 25
-        if step == self.shown:
-            return
-        self.shown = step
-        line = f"  {self.label}: {step:3d}% of {self.total / CHUNK:.0f} MiB"
-        sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
-        if self.tty and step == 100:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def fetch(pinned: PinnedFile, folder: Path) -> Path:
     """Return ``folder/filename``, downloading it first unless a verified copy is there."""
     target = folder / pinned.filename
@@ -99,13 +77,16 @@ def fetch(pinned: PinnedFile, folder: Path) -> Path:
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            progress = _Progress(pinned.filename, int(response.headers.get("Content-Length") or 0))
+            total = int(response.headers.get("Content-Length") or 0)
+            progress = ProgressLine(pinned.filename)
             done = 0
             while block := response.read(CHUNK):
                 out.write(block)
                 digest.update(block)
                 done += len(block)
-                progress.update(done)
+                if total > 0:
+                    progress.show(done * 100 // total, f"of {total / CHUNK:.0f} MiB")
+            progress.finish()
         if digest.hexdigest() != pinned.sha256:
             raise DownloadError(
                 f"{pinned.filename}: sha256 {digest.hexdigest()} differs from the pinned {pinned.sha256}"

@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
 from routheon.demo import cache_root
 from routheon.demo.download import PinnedFile, fetch
+from routheon.demo.progress import ProgressLine
+from routheon.supervisor import StartError, start_child
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +98,45 @@ def _extract_source(archive: Path, into: Path) -> Path:
     return into
 
 
-def _run(argv: list[str], step: str) -> None:
-    """Run a build step with its output passed through, so that cmake's percentages show."""
+_PERCENT = re.compile(rb"^\[\s*(\d+)%\]\s*(.*)")  # make: "[ 45%] Building CXX object ..."
+_COUNT = re.compile(rb"^\[(\d+)/(\d+)\]\s*(.*)")  # ninja: "[120/266] Building CXX object ..."
+
+
+def build_progress(line: bytes) -> tuple[int, str] | None:
+    """The percentage and the step a line of cmake's build output reports, if it reports one."""
+    if match := _PERCENT.match(line):
+        return int(match[1]), match[2].decode(errors="replace").strip()
+    if (match := _COUNT.match(line)) and int(match[2]):
+        return int(match[1]) * 100 // int(match[2]), match[3].decode(errors="replace").strip()
+    return None
+
+
+def _run(argv: list[str], step: str, log_path: Path) -> None:
+    """Run a build step with its output in ``log_path`` and one line of progress on the terminal.
+
+    A first build writes some 14,000 lines of compiler notes and warnings: they go to the log,
+    whose path a failure names along with its last lines.
+    """
     log.info("%s: %s", step, " ".join(argv))
-    try:
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
-    except OSError as exc:
-        raise BuildError(f"{step} could not start {argv[0]}: {exc}") from None
-    if result.returncode != 0:
-        raise BuildError(f"{step} failed (exit {result.returncode}); see the output above")
+    progress = ProgressLine(step)
+    with log_path.open("ab") as log_file:
+        try:
+            child = start_child(step, argv, log_path=None)
+        except StartError as exc:
+            raise BuildError(f"{step} could not start: {exc}") from None
+        try:
+            assert child.stdout is not None
+            for line in child.stdout:
+                log_file.write(line)
+                if (found := build_progress(line)) is not None:
+                    progress.show(*found)
+            returncode = child.wait()
+        finally:
+            child.stop()
+    progress.finish()
+    if returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise BuildError(f"{step} failed (exit {returncode}); the full log is {log_path}:\n{tail}")
 
 
 def _jobs_from_env() -> int:
@@ -127,8 +159,11 @@ def build(jobs: int | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent.parent, prefix="build-") as work:
         source = _extract_source(archive, Path(work) / "src")
         build_dir = Path(work) / "build"
-        _run(["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_OPTIONS], "configure")
-        _run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)], "build")
+        build_log = target.parent.parent / "build.log"  # outside the scratch folder: kept for a failure
+        build_log.unlink(missing_ok=True)
+        log.info("The compiler's output goes to %s", build_log)
+        _run(["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_OPTIONS], "configure", build_log)
+        _run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)], "build", build_log)
         built = build_dir / "bin" / "llama-server"
         if not built.is_file():
             raise BuildError(f"the build finished without {built}")
