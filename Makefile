@@ -32,9 +32,14 @@ docker-mappings: install
 	    --url http://llama-server-$$n:801$$n --key API_KEY-$$n --mappings docker/mappings || exit 1; done
 	rm -f docker/mappings/.routheon.lock
 
+# Two runs: every test but the llama ones on two workers (they wait for processes far more than
+# they compute; a file's tests stay on one worker), then the llama tests alone, since they load
+# the CPUs on purpose. Plain `pytest` runs everything in one process, as before.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
+PASSED = rc=$$?; [ $$rc -ne 5 ] || echo 'make test: no tests were collected' >&2; [ $$rc -eq 0 ]
 test: install demo-assets
-	$(BIN)/python -m pytest; rc=$$?; [ $$rc -ne 5 ] || echo 'make test: no tests were collected' >&2; [ $$rc -eq 0 ]
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m 'not llama'; $(PASSED)
+	$(BIN)/python -m pytest -m llama; $(PASSED)
 
 # Side-by-side benchmarks (docs/benchmarks.md); BENCH_ARGS="--profile quick" checks the harness.
 BENCH_ARGS ?= --publish

@@ -21,7 +21,8 @@ from routheon.loopback import free_port
 from routheon.probe import model_ids
 from support import REPO
 
-pytestmark = pytest.mark.traefik
+# one worker at a time: each demo asks for the same preferred ports (8011, 8012, 9080)
+pytestmark = [pytest.mark.traefik, pytest.mark.xdist_group("demo-ports")]
 
 Demo = Callable[..., tuple[subprocess.Popen[str], Output, set[int]]]
 
