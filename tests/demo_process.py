@@ -6,6 +6,7 @@ import queue
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -37,31 +38,29 @@ class Output:
             self.lines.put(line)
         self.lines.put(None)
 
-    def until(self, marker: str, timeout: float = 240.0) -> str:
-        """Lines up to the one holding ``marker`` (bounded so that a broken demo fails)."""
+    def _lines(self, timeout: float) -> Iterator[str]:
+        """Lines as they come, until the output closes or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
-        start = len(self.seen)
         while (left := deadline - time.monotonic()) > 0:
             try:
                 line = self.lines.get(timeout=left)
             except queue.Empty:
-                break
+                return
             if line is None:
-                break
+                self.lines.put(None)  # closed for every later call too
+                return
             self.seen.append(line)
-            if marker in line:
-                return "".join(self.seen[start:])
+            yield line
+
+    def until(self, marker: str, timeout: float = 240.0) -> str:
+        """Lines up to the one holding ``marker`` (bounded so that a broken demo fails)."""
+        start = len(self.seen)
+        if any(marker in line for line in self._lines(timeout)):
+            return "".join(self.seen[start:])
         raise AssertionError(f"no {marker!r} from the demo; it printed:\n{''.join(self.seen)}")
 
     def rest(self, timeout: float = 10.0) -> str:
         """Everything printed, once the output has closed (or ``timeout`` has passed)."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
+        for _ in self._lines(timeout):
+            pass
         return "".join(self.seen)
