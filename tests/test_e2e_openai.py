@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -34,13 +35,13 @@ ALIAS_2 = "smollm2-two"
 PROMPT = [{"role": "user", "content": "Say hello in five words."}]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextmanager
+def running_stack(work: Path) -> Iterator[Stack]:
+    """The demo's stack with two llama-servers serving SmolLM2 under two aliases, on free ports."""
     binary = installed_binary()
     model = SMOLLM2.cached_path()
     if binary is None or not model.is_file():
         pytest.skip("llama-server or the SmolLM2 model is missing: run `make demo-assets` first")
-    work = tmp_path_factory.mktemp("e2e")
     config = StackConfig(
         workdir=work,
         llama_server=binary,
@@ -56,6 +57,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         demo = Stack(config, supervisor)
         demo.start()
         yield demo
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack for the tests that leave it as they found it."""
+    with running_stack(tmp_path_factory.mktemp("e2e")) as shared:
+        yield shared
 
 
 def client(stack: Stack, key: str) -> openai.OpenAI:
@@ -190,16 +198,17 @@ def test_a_stopped_llama_server_leaves_the_list_and_its_key_gets_a_5xx(stack: St
     assert eventually(answers)
 
 
-def test_shutting_down_leaves_no_process_behind(stack: Stack) -> None:
-    """Runs last in this module: it takes the stack down."""
-    children = list(stack.supervisor.children.values())
-    pids = [child.pid for child in children]
-    assert {child.name for child in children} == {"llama-server-1", "llama-server-2", "routheon-server", "traefik"}
-    stack.supervisor.stop_all()
-    for pid in pids:
-        assert pid is not None and not Path(f"/proc/{pid}").exists(), f"pid {pid} survived"
-    assert model_ids(stack.config.entry_url) == []
-    assert not any(_group_alive(pid) for pid in pids if pid)
+def test_shutting_down_leaves_no_process_behind(tmp_path: Path) -> None:
+    """A stack of its own, since it takes it down: the tests run in any order."""
+    with running_stack(tmp_path) as stack:
+        children = list(stack.supervisor.children.values())
+        pids = [child.pid for child in children]
+        assert {child.name for child in children} == {"llama-server-1", "llama-server-2", "routheon-server", "traefik"}
+        stack.supervisor.stop_all()
+        for pid in pids:
+            assert pid is not None and not Path(f"/proc/{pid}").exists(), f"pid {pid} survived"
+        assert model_ids(stack.config.entry_url) == []
+        assert not any(_group_alive(pid) for pid in pids if pid)
 
 
 def _group_alive(pgid: int) -> bool:
