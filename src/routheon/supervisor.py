@@ -7,7 +7,8 @@ gets the same guarantees:
   stops the children itself, and a stop takes the child's own children (a shell's ``sleep``,
   a proxy's workers) with it;
 - on Linux a child also gets SIGKILL when its parent dies without cleaning up, so no
-  llama-server or Traefik outlives a killed demo or test run;
+  llama-server or Traefik outlives a killed demo or test run (the kernel ties this to the
+  thread that started the child: start long-lived children from a thread that outlives them);
 - its output goes to a private log file, and a child that exits or never gets ready fails
   the wait at once with the tail of that log instead of a bare timeout;
 - a stop is SIGTERM to the process group, a bounded wait, then SIGKILL.
