@@ -17,8 +17,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from routheon import __version__
-from routheon.mappings.check import check_folder, inspect_folder
-from routheon.mappings.folder import DEFAULT_MAPPINGS, ERROR, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
+from routheon.mappings.check import inspect_folder
+from routheon.mappings.confirm import ChangeRefused, Confirmation, Judge
+from routheon.mappings.folder import DEFAULT_MAPPINGS, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
@@ -26,7 +27,6 @@ from routheon.mappings.verdict import (
     DEFAULT_TIMEOUT,
     DEFAULT_TRAEFIK_CONFIG,
     TRAEFIK_ENV,
-    Changes,
     VerdictUnavailable,
     ask_traefik,
     entry_points_of,
@@ -165,17 +165,40 @@ def _backups(flag: int | None) -> int:
     return int(value)
 
 
-def _report(changes: list[Change], folder: Path) -> None:
-    """Say what changed, and whether Traefik can apply it: a broken file elsewhere stops it."""
+def _skips_traefik(args: argparse.Namespace) -> bool:
+    return (args.traefik or os.environ.get(TRAEFIK_ENV)) == "none"
+
+
+def _traefik_binary(args: argparse.Namespace) -> str | None:
+    """The traefik binary that judges the folder; None for --traefik none (or $ROUTHEON_TRAEFIK=none)."""
+    return None if _skips_traefik(args) else find_traefik(args.traefik)
+
+
+def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
+    """How a write command confirms its change before writing it (see routheon.mappings.confirm)."""
+    binary = _traefik_binary(args)
+    if binary is None and not _skips_traefik(args):
+        log.warning(
+            "no traefik binary found (pip install 'routheon[traefik]', or --traefik PATH): only Routheon's"
+            " reader judges this change, and it may accept what Traefik rejects"
+        )
+    config = Path(args.traefik_config) if args.traefik_config else None
+    return Confirmation(folder, Judge(binary, entry_points_of(config), args.traefik_timeout), force=args.force)
+
+
+def _report(changes: list[Change], confirmation: Confirmation) -> int:
+    """Say what changed; fail when Traefik will not apply it (only a forced write gets this far)."""
     for change in changes:
         log.info("%s", change)
-    errors = [finding for finding in check_folder(folder) if finding.severity == ERROR]
-    for finding in errors:
-        log.warning("%s", finding)
-    if errors:
-        log.warning(
-            "Traefik may not apply this change until the problems above are fixed (see `routheon mapping check`)"
+    if confirmation.forced:
+        log.error(
+            "written because of --force, but Traefik rejects the folder, so none of it takes effect"
+            " (a running Traefik keeps its last good state): see `routheon mapping check`"
         )
+        return 1
+    for finding in confirmation.problems_elsewhere():
+        log.warning("%s (was there before this change)", finding)
+    return 0
 
 
 def cmd_mapping_add(args: argparse.Namespace) -> int:
@@ -198,7 +221,8 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     spec = replace(spec, error_pages=args.error_pages)
     without_error_pages = args.error_pages and not defines_error_pages(read_folder(folder).files)
     backups = _backups(args.backups)
-    _report(add_mapping(folder, spec, replace=args.replace, backups=backups), folder)
+    confirmation = _confirmation(folder, args)
+    status = _report(add_mapping(folder, spec, replace=args.replace, backups=backups, confirm=confirmation), confirmation)
     if without_error_pages:
         log.info(
             "no file in %s defines the %s middleware yet: these keys route without OpenAI error pages"
@@ -209,13 +233,14 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     if generated is not None:
         log.info("generated API key for %s (shown only now):", spec.service)
         print(generated)
-    return 0
+    return status
 
 
 def cmd_mapping_list(args: argparse.Namespace) -> int:
     folder = read_folder(args.mappings)
     if not folder.exists:
         raise CommandError(f"the mappings folder {args.mappings} does not exist")
+    folder, _ = _traefik_judges(folder, args)  # keys Traefik routes where this listing cannot show them
     rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
     for mapping in folder.files:
         urls = {service.name: service.urls for service in mapping.services}
@@ -235,7 +260,7 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
     for problem in folder.errors:
-        log.error("%s", problem)
+        print(problem, file=sys.stderr)
     return 1 if folder.errors else 0
 
 
@@ -247,15 +272,15 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
     if bool(args.service) == bool(keys):
         raise CommandError("give either --service NAME or the keys to remove (--key / --key-file)")
     backups = _backups(args.backups)
+    confirmation = _confirmation(folder, args)
     try:
         if args.service:
-            changes = remove_service(folder, args.service, backups=backups)
+            changes = remove_service(folder, args.service, backups=backups, confirm=confirmation)
         else:
-            changes = remove_keys(folder, keys, backups=backups)
+            changes = remove_keys(folder, keys, backups=backups, confirm=confirmation)
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
-    _report(changes, folder)
-    return 0
+    return _report(changes, confirmation)
 
 
 def cmd_mapping_prune(args: argparse.Namespace) -> int:
@@ -269,12 +294,12 @@ def cmd_mapping_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _traefik_judges(folder: Folder, args: argparse.Namespace, changes: Changes = {}) -> tuple[Folder, str]:
+def _traefik_judges(folder: Folder, args: argparse.Namespace) -> tuple[Folder, str]:
     """``folder``'s findings with Traefik's own verdict in them (or a warning saying why there is none),
     and the verdict in words."""
-    if args.traefik == "none":
+    binary = _traefik_binary(args)
+    if _skips_traefik(args):
         return folder, "not asked of Traefik (--traefik none)"
-    binary = find_traefik(args.traefik)
     try:
         if binary is None:
             raise VerdictUnavailable(
@@ -284,7 +309,6 @@ def _traefik_judges(folder: Folder, args: argparse.Namespace, changes: Changes =
             folder.path,
             traefik=binary,
             entry_points=entry_points_of(Path(args.traefik_config) if args.traefik_config else None),
-            changes=changes,
             timeout=args.traefik_timeout,
         )
     except VerdictUnavailable as exc:
@@ -346,12 +370,26 @@ def _add_backups_flag(parser: argparse.ArgumentParser, flag: str = "--backups") 
     )
 
 
-def _add_traefik_flags(parser: argparse.ArgumentParser) -> None:
+def _add_traefik_flags(parser: argparse.ArgumentParser, writes: bool = False) -> None:
     group = parser.add_argument_group(
         "Traefik's verdict",
         "Whether Traefik applies the folder is asked of Traefik itself: the traefik binary is run"
-        " for a moment on a private copy of the folder (loopback only, nothing is proxied).",
+        " for a moment on a private copy of the folder (loopback only, nothing is proxied)."
+        + (
+            " The change is judged that way before anything is written: it is refused when it would"
+            " break the folder, or when Traefik rejects the folder already (another file is broken,"
+            " so no change would take effect)."
+            if writes
+            else ""
+        ),
     )
+    if writes:
+        group.add_argument(
+            "--force",
+            action="store_true",
+            help="write even though Traefik rejects the folder already; the command still fails, as"
+            " nothing takes effect until the folder is fixed",
+        )
     group.add_argument(
         "--traefik",
         metavar="PATH",
@@ -433,10 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
     _add_mappings_flag(add)
     _add_backups_flag(add)
+    _add_traefik_flags(add, writes=True)
     add.set_defaults(handler=cmd_mapping_add)
 
     listing = mapping_commands.add_parser("list", help="show services, masked keys and backends")
     _add_mappings_flag(listing)
+    _add_traefik_flags(listing)
     listing.set_defaults(handler=cmd_mapping_list)
 
     remove = mapping_commands.add_parser(
@@ -446,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_flags(remove, "stop routing")
     _add_mappings_flag(remove)
     _add_backups_flag(remove)
+    _add_traefik_flags(remove, writes=True)
     remove.set_defaults(handler=cmd_mapping_remove)
 
     check = mapping_commands.add_parser(
@@ -493,7 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.setLevel(logging.ERROR if args.quiet else logging.INFO)
     try:
         return args.handler(args)
-    except (CommandError, InvalidKeyError, MappingConflictError, MappingFormatError, ValueError) as exc:
+    except (
+        ChangeRefused, CommandError, InvalidKeyError, MappingConflictError, MappingFormatError, ValueError
+    ) as exc:
         print(f"routheon: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

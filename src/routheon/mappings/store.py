@@ -19,7 +19,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,16 +286,49 @@ def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[
     return document
 
 
-def _take_keys(
-    files: Iterable[MappingFile], keys: set[str], skip: Path | None, backups: int = DEFAULT_BACKUPS
-) -> list[Change]:
-    """Take ``keys`` out of every file but ``skip``: rewrite a file, or retire it when emptied.
+@dataclass(frozen=True)
+class _Step:
+    """One file a change will write (``data``) or retire (None), planned before anything is written."""
 
-    Every change is planned first: when one would take away a service or middleware that a
-    router of another file uses, nothing is written.
+    path: Path
+    data: bytes | None
+    action: str
+    detail: str = ""
+    backed_up: bool = True
+
+
+#: Asked under the folder lock with the content every planned step gives its file (None: the
+#: file goes) before anything is written; raising stops the change with the folder untouched.
+#: The write commands use it to have Traefik judge the folder as it will be.
+Confirm = Callable[[Mapping[Path, bytes | None]], None]
+
+
+def _apply(steps: list[_Step], confirm: Confirm | None, backups: int) -> list[Change]:
+    """Write the planned steps in order, once ``confirm`` accepts their result; back up what they replace."""
+    if confirm is not None and steps:
+        confirm({step.path: step.data for step in steps})
+    changes: list[Change] = []
+    for step in steps:
+        detail = step.detail
+        if step.backed_up and step.path.exists():
+            saved = _saved(step.path, backups)
+            detail = f"{detail}; {saved}" if detail else saved
+        if step.data is None:
+            step.path.unlink()
+        else:
+            write_atomic(step.path, step.data)
+        changes.append(Change(step.action, step.path, detail))
+    return changes
+
+
+def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) -> list[_Step]:
+    """Plan taking ``keys`` out of every file but ``skip``: a file is rewritten, or retired when emptied.
+
+    When one step would take away a service or middleware that a router of another file uses,
+    nothing is planned: the whole change is refused.
     """
     files = list(files)
-    plans: list[tuple[MappingFile, set[str], dict[str, Any] | None]] = []
+    steps: list[_Step] = []
     for mapping in files:
         if mapping.path == skip:
             continue
@@ -318,22 +351,16 @@ def _take_keys(
                 f"taking the key out of {mapping.path.name} removes what {', '.join(users)} use; Traefik would"
                 " disable their routers: change those files first"
             )
-        plans.append((mapping, found, document))
-    changes: list[Change] = []
-    for mapping, found, document in plans:
-        saved = _saved(mapping.path, backups)
+        _refuse_unsafe(mapping.path)
         if document is None:
-            mapping.path.unlink()
-            changes.append(Change("retired", mapping.path, f"its keys moved or removed; {saved}"))
+            steps.append(_Step(mapping.path, None, "retired", "its keys moved or removed"))
             continue
         text = yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=10**6)
         reread = parse_mapping(text, mapping.path)
-        left = {clause.key for _, clause in reread.key_clauses()}
-        if left & found:
+        if {clause.key for _, clause in reread.key_clauses()} & found:
             raise MappingFormatError(f"{mapping.path}: could not take the key out; nothing was written")
-        write_atomic(mapping.path, text.encode("utf-8"))
-        changes.append(Change("rewrote", mapping.path, f"{len(found)} key(s) taken out; {saved}"))
-    return changes
+        steps.append(_Step(mapping.path, text.encode("utf-8"), "rewrote", f"{len(found)} key(s) taken out"))
+    return steps
 
 
 def _users_of(files: list[MappingFile], target: Path, kept: frozenset[str] = frozenset()) -> list[str]:
@@ -367,6 +394,7 @@ def add_mapping(
     *,
     replace: bool = False,
     backups: int = DEFAULT_BACKUPS,
+    confirm: Confirm | None = None,
 ) -> list[Change]:
     """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file.
 
@@ -403,10 +431,10 @@ def add_mapping(
         parse_rendered(text, spec, target)
         data = text.encode("utf-8")
         _refuse_unsafe(target)
-        action = "wrote"
+        write: _Step | None = _Step(target, data, "wrote", backed_up=False)
         if target.exists():
             if _read_bytes(target) == data:
-                action = "unchanged"
+                write = None
             elif not replace:
                 raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
             elif users := _users_of(files, target, kept=frozenset({spec.service})):
@@ -415,24 +443,20 @@ def add_mapping(
                     "disable their routers: choose another --service"
                 )
             else:
-                action = "replaced"
+                write = _Step(target, data, "replaced")
         # Keys leave their old files before SERVICE.yml is written: a crash (kill -9) between two
         # writes leaves a key routed by no router for a moment, never by two.
-        changes = _take_keys(files, set(spec.keys), skip=target, backups=backups)
-        if action == "unchanged":
+        steps = _take_keys(files, set(spec.keys), skip=target)
+        changes = _apply(steps if write is None else [*steps, write], confirm, backups)
+        if write is None:
             detail = "mode tightened to no world access" if _restrict_mode(target) else ""
             changes.append(Change("unchanged", target, detail))
-        elif action == "replaced":
-            saved = _saved(target, backups)
-            write_atomic(target, data)
-            changes.append(Change("replaced", target, saved))
-        else:
-            write_atomic(target, data)
-            changes.append(Change("wrote", target))
         return _with_pruning(folder, changes, backups)
 
 
-def remove_service(folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS) -> list[Change]:
+def remove_service(
+    folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None
+) -> list[Change]:
     """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing."""
     validate_service_name(service)  # never a path: "../x" must not reach a file outside the folder
     target = folder / f"{service}.yml"
@@ -446,12 +470,12 @@ def remove_service(folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS
                 f"{target.name} defines what {', '.join(users)} use; Traefik would disable their routers "
                 "and their keys would stop working: change those files first"
             )
-        saved = _saved(target, backups)
-        target.unlink()
-        return _with_pruning(folder, [Change("removed", target, saved)], backups)
+        return _with_pruning(folder, _apply([_Step(target, None, "removed")], confirm, backups), backups)
 
 
-def remove_keys(folder: Path, keys: Iterable[str], *, backups: int = DEFAULT_BACKUPS) -> list[Change]:
+def remove_keys(
+    folder: Path, keys: Iterable[str], *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None
+) -> list[Change]:
     """Stop routing ``keys`` wherever they are, keeping every other key of their files."""
     keys = set(keys)
     with folder_lock(folder):
@@ -460,7 +484,8 @@ def remove_keys(folder: Path, keys: Iterable[str], *, backups: int = DEFAULT_BAC
         missing = keys - known
         if missing:
             raise LookupError(f"{len(missing)} of the given API keys are in no mapping file")
-        return _with_pruning(folder, _take_keys(files, keys, skip=None, backups=backups), backups)
+        steps = _take_keys(files, keys, skip=None)
+        return _with_pruning(folder, _apply(steps, confirm, backups), backups)
 
 
 def prune(folder: Path, keep: int = DEFAULT_BACKUPS) -> list[Change]:

@@ -123,12 +123,12 @@ def _copy_file(source: Path) -> bytes:
     try:
         return read_plain_file(source, follow_links=True)[0]
     except MappingFormatError as exc:
-        raise _Unreadable(f"{source}: {exc} (Traefik would block or fail reading it)") from None
+        raise Unreadable(f"{source}: {exc} (Traefik would block or fail reading it)") from None
     except OSError as exc:
-        raise _Unreadable(f"{source}: cannot read: {exc.strerror}") from None
+        raise Unreadable(f"{source}: cannot read: {exc.strerror}") from None
 
 
-class _Unreadable(Exception):
+class Unreadable(Exception):
     """A file Traefik could not read either: the folder is rejected without asking."""
 
 
@@ -309,7 +309,7 @@ def ask_traefik(
         copy.mkdir(mode=0o700)
         try:
             copy_folder(folder, copy, changes)
-        except _Unreadable as exc:
+        except Unreadable as exc:
             return Verdict("", False, str(exc))
         except FileNotFoundError:
             raise VerdictUnavailable(f"the mappings folder {folder} does not exist") from None
