@@ -341,3 +341,14 @@ def test_list_names_keys_traefik_routes_that_it_cannot_show(tmp_path: Path, caps
     code, out, err = run(capsys, "-q", "mapping", "list", "--mappings", str(tmp_path))
     assert code == 1 and "alpha.yml" in out
     assert "hand.yml" in err and "cannot be listed or revoked" in err
+
+
+def test_an_unchanged_mapping_in_a_rejected_folder_is_not_reported_as_fine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add(capsys, tmp_path, 8011)
+    (tmp_path / "other.yml").write_text(MISSPELT)
+    code, _, err = run(
+        capsys, "-q", "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--mappings", str(tmp_path)
+    )
+    assert code == 1 and "other.yml" in err

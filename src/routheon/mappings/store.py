@@ -304,8 +304,12 @@ Confirm = Callable[[Mapping[Path, bytes | None]], None]
 
 
 def _apply(steps: list[_Step], confirm: Confirm | None, backups: int) -> list[Change]:
-    """Write the planned steps in order, once ``confirm`` accepts their result; back up what they replace."""
-    if confirm is not None and steps:
+    """Write the planned steps in order, once ``confirm`` accepts their result; back up what they replace.
+
+    ``confirm`` is asked even when there is nothing to write: an unchanged file in a folder
+    Traefik rejects is not in effect either.
+    """
+    if confirm is not None:
         confirm({step.path: step.data for step in steps})
     changes: list[Change] = []
     for step in steps:
