@@ -28,7 +28,7 @@ ERRORS_MIDDLEWARE = "routheon-errors"
 # low priority, routes them. Once routheon-server.yml is in, the first router wins again.
 # (Referencing a missing middleware disables a router: there is no optional reference.)
 FALLBACK_SUFFIX = "-without-error-pages"
-FALLBACK_PRIORITY = 2  # above routheon-server.yml's catch-all (1), below any default priority
+FALLBACK_PRIORITY = 4  # above the catch-all (1) and the grants routers (2, 3; grants.py), below any default priority
 # Traefik reads a request's whole body before it proxies the request: otherwise Go's net/http
 # (Traefik's proxy) cuts one or two streamed answers in a hundred under CPU load. Traefik's
 # `retry` middleware is the one that does this without buffering responses (`buffering` with

@@ -1,0 +1,75 @@
+"""The grants file's Python side: what render_grants writes, parse_grants reads back exactly."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import yaml
+
+from routheon.mappings.grants import (
+    GRANTS_FILE,
+    GrantedService,
+    Grants,
+    KeyGrant,
+    key_hash,
+    key_hint,
+    parse_grants,
+    render_grants,
+)
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def sample() -> Grants:
+    grants = Grants().with_service(GrantedService("alpha", ("alpha-model", "a2")))
+    grants = grants.with_service(GrantedService("beta", ("beta-model",)))
+    return grants.grant(KEY, ("alpha",)).grant(KEY, ("beta",)).grant("sk-other-key-abcdefgh", ("beta",))
+
+
+def test_key_hash_is_sha256_hex_and_hint_the_last_characters() -> None:
+    assert key_hash(KEY) == hashlib.sha256(KEY.encode()).hexdigest()
+    assert key_hint(KEY) == "cdef"
+    assert key_hint("sk-x{{a") == "x??a"  # template delimiters never reach the file
+
+
+def test_round_trip_and_lookups() -> None:
+    grants = sample()
+    text = render_grants(grants)
+    assert parse_grants(text) == grants
+    assert KEY not in text
+    assert grants.models_of(KEY) == ("alpha-model", "a2", "beta-model")
+    assert grants.key(key_hash(KEY)) == grants.key(KEY)
+    document = yaml.safe_load(text)
+    assert document["http"]["routers"]["routheon-grants"]["priority"] == 2
+
+
+def test_revoke_one_service_then_all() -> None:
+    grants = sample().revoke(KEY, ("alpha",))
+    assert grants.key(KEY) == KeyGrant(key_hash(KEY), "cdef", ("beta",))
+    assert sample().revoke(KEY).key(KEY) is None
+    assert parse_grants(render_grants(Grants())) == Grants()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda text: text.replace("alpha-model a2", "alpha-model alpha-model"), "declares a model twice"),
+        (lambda text: text.replace("    'routheon-grants':\n      plugin", "    other:\n      plugin"), "is missing"),
+        (lambda text: text.replace("http://127.0.0.1:8081", "http://10.0.0.1:8081"), "must have one server"),
+        (lambda text: text.replace(" cdef ", " cd{{ "), "invalid hint"),
+        (lambda text: text.replace("cdef alpha beta", "cdef alpha gamma"), "'gamma' is not declared"),
+        (lambda text: text + "  [", "not valid YAML"),
+    ],
+)
+def test_bad_files_are_refused_with_a_reason(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        parse_grants(mutate(render_grants(sample())))
+
+
+def test_invalid_input_is_refused_before_writing() -> None:
+    with pytest.raises(ValueError, match="not declared"):
+        Grants().grant(KEY, ("alpha",))
+    with pytest.raises(ValueError, match="invalid model name"):
+        Grants().with_service(GrantedService("alpha", ("two words",)))
+    assert GRANTS_FILE == "routheon-grants.yml"
