@@ -20,6 +20,7 @@ from routheon import __version__
 from routheon.mappings.check import inspect_folder
 from routheon.mappings.confirm import ChangeRefused, Confirmation, Judge
 from routheon.mappings.folder import DEFAULT_MAPPINGS, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
+from routheon.mappings.grants import GRANTS_FILE, GrantedService
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
@@ -40,7 +41,9 @@ from routheon.mappings.store import (
     add_mapping,
     defines_error_pages,
     prune,
-    remove_keys,
+    grant_keys,
+    read_grants,
+    revoke_keys,
     remove_service,
 )
 
@@ -201,17 +204,28 @@ def _report(changes: list[Change], confirmation: Confirmation) -> int:
     return 0
 
 
+def _routed_keys(path: Path) -> list[str]:
+    """The keys a mapping file routes today (none when it does not exist)."""
+    files = read_folder(path.parent).files if path.parent.is_dir() else ()
+    return next((mapping.keys() for mapping in files if mapping.path == path), [])
+
+
 def cmd_mapping_add(args: argparse.Namespace) -> int:
     keys = list(args.key or [])
     if args.key_file:
         keys += _read_key_file(args.key_file)
     generated = None
-    if not keys:
+    if not keys and args.model:  # declaring models keeps the keys the file routes, if any
+        keys = _routed_keys(Path(args.mappings) / f"{args.service}.yml")
+    elif not keys:
         generated = generate_key()
         keys = [generated]
     spec = MappingSpec(args.service, _backend_urls(args), tuple(keys), entry_point=args.entry_point)
+    models = tuple(args.model) if args.model else None
     try:
         spec.validate()
+        if models is not None:
+            GrantedService(spec.service, models).validate()
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     for key in keys:
@@ -222,8 +236,9 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     without_error_pages = args.error_pages and not defines_error_pages(read_folder(folder).files)
     backups = _backups(args.backups)
     confirmation = _confirmation(folder, args)
-    status = _report(add_mapping(folder, spec, replace=args.replace, backups=backups, confirm=confirmation), confirmation)
-    if without_error_pages:
+    changes = add_mapping(folder, spec, replace=args.replace, backups=backups, confirm=confirmation, models=models)
+    status = _report(changes, confirmation)
+    if without_error_pages and keys:
         log.info(
             "no file in %s defines the %s middleware yet: these keys route without OpenAI error pages"
             " until routheon-server.yml is in the folder",
@@ -236,11 +251,29 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     return status
 
 
-def cmd_mapping_list(args: argparse.Namespace) -> int:
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one, a file name, is not padded."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
+def _judged_folder(args: argparse.Namespace) -> Folder:
+    """The folder as Traefik judges it, for listings: keys it routes where a listing cannot show them are errors."""
     folder = read_folder(args.mappings)
     if not folder.exists:
         raise CommandError(f"the mappings folder {args.mappings} does not exist")
-    folder, _ = _traefik_judges(folder, args)  # keys Traefik routes where this listing cannot show them
+    return _traefik_judges(folder, args)[0]
+
+
+def _listed_errors(folder: Folder) -> int:
+    for problem in folder.errors:
+        print(problem, file=sys.stderr)
+    return 1 if folder.errors else 0
+
+
+def cmd_mapping_list(args: argparse.Namespace) -> int:
+    folder = _judged_folder(args)
     rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
     for mapping in folder.files:
         urls = {service.name: service.urls for service in mapping.services}
@@ -256,12 +289,8 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
                     str(mapping.path.relative_to(folder.path)),
                 )
             )
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
-    for problem in folder.errors:
-        print(problem, file=sys.stderr)
-    return 1 if folder.errors else 0
+    _print_table(rows)
+    return _listed_errors(folder)
 
 
 def cmd_mapping_remove(args: argparse.Namespace) -> int:
@@ -277,7 +306,7 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
         if args.service:
             changes = remove_service(folder, args.service, backups=backups, confirm=confirmation)
         else:
-            changes = remove_keys(folder, keys, backups=backups, confirm=confirmation)
+            changes = revoke_keys(folder, keys, backups=backups, confirm=confirmation)
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
     return _report(changes, confirmation)
@@ -333,6 +362,73 @@ def cmd_mapping_check(args: argparse.Namespace) -> int:
         return 1
     print(summary + "ok" + (f" ({warnings} warning(s))" if warnings else ""), file=sys.stderr)
     return 0
+
+
+def _given_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.keys)
+    if args.key_file:
+        keys += _read_key_file(args.key_file)
+    return keys
+
+
+def cmd_key_add(args: argparse.Namespace) -> int:
+    keys = _given_keys(args)
+    generated = None
+    if not keys:
+        generated = generate_key()
+        keys = [generated]
+    for key in keys:
+        for warning in key_warnings(key):
+            log.warning("%s", warning)
+    folder = _existing_folder(args.mappings)
+    confirmation = _confirmation(folder, args)
+    try:
+        changes = grant_keys(folder, keys, args.service, backups=_backups(args.backups), confirm=confirmation)
+    except LookupError as exc:
+        raise CommandError(str(exc).strip("'\"")) from None
+    status = _report(changes, confirmation)
+    log.info("%d key(s) may use %s", len(keys), ", ".join(args.service))
+    if generated is not None:
+        log.info("generated API key (shown only now):")
+        print(generated)
+    return status
+
+
+def cmd_key_remove(args: argparse.Namespace) -> int:
+    keys = _given_keys(args)
+    if not keys:
+        raise CommandError("give the keys to revoke (KEY ... or --key-file FILE)")
+    folder = _existing_folder(args.mappings)
+    confirmation = _confirmation(folder, args)
+    services = tuple(args.service) if args.service else None
+    try:
+        changes = revoke_keys(folder, keys, services, backups=_backups(args.backups), confirm=confirmation)
+    except LookupError as exc:
+        raise CommandError(str(exc).strip("'\"")) from None
+    return _report(changes, confirmation)
+
+
+def cmd_key_list(args: argparse.Namespace) -> int:
+    folder = _judged_folder(args)
+    try:
+        grants = read_grants(folder.path)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    rows = [("KEY", "SERVICES", "MODELS", "FILE")]
+    for mapping in folder.files:
+        if mapping.path.name == GRANTS_FILE:
+            continue
+        services: dict[str, dict[str, None]] = {}
+        for router, clause in mapping.key_clauses():
+            services.setdefault(clause.key, {})[router.service] = None
+        for key, names in services.items():
+            rows.append((mask_key(key), ",".join(names), "(any)", str(mapping.path.relative_to(folder.path))))
+    for grant in grants.keys:
+        models = grants.models_of(grant.hash)
+        shown = ",".join(models) if models else "(any)"
+        rows.append((f"...{grant.hint}", ",".join(grant.services), shown, GRANTS_FILE))
+    _print_table(rows)
+    return _listed_errors(folder)
 
 
 def cmd_key_generate(args: argparse.Namespace) -> int:
@@ -468,6 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer down backends with routheon-server's OpenAI error objects whenever routheon-server.yml"
         " is in the folder, whichever file comes first (default: on)",
     )
+    add.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="a model name clients send for this service (llama-server's --alias); repeat for several."
+        " Declared in routheon-grants.yml for keys granted several services (routheon key add);"
+        " without --key, no key is generated",
+    )
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
     _add_mappings_flag(add)
     _add_backups_flag(add)
@@ -519,7 +623,40 @@ def build_parser() -> argparse.ArgumentParser:
     generate = key_commands.add_parser("generate", help="print new random API keys")
     generate.add_argument("--count", type=int, default=1, help="how many keys (default: 1)")
     generate.set_defaults(handler=cmd_key_generate)
-    for command in (add, listing, remove, check, pruning, generate):  # also after the command's name
+
+    key_add = key_commands.add_parser(
+        "add",
+        help="grant keys the use of services (and so of their models)",
+        description=(
+            "Grant each key the given services on top of what it has; nothing is revoked. A key granted"
+            " several services reaches the one that declares the request's model (mapping add --model)."
+            " Keys are stored as sha256 hashes in routheon-grants.yml. Without keys a new one is"
+            " generated and printed once on stdout."
+        ),
+    )
+    key_add.add_argument("keys", nargs="*", metavar="KEY", help="API keys (visible to `ps`: prefer --key-file)")
+    key_add.add_argument(
+        "--service", action="append", required=True, metavar="NAME", help="a service to grant; repeat for several"
+    )
+    key_remove = key_commands.add_parser(
+        "remove", help="revoke services from keys (all of them without --service)"
+    )
+    key_remove.add_argument("keys", nargs="*", metavar="KEY", help="API keys (visible to `ps`: prefer --key-file)")
+    key_remove.add_argument("--service", action="append", metavar="NAME", help="revoke only this service; repeatable")
+    for command, handler in ((key_add, cmd_key_add), (key_remove, cmd_key_remove)):
+        command.add_argument(
+            "--key-file", metavar="FILE", help="read keys from FILE, one per line ('-' for stdin)"
+        )
+        _add_mappings_flag(command)
+        _add_backups_flag(command)
+        _add_traefik_flags(command, writes=True)
+        command.set_defaults(handler=handler)
+    key_list = key_commands.add_parser("list", help="show every key (masked) with its services and models")
+    _add_mappings_flag(key_list)
+    _add_traefik_flags(key_list)
+    key_list.set_defaults(handler=cmd_key_list)
+    for command in (add, listing, remove, check, pruning, generate, key_add, key_remove, key_list):
+        # -q also after the command's name
         command.add_argument(
             "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors and generated keys"
         )

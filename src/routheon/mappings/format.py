@@ -179,7 +179,11 @@ class MappingFile:
 
 @dataclass(frozen=True)
 class MappingSpec:
-    """What one Routheon-written mapping file says: these keys reach these llama-servers."""
+    """What one Routheon-written mapping file says: these keys reach these llama-servers.
+
+    Without keys the file defines the service alone, for keys granted it in the grants file
+    (``routheon key add``; docs/model-routing.md).
+    """
 
     service: str
     urls: tuple[str, ...]
@@ -200,8 +204,6 @@ class MappingSpec:
             raise ValueError("a mapping needs at least one backend URL")
         for url in self.urls:
             validate_url(url)
-        if not self.keys:
-            raise ValueError("a mapping needs at least one API key")
         for key in self.keys:
             validate_key(key)
         if len(set(self.keys)) != len(self.keys):
@@ -261,6 +263,8 @@ def fallback_router(router: str) -> str:
 def rendered_routers(spec: MappingSpec) -> tuple[tuple[str, tuple[str, ...], int | None], ...]:
     """``(name, middlewares, priority)`` of each router a Routheon-written file has, in file order."""
     body = request_body_middleware(spec.service)
+    if not spec.keys:
+        return ()
     if not spec.error_pages:
         return ((spec.service, (body,), None),)
     return (
@@ -279,10 +283,12 @@ def render_mapping(spec: MappingSpec) -> str:
     spec.validate()
     name = spec.service
     lines = [
-        f"# Traefik dynamic configuration: API keys that reach service {name}.",
+        f"# Traefik dynamic configuration: API keys that reach service {name}."
+        if spec.keys
+        else f"# Traefik dynamic configuration: service {name}, for the keys granted it in routheon-grants.yml.",
         "# Written by `routheon mapping add`; check the folder with `routheon mapping check`.",
         "http:",
-        "  routers:",
+        *(["  routers:"] if spec.keys else []),
     ]
     for router, middlewares, priority in rendered_routers(spec):
         if priority is not None:
@@ -297,16 +303,19 @@ def render_mapping(spec: MappingSpec) -> str:
             "      middlewares:",
             *(f"        - '{middleware}'" for middleware in middlewares),
         ]
+    if spec.keys:
+        lines += [
+            "  middlewares:",
+            "    # Reads each request body whole before proxying; never retries (docs/production.md).",
+            f"    '{request_body_middleware(name)}':",
+            "      retry:",
+            "        attempts: 2",
+            f"        status: ['{NEVER_SENT_STATUS}']",
+            "        retryNonIdempotentMethod: true",
+            "        disableRetryOnNetworkError: true",
+            "        maxRequestBodyBytes: -1",
+        ]
     lines += [
-        "  middlewares:",
-        "    # Reads each request body whole before proxying; never retries (docs/production.md).",
-        f"    '{request_body_middleware(name)}':",
-        "      retry:",
-        "        attempts: 2",
-        f"        status: ['{NEVER_SENT_STATUS}']",
-        "        retryNonIdempotentMethod: true",
-        "        disableRetryOnNetworkError: true",
-        "        maxRequestBodyBytes: -1",
         "  services:",
         f"    '{name}':",
         "      loadBalancer:",
@@ -329,7 +338,7 @@ def parse_rendered(text: str, spec: MappingSpec, path: Path) -> MappingFile:
         or any(clause.regex for _, clause in mapping.key_clauses())
         or [router.service for router in mapping.routers] != [spec.service] * len(expected)
         or [(router.name, router.middlewares, router.priority) for router in mapping.routers] != list(expected)
-        or mapping.body_readers != (request_body_middleware(spec.service),)
+        or mapping.body_readers != ((request_body_middleware(spec.service),) if spec.keys else ())
         or mapping.urls != tuple(url.rstrip("/") for url in spec.urls)
     ):
         raise MappingFormatError("the rendered mapping does not read back as written; nothing was written")

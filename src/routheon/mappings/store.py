@@ -20,7 +20,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from routheon.mappings.format import (
     render_mapping,
     validate_service_name,
 )
+from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants, parse_grants, render_grants
+from routheon.mappings.keys import mask_key
 from routheon.mappings.rules import join_clauses, rule_keys
 
 log = logging.getLogger(__name__)
@@ -251,10 +253,13 @@ def _parsed_files(folder: Path) -> list[MappingFile]:
     return list(read_folder(folder).files)
 
 
-def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[str, Any] | None:
+def _without_keys(
+    path: Path, keys: set[str], used_elsewhere: set[str], keep: frozenset[str] = frozenset()
+) -> dict[str, Any] | None:
     """The document of ``path`` with ``keys`` taken out of its rules; None when nothing is left.
 
-    Routers left without a key go, and so do services no remaining router uses, and middlewares
+    Routers left without a key go, and so do services no remaining router uses (but those in
+    ``keep``, which the grants file routes to), and middlewares
     that no remaining router here nor any router in ``used_elsewhere``'s files uses (such as
     the file's own request-body middleware); clauses that stay are kept as written, 1.0.x-format
     ones included.
@@ -272,7 +277,7 @@ def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[
         else:
             del routers[name]
     services: dict[str, Any] = http.get("services") or {}
-    used = {router.get("service") for router in routers.values()}
+    used = {router.get("service") for router in routers.values()} | keep
     for name in list(services):
         if name not in used:
             del services[name]
@@ -281,8 +286,11 @@ def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[
     for name in list(middlewares):
         if not {name, f"{name}@file"} & (used_here | used_elsewhere):
             del middlewares[name]
-    if not routers and not middlewares:
+    if not routers and not middlewares and not services:
         return None
+    for section in ("routers", "middlewares"):
+        if not http.get(section):
+            http.pop(section, None)
     return document
 
 
@@ -325,8 +333,12 @@ def _apply(steps: list[_Step], confirm: Confirm | None, backups: int) -> list[Ch
     return changes
 
 
-def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) -> list[_Step]:
+def _take_keys(
+    files: Iterable[MappingFile], keys: set[str], skip: Path | None, keep: frozenset[str] = frozenset()
+) -> list[_Step]:
     """Plan taking ``keys`` out of every file but ``skip``: a file is rewritten, or retired when emptied.
+
+    Services named in ``keep`` stay defined: keys granted them in the grants file still use them.
 
     When one step would take away a service or middleware that a router of another file uses,
     nothing is planned: the whole change is refused.
@@ -346,7 +358,7 @@ def _take_keys(files: Iterable[MappingFile], keys: set[str], skip: Path | None) 
             for router in other.routers
             for middleware in router.middlewares
         }
-        document = _without_keys(mapping.path, found, elsewhere)
+        document = _without_keys(mapping.path, found, elsewhere, keep)
         http = document["http"] if document is not None else {}
         kept = frozenset(http.get("services") or ()) | frozenset(http.get("middlewares") or ())
         users = _users_of(files, mapping.path, kept)
@@ -399,11 +411,13 @@ def add_mapping(
     replace: bool = False,
     backups: int = DEFAULT_BACKUPS,
     confirm: Confirm | None = None,
+    models: tuple[str, ...] | None = None,
 ) -> list[Change]:
-    """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file.
+    """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file and the grants.
 
-    Overwriting a different file or moving a key needs ``replace``. Each file touched keeps its
-    ``backups`` newest backups.
+    Overwriting a different file or moving a key needs ``replace``. ``models`` declares the
+    model names the service answers to in the grants file (None leaves them as they are).
+    Each file touched keeps its ``backups`` newest backups.
     """
     spec.validate()
     target = folder / spec.file_name
@@ -419,6 +433,7 @@ def add_mapping(
                     f"{mapping.path} already defines a router or service named {spec.service!r}; "
                     "remove it or choose another --service"
                 )
+        before = grants = read_grants(folder)
         elsewhere = sorted(
             {
                 mapping.path.name
@@ -426,6 +441,7 @@ def add_mapping(
                 if mapping.path != target
                 and {clause.key for _, clause in mapping.key_clauses()} & set(spec.keys)
             }
+            | ({GRANTS_FILE} if any(grants.key(key) for key in spec.keys) else set())
         )
         if elsewhere and not replace:
             raise MappingConflictError(
@@ -450,7 +466,12 @@ def add_mapping(
                 write = _Step(target, data, "replaced")
         # Keys leave their old files before SERVICE.yml is written: a crash (kill -9) between two
         # writes leaves a key routed by no router for a moment, never by two.
-        steps = _take_keys(files, set(spec.keys), skip=target)
+        for key in spec.keys:
+            grants = grants.revoke(key)
+        if models is not None:
+            grants = grants.with_service(GrantedService(spec.service, models))
+        steps = _take_keys(files, set(spec.keys), skip=target, keep=_declared(grants))
+        steps += _grants_step(folder, before, grants)
         changes = _apply(steps if write is None else [*steps, write], confirm, backups)
         if write is None:
             detail = "mode tightened to no world access" if _restrict_mode(target) else ""
@@ -461,34 +482,22 @@ def add_mapping(
 def remove_service(
     folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None
 ) -> list[Change]:
-    """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing."""
+    """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing, its grants go."""
     validate_service_name(service)  # never a path: "../x" must not reach a file outside the folder
     target = folder / f"{service}.yml"
     with folder_lock(folder):
         _refuse_unsafe(target)
         if not target.exists():
             raise FileNotFoundError(f"no mapping file {target}")
-        users = _users_of(_parsed_files(folder), target)
+        files = [mapping for mapping in _parsed_files(folder) if mapping.path.name != GRANTS_FILE]
+        users = _users_of(files, target)
         if users:
             raise MappingConflictError(
                 f"{target.name} defines what {', '.join(users)} use; Traefik would disable their routers "
                 "and their keys would stop working: change those files first"
             )
-        return _with_pruning(folder, _apply([_Step(target, None, "removed")], confirm, backups), backups)
-
-
-def remove_keys(
-    folder: Path, keys: Iterable[str], *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None
-) -> list[Change]:
-    """Stop routing ``keys`` wherever they are, keeping every other key of their files."""
-    keys = set(keys)
-    with folder_lock(folder):
-        files = _parsed_files(folder)
-        known = {clause.key for mapping in files for _, clause in mapping.key_clauses()}
-        missing = keys - known
-        if missing:
-            raise LookupError(f"{len(missing)} of the given API keys are in no mapping file")
-        steps = _take_keys(files, keys, skip=None)
+        before = read_grants(folder)
+        steps = [*_grants_step(folder, before, _without_service(before, service)), _Step(target, None, "removed")]
         return _with_pruning(folder, _apply(steps, confirm, backups), backups)
 
 
@@ -496,3 +505,123 @@ def prune(folder: Path, keep: int = DEFAULT_BACKUPS) -> list[Change]:
     """Delete every mapping file's backups but its ``keep`` newest, now (0 deletes them all)."""
     with folder_lock(folder):
         return prune_backups(folder, keep)
+
+
+# --- grants: one key, many models (routheon-grants.yml, docs/model-routing.md) ---------------
+
+
+def read_grants(folder: Path) -> Grants:
+    """The folder's grants file, or empty grants when there is none; ValueError when it is broken."""
+    path = folder / GRANTS_FILE
+    try:
+        data = _read_bytes(path)
+    except FileNotFoundError:
+        return Grants()
+    try:
+        return parse_grants(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
+def _grants_step(folder: Path, before: Grants, after: Grants) -> list[_Step]:
+    path = folder / GRANTS_FILE
+    if after == before:
+        return []
+    _refuse_unsafe(path)
+    if not after.services and not after.keys:
+        return [_Step(path, None, "removed", "no service declares models, no key is granted")] if path.exists() else []
+    return [_Step(path, render_grants(after).encode("utf-8"), "rewrote" if path.exists() else "wrote")]
+
+
+def _key_routes(files: Iterable[MappingFile]) -> dict[str, set[str]]:
+    """Every key a key file routes, with the services it reaches there."""
+    routes: dict[str, set[str]] = {}
+    for mapping in files:
+        for router, clause in mapping.key_clauses():
+            routes.setdefault(clause.key, set()).add(router.service.removesuffix("@file"))
+    return routes
+
+
+def _declared(grants: Grants) -> frozenset[str]:
+    return frozenset(service.name for service in grants.services)
+
+
+def _without_service(grants: Grants, service: str) -> Grants:
+    """``grants`` with ``service`` gone: undeclared, and taken from every key (keys left with none go)."""
+    for grant in grants.keys:
+        if service in grant.services:
+            grants = grants.revoke(grant.hash, (service,))
+    return replace(grants, services=tuple(declared for declared in grants.services if declared.name != service))
+
+
+def grant_keys(
+    folder: Path,
+    keys: Iterable[str],
+    services: Iterable[str],
+    *,
+    backups: int = DEFAULT_BACKUPS,
+    confirm: Confirm | None = None,
+) -> list[Change]:
+    """Grant ``services`` to each key on top of what it has; nothing else is revoked.
+
+    A key a key file routes moves into the grants with its service, so one router decides for
+    it; that needs the service's models declared when the key is to reach several services.
+    A service not yet declared is declared without models (it answers any ``model`` for keys
+    whose only service it is).
+    """
+    keys, services = list(dict.fromkeys(keys)), tuple(dict.fromkeys(services))
+    with folder_lock(folder):
+        files = _parsed_files(folder)
+        defined = {service.name for mapping in files for service in mapping.services}
+        missing = [name for name in services if name not in defined]
+        if missing:
+            raise LookupError(
+                f"no mapping file defines service {missing[0]!r}: add it first"
+                f" (routheon mapping add --service {missing[0]} --url URL --model NAME)"
+            )
+        before = grants = read_grants(folder)
+        routes = _key_routes(files)
+        moved: set[str] = set()
+        for key in keys:
+            old = grants.key(key)
+            wanted = tuple(dict.fromkeys((*sorted(routes.get(key, ())), *(old.services if old else ()), *services)))
+            if key in routes:
+                moved.add(key)
+            undeclared = [name for name in wanted if not (grants.service(name) or GrantedService(name)).models]
+            if len(wanted) > 1 and undeclared:
+                raise MappingConflictError(
+                    f"key {mask_key(key)} would reach {len(wanted)} services, but {undeclared[0]!r} declares no"
+                    f" model to route by: declare its models first (routheon mapping add --service {undeclared[0]}"
+                    " --url URL --model NAME)"
+                )
+            for name in wanted:
+                if grants.service(name) is None:
+                    grants = grants.with_service(GrantedService(name))
+            grants = grants.grant(key, wanted)
+        steps = _take_keys(files, moved, skip=None, keep=_declared(grants)) + _grants_step(folder, before, grants)
+        return _with_pruning(folder, _apply(steps, confirm, backups), backups)
+
+
+def revoke_keys(
+    folder: Path,
+    keys: Iterable[str],
+    services: Iterable[str] | None = None,
+    *,
+    backups: int = DEFAULT_BACKUPS,
+    confirm: Confirm | None = None,
+) -> list[Change]:
+    """Take ``services`` (all when None) from each key, in the grants and in key files alike."""
+    keys = set(keys)
+    only = None if services is None else tuple(services)
+    with folder_lock(folder):
+        files = _parsed_files(folder)
+        before = grants = read_grants(folder)
+        routes = _key_routes(files)
+        unknown = [key for key in keys if key not in routes and grants.key(key) is None]
+        if unknown:
+            raise LookupError(f"{len(unknown)} of the given API keys are granted nothing and in no mapping file")
+        in_files = {key for key in keys if routes.get(key) and (only is None or routes[key] & set(only))}
+        for key in keys:
+            grants = grants.revoke(key, only)
+        steps = _take_keys(files, in_files, skip=None, keep=_declared(grants)) + _grants_step(folder, before, grants)
+        return _with_pruning(folder, _apply(steps, confirm, backups), backups)
