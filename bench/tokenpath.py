@@ -211,6 +211,8 @@ def _wait_ok(url: str, headers: dict[str, str], proc: stack.Proc, timeout: float
 def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_key: str) -> tuple[stack.Proc, str]:
     port = free_port()
     static["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{port}"
+    if "routheon-hop" in static["entryPoints"]:  # two Traefiks must not share the hop port
+        static["entryPoints"]["routheon-hop"]["address"] = f"127.0.0.1:{free_port()}"
     static["providers"]["file"]["directory"] = str(folder)
     static["log"] = {"level": "ERROR"}
     config = stk.workdir / f"{name}.yml"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import yaml
 
+from routheon.mappings.check import inspect_folder
+from routheon.mappings.format import MappingSpec, render_mapping
 from routheon.mappings.grants import (
     GRANTS_FILE,
     GrantedService,
@@ -17,6 +20,9 @@ from routheon.mappings.grants import (
     parse_grants,
     render_grants,
 )
+from routheon.mappings.verdict import ask_traefik, judged
+from support import VENV_BIN
+from traefik_stack import SERVER_MAPPING
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -73,3 +79,37 @@ def test_invalid_input_is_refused_before_writing() -> None:
     with pytest.raises(ValueError, match="invalid model name"):
         Grants().with_service(GrantedService("alpha", ("two words",)))
     assert GRANTS_FILE == "routheon-grants.yml"
+
+
+def write_folder(folder: Path, grants_text: str) -> None:
+    """routheon-server.yml, two services as ``routheon mapping add`` writes them, and the grants."""
+    folder.mkdir(mode=0o700)
+    (folder / "routheon-server.yml").write_text(SERVER_MAPPING.read_text())
+    for port, name in enumerate(("alpha", "beta"), start=18011):
+        spec = MappingSpec(name, (f"http://127.0.0.1:{port}",), (f"sk-{name}-0123456789abcdef",))
+        (folder / f"{name}.yml").write_text(render_mapping(spec))
+    (folder / GRANTS_FILE).write_text(grants_text)
+    for path in folder.iterdir():
+        path.chmod(0o600)
+
+
+@pytest.mark.traefik
+def test_check_and_traefik_accept_a_folder_with_grants(tmp_path: Path) -> None:
+    folder = tmp_path / "mappings"
+    write_folder(folder, render_grants(sample()))
+    inspected = inspect_folder(folder)
+    assert inspected.findings == ()
+    verdict = ask_traefik(folder, traefik=str(VENV_BIN / "traefik"))
+    assert verdict.applied and all(router.enabled for router in verdict.routers), verdict.routers
+    assert {"routheon-grants", "routheon-grants-models", "routheon-hop-alpha"} <= {r.name for r in verdict.routers}
+    assert judged(inspected, verdict).findings == ()
+
+
+@pytest.mark.traefik
+def test_a_grants_table_the_plugin_refuses_is_reported_by_both(tmp_path: Path) -> None:
+    folder = tmp_path / "mappings"
+    write_folder(folder, render_grants(sample()).replace("cdef alpha beta", "cdef alpha gamma"))
+    assert any("'gamma' is not declared" in finding.message for finding in inspect_folder(folder).errors)
+    verdict = ask_traefik(folder, traefik=str(VENV_BIN / "traefik"))
+    grants_router = next(router for router in verdict.routers if router.name == "routheon-grants")
+    assert not grants_router.enabled and "gamma" in " ".join(grants_router.errors)

@@ -12,6 +12,7 @@ tests wait for the routing they expect with ``Stack.wait_for`` instead of sleepi
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -26,6 +27,9 @@ from support import REPO, VENV_BIN, Proc, Reply, eventually, free_port, request,
 STATIC_CONFIG = REPO / "traefik" / "traefik.yml"
 SERVER_MAPPING = REPO / "traefik" / "mappings" / "routheon-server.yml"
 FAKE_LLAMA = REPO / "tests" / "fake_llama.py"
+# Traefik loads local plugins from plugins-local/ in its working directory
+PLUGINS = REPO / "traefik" / "plugins-local"
+HOP_ENTRY_POINT = "routheon-hop"
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Stack:
     response_timeout: str | None = None
     port: int = field(default_factory=free_port)
     server_port: int = field(default_factory=free_port)
+    hop_port: int = field(default_factory=free_port)
     server: Proc | None = None
     traefik: Proc | None = None
     backends: list[Backend] = field(default_factory=list)
@@ -76,6 +81,7 @@ class Stack:
         """The shipped traefik.yml, moved to a free loopback port and this stack's folder."""
         config = yaml.safe_load(STATIC_CONFIG.read_text())
         config["entryPoints"]["llama-servers"]["address"] = f"127.0.0.1:{self.port}"
+        config["entryPoints"][HOP_ENTRY_POINT]["address"] = f"127.0.0.1:{self.hop_port}"
         config["providers"]["file"]["directory"] = str(self.mappings)
         config["providers"]["providersThrottleDuration"] = "200ms"
         config["log"]["level"] = "INFO"
@@ -106,8 +112,11 @@ class Stack:
                 self.workdir / "routheon-server.log",
             )
             wait_http(f"{self.server_url}/health", proc=self.server.popen)
+        shutil.copytree(PLUGINS, self.workdir / "plugins-local", dirs_exist_ok=True)
         self.traefik = Proc(
-            [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"], self.workdir / "traefik.log"
+            [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"],
+            self.workdir / "traefik.log",
+            cwd=self.workdir,
         )
         wait_http(self.url, proc=self.traefik.popen)
         if self.with_server:

@@ -203,8 +203,9 @@ func bodyModel(body []byte) (string, bool, string) {
 	if !present {
 		return "", false, ""
 	}
+	// null decodes into a string without an error: insist on a JSON string
 	var model string
-	if err := json.Unmarshal(raw, &model); err != nil {
+	if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &model) != nil {
 		return "", false, "The request body's \"model\" must be a string."
 	}
 	return model, true, ""
