@@ -17,6 +17,8 @@ import openai
 import pytest
 import yaml
 
+from routheon.demo.llama import installed_binary
+from routheon.demo.models import SMOLLM2
 from routheon.mappings.format import FALLBACK_PRIORITY, MappingSpec, render_mapping
 from routheon.mappings.grants import (
     GRANTS_FILE,
@@ -28,7 +30,7 @@ from routheon.mappings.grants import (
     render_grants,
 )
 from routheon.mappings.rules import header_rule
-from support import request
+from support import Proc, free_port, request, wait_http
 from traefik_stack import SERVER_MAPPING, Stack
 
 pytestmark = pytest.mark.traefik
@@ -230,3 +232,40 @@ def test_old_format_key_files_keep_routing_and_win_in_any_file_order(
         assert chat(stack, OLD_KEY, {"model": "alpha-model"}).headers["X-Backend"] == "beta"
         if with_server_file:
             assert stack.request("/health", key="sk-unknown-0123456789").status == 401
+
+
+@pytest.mark.llama
+def test_openai_sdk_reaches_a_real_llama_server_by_model_name(tmp_path: Path) -> None:
+    """One SmolLM2 llama-server declared as two services with a model name each."""
+    binary, model = installed_binary(), SMOLLM2.cached_path()
+    if binary is None or not model.is_file():
+        pytest.skip("llama-server or the SmolLM2 model is missing: run `make demo-assets` first")
+    with Stack(tmp_path) as stack:
+        port = free_port()
+        llama = Proc(
+            [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "1024", "-n", "16"],
+            tmp_path / "llama-server.log",
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=llama.popen)
+            names = {"smol-one": "smollm2-one", "smol-two": "smollm2-two"}
+            for service in names:
+                write_service(stack, service, f"http://127.0.0.1:{port}")
+            services = tuple(GrantedService(service, (model_name,)) for service, model_name in names.items())
+            grants = Grants(services=services).grant(BOTH_KEY, tuple(names)).grant(ALPHA_KEY, ("smol-one",))
+            write_grants(stack, grants)
+            stack.wait_for(lambda: stack.request("/health", key=ALPHA_KEY).status == 200, timeout=60)
+            both = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=BOTH_KEY, max_retries=0, timeout=60)
+            for model_name in names.values():
+                answer = both.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}])
+                assert answer.choices[0].message.content
+                stream = both.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
+                                                      stream=True)
+                pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+                assert len(pieces) > 1 and "".join(pieces).strip()
+            one = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=ALPHA_KEY, max_retries=0, timeout=60)
+            with pytest.raises(openai.NotFoundError) as refused:
+                one.chat.completions.create(model="smollm2-two", messages=[{"role": "user", "content": "Hi"}])
+            assert refused.value.code == "model_not_found"
+        finally:
+            llama.stop()
