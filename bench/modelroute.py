@@ -3,6 +3,8 @@
 Paths to the same instant backend (bench/instant_backend.cpp), the same POST chat body:
 - plain: Traefik with one bare header router for the key, no middleware (Traefik's own cost);
 - per-key: traefik.yml, routheon-server.yml and a key file as ``routheon mapping add`` writes it;
+- plugin-only: per-key's folder, but the key's router runs Routheon's plugin and goes straight
+  to the service (no second hop): what the plugin itself costs (hash, body, header);
 - model-routed: the same plus routheon-grants.yml (1 key granted two services): Routheon's
   plugin reads the body's model, the second hop routes by the header it sets;
 - model-routed-10k: 10,000 keys over 20 services in the grants file, one of them measured.
@@ -44,7 +46,9 @@ from routheon.mappings.grants import (
     HOP_ENTRY_POINT,
     GrantedService,
     Grants,
+    PLUGIN_NAME,
     KeyGrant,
+    key_hash,
     parse_grants,
     render_grants,
 )
@@ -64,6 +68,7 @@ KEYS = 10_000
 BODY = json.dumps({"model": "model-01", "messages": [{"role": "user", "content": "Name three colours."}],
                    "max_tokens": 8})
 POST = {"Content-Type": "application/json"}
+KEY_HASH = key_hash(KEY)
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -93,6 +98,18 @@ def write_folder(folder: Path, backend: str, server: str, grant: Grants | None, 
         (folder / f"svc-{n:02d}.yml").write_text(render_mapping(MappingSpec(f"svc-{n:02d}", (backend,), keys)))
     if grant is not None:
         (folder / GRANTS_FILE).write_text(render_grants(grant))
+
+
+def plugin_only_folder(folder: Path, backend: str, server: str) -> Path:
+    """The per-key folder plus a router for KEY through the plugin, straight to the service."""
+    write_folder(folder, backend, server, None, key_file=False)
+    config = {"services": "svc-00 model-01\n", "keys": f"{KEY_HASH} hint svc-00\n"}
+    dynamic = {"http": {
+        "routers": {"plugin-only": {"rule": f"Header(`Authorization`, `Bearer {KEY}`)", "service": "svc-00",
+                                    "entryPoints": ["llama-servers"], "middlewares": ["plugin-only"]}},
+        "middlewares": {"plugin-only": {"plugin": {PLUGIN_NAME: config}}}}}
+    (folder / "plugin-only.yml").write_text(yaml.safe_dump(dynamic))
+    return folder
 
 
 def replace_file(path: Path, text: str) -> None:
@@ -240,6 +257,7 @@ def run(workdir: Path, seconds: int, rounds: int, connections: int) -> dict:
         folders = {
             "plain": bare_folder(workdir / "plain", backend),
             "per-key": workdir / "per-key",
+            "plugin-only": plugin_only_folder(workdir / "plugin-only", backend, server),
             "model-routed": workdir / "model-routed",
             "model-routed-10k": workdir / "model-routed-10k",
         }
