@@ -103,6 +103,9 @@ def test_check_and_traefik_accept_a_folder_with_grants(tmp_path: Path) -> None:
     assert verdict.applied and all(router.enabled for router in verdict.routers), verdict.routers
     assert {"routheon-grants", "routheon-grants-models", "routheon-hop-alpha"} <= {r.name for r in verdict.routers}
     assert judged(inspected, verdict).findings == ()
+    # the hop is Traefik itself, not a backend to probe
+    connected = inspect_folder(folder, connect=True, timeout=0.5)
+    assert not any("routheon-hop" in finding.message for finding in connected.findings)
 
 
 @pytest.mark.traefik
