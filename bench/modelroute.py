@@ -33,7 +33,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -47,7 +46,6 @@ from routheon.mappings.grants import (
     GrantedService,
     Grants,
     PLUGIN_NAME,
-    KeyGrant,
     key_hash,
     parse_grants,
     render_grants,
@@ -83,9 +81,9 @@ def grants(keys: int, hop_port: int) -> Grants:
     """``keys`` keys over SERVICES services (model-NN each), KEY granted services 00 and 01."""
     services = tuple(GrantedService(f"svc-{n:02d}", (f"model-{n:02d}",)) for n in range(SERVICES))
     result = Grants(services=services, hop_port=hop_port).grant(KEY, ("svc-00", "svc-01"))
-    # built directly: Grants.grant looks each key up among the others (quadratic for 10,000)
-    extra = tuple(KeyGrant.of(bench_key(i), (f"svc-{i % SERVICES:02d}",)) for i in range(keys - 1))
-    return replace(result, keys=(*result.keys, *extra))
+    for n in range(SERVICES):
+        result = result.grant_all((bench_key(i) for i in range(n, keys - 1, SERVICES)), (f"svc-{n:02d}",))
+    return result
 
 
 def write_folder(folder: Path, backend: str, server: str, grant: Grants | None, key_file: bool) -> None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import yaml
@@ -136,10 +138,14 @@ class Grants:
     def service(self, name: str) -> GrantedService | None:
         return next((service for service in self.services if service.name == name), None)
 
+    @cached_property
+    def _by_hash(self) -> dict[str, KeyGrant]:
+        # built once per Grants: `key add --key-file` with 10,000 keys must not scan 10,000 times
+        return {grant.hash: grant for grant in self.keys}
+
     def key(self, key_or_hash: str) -> KeyGrant | None:
         """The grant of a key, given the key itself or its hash."""
-        wanted = key_or_hash if _HASH.fullmatch(key_or_hash) else key_hash(key_or_hash)
-        return next((grant for grant in self.keys if grant.hash == wanted), None)
+        return self._by_hash.get(key_or_hash if _HASH.fullmatch(key_or_hash) else key_hash(key_or_hash))
 
     def models_of(self, key_or_hash: str) -> tuple[str, ...]:
         """The models a key may name, each once, in grant order (what ``/v1/models`` lists)."""
@@ -159,14 +165,18 @@ class Grants:
 
     def grant(self, key: str, services: tuple[str, ...]) -> Grants:
         """Grant ``services`` to ``key`` on top of what it has; never revokes anything."""
+        return self.grant_all((key,), services)
+
+    def grant_all(self, keys: Iterable[str], services: tuple[str, ...]) -> Grants:
+        """``grant`` for many keys in one pass (10,000 keys: a fraction of a second)."""
         for name in services:
             if self.service(name) is None:
                 raise ValueError(f"service {name!r} is not declared in the grants file")
-        old = self.key(key)
-        new = KeyGrant.of(key, tuple(dict.fromkeys((*(old.services if old else ()), *services))))
-        if old is None:
-            return replace(self, keys=(*self.keys, new))
-        return replace(self, keys=tuple(new if grant.hash == old.hash else grant for grant in self.keys))
+        merged = dict(self._by_hash)
+        for key in keys:
+            old = merged.get(key_hash(key))
+            merged[key_hash(key)] = KeyGrant.of(key, tuple(dict.fromkeys((*(old.services if old else ()), *services))))
+        return replace(self, keys=tuple(merged.values()))
 
     def revoke(self, key_or_hash: str, services: tuple[str, ...] | None = None) -> Grants:
         """Take ``services`` (all when None) from a key; a key left with none is removed."""
