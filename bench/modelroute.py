@@ -43,9 +43,9 @@ from routheon.mappings.format import MappingSpec, render_mapping
 from routheon.mappings.grants import (
     GRANTS_FILE,
     HOP_ENTRY_POINT,
+    PLUGIN_NAME,
     GrantedService,
     Grants,
-    PLUGIN_NAME,
     key_hash,
     parse_grants,
     render_grants,
