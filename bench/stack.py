@@ -37,8 +37,8 @@ class Stack(contextlib.AbstractContextManager):
     procs: list[Proc] = field(default_factory=list)
 
     def start(self, name: str, argv: Sequence[str], ready_url: str | None = None,
-              timeout: float = 30.0, env_vars: dict[str, str] | None = None) -> Proc:
-        proc = Proc(argv, self.workdir / f"{name}-{next(_LOG_NUMBERS)}.log", env=env_vars)
+              timeout: float = 30.0, env_vars: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
+        proc = Proc(argv, self.workdir / f"{name}-{next(_LOG_NUMBERS)}.log", env=env_vars, cwd=cwd)
         self.procs.append(proc)
         if ready_url:
             try:

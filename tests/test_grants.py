@@ -103,6 +103,9 @@ def test_check_and_traefik_accept_a_folder_with_grants(tmp_path: Path) -> None:
     assert verdict.applied and all(router.enabled for router in verdict.routers), verdict.routers
     assert {"routheon-grants", "routheon-grants-models", "routheon-hop-alpha"} <= {r.name for r in verdict.routers}
     assert judged(inspected, verdict).findings == ()
+    # the hop is Traefik itself, not a backend to probe
+    connected = inspect_folder(folder, connect=True, timeout=0.5)
+    assert not any("routheon-hop" in finding.message for finding in connected.findings)
 
 
 @pytest.mark.traefik
@@ -113,3 +116,11 @@ def test_a_grants_table_the_plugin_refuses_is_reported_by_both(tmp_path: Path) -
     verdict = ask_traefik(folder, traefik=str(VENV_BIN / "traefik"))
     grants_router = next(router for router in verdict.routers if router.name == "routheon-grants")
     assert not grants_router.enabled and "gamma" in " ".join(grants_router.errors)
+
+
+def test_grant_all_merges_many_keys_in_one_pass() -> None:
+    keys = [f"sk-many-{index:05d}-abcdefgh" for index in range(2000)]
+    grants = sample().grant_all(keys, ("alpha",)).grant_all(keys[:10], ("beta",))
+    assert len(grants.keys) == 2 + 2000
+    assert grants.key(keys[0]).services == ("alpha", "beta") and grants.key(keys[-1]).services == ("alpha",)
+    assert grants.key(KEY) == sample().key(KEY)  # the others keep their grants

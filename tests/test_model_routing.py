@@ -17,6 +17,8 @@ import openai
 import pytest
 import yaml
 
+from routheon.demo.llama import installed_binary
+from routheon.demo.models import SMOLLM2
 from routheon.mappings.format import FALLBACK_PRIORITY, MappingSpec, render_mapping
 from routheon.mappings.grants import (
     GRANTS_FILE,
@@ -28,7 +30,7 @@ from routheon.mappings.grants import (
     render_grants,
 )
 from routheon.mappings.rules import header_rule
-from support import request
+from support import Proc, Reply, free_port, request, wait_http
 from traefik_stack import SERVER_MAPPING, Stack
 
 pytestmark = pytest.mark.traefik
@@ -55,11 +57,13 @@ def write_service(stack: Stack, name: str, url: str, keys: tuple[str, ...] = ())
     (stack.mappings / f"{name}.yml").write_text(render_mapping(spec))
 
 
-def chat(stack: Stack, key: str, body: object, path: str = "/v1/chat/completions") -> object:
+def chat(stack: Stack, key: str, body: object, path: str = "/v1/chat/completions") -> Reply:
     return stack.request(path, key=key, method="POST", body=body)
 
 
-def raw_post(stack: Stack, body: bytes, headers: list[tuple[str, str]], path: str = "/v1/chat/completions"):  # type: ignore[no-untyped-def]
+def raw_post(  # type: ignore[no-untyped-def]
+    stack: Stack, body: bytes, headers: list[tuple[str, str]], path: str = "/v1/chat/completions"
+):
     """A POST with exactly these headers and bytes (repeated headers, non-JSON bodies)."""
     connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
     try:
@@ -84,11 +88,11 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
 
 
-def error_of(reply, status: int, code: str) -> dict:  # type: ignore[no-untyped-def]
+def error_of(reply: Reply, status: int, code: str, kind: str = "invalid_request_error") -> dict:
     assert reply.status == status, reply.body
     assert reply.headers.get("Content-Type", "").startswith("application/json")
     error = reply.json()["error"]
-    assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
+    assert error["code"] == code and error["type"] == kind and error["message"]
     return error
 
 
@@ -97,10 +101,11 @@ def test_one_key_chats_with_two_services_by_model_and_streams_from_both(routed: 
     for model, backend in (("alpha-model", "alpha"), ("alias-a", "alpha"), ("beta-model", "beta")):
         answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content == f"hello from {backend}"
-        chunks = list(client.chat.completions.create(model=model, messages=[], stream=True))
-        assert [chunk.model for chunk in chunks] == [backend] * 5
-        # streamed, not buffered: the chunks arrive as far apart as the backend sent them
-        assert chunks[-1].model_extra["sent_at"] - chunks[0].model_extra["sent_at"] >= 0.15
+        arrivals = [(chunk, time.monotonic()) for chunk in client.chat.completions.create(
+            model=model, messages=[], stream=True)]
+        assert [chunk.model for chunk, _ in arrivals] == [backend] * 5
+        # streamed through both hops, not buffered: the chunks arrive as far apart as they were sent
+        assert arrivals[-1][1] - arrivals[0][1] >= 0.15
 
 
 def test_a_key_may_not_use_a_model_of_a_service_it_was_not_granted(routed: Stack) -> None:
@@ -197,6 +202,19 @@ def test_revoking_a_service_applies_without_a_restart(tmp_path: Path) -> None:
         assert stack.traefik.pid == pid and stack.traefik.popen.poll() is None
 
 
+def test_a_dead_backend_behind_a_granted_key_gets_an_openai_error(tmp_path: Path) -> None:
+    """The hop routers carry routheon-errors: a stopped llama-server is a 502 JSON, not plain text."""
+    with Stack(tmp_path) as stack:
+        alpha, beta = stack.start_backend("alpha"), stack.start_backend("beta")
+        for backend in (alpha, beta):
+            write_service(stack, backend.name, backend.url)
+        write_grants(stack, Grants(services=SERVICES).grant(BOTH_KEY, ("alpha", "beta")))
+        stack.wait_for(lambda: chat(stack, BOTH_KEY, {"model": "beta-model"}).status == 200)
+        beta.stop()
+        error_of(chat(stack, BOTH_KEY, {"model": "beta-model"}), 502, "backend_unreachable", "server_error")
+        assert chat(stack, BOTH_KEY, {"model": "alpha-model"}).headers["X-Backend"] == "alpha"
+
+
 def test_router_priorities_keep_key_files_above_the_grants() -> None:
     """Key routers (priority = rule length), their fallbacks, /v1/models for keys, the plugin, the 401."""
     shortest_key_rule = len(header_rule(["k"]))
@@ -230,3 +248,40 @@ def test_old_format_key_files_keep_routing_and_win_in_any_file_order(
         assert chat(stack, OLD_KEY, {"model": "alpha-model"}).headers["X-Backend"] == "beta"
         if with_server_file:
             assert stack.request("/health", key="sk-unknown-0123456789").status == 401
+
+
+@pytest.mark.llama
+def test_openai_sdk_reaches_a_real_llama_server_by_model_name(tmp_path: Path) -> None:
+    """One SmolLM2 llama-server declared as two services with a model name each."""
+    binary, model = installed_binary(), SMOLLM2.cached_path()
+    if binary is None or not model.is_file():
+        pytest.skip("llama-server or the SmolLM2 model is missing: run `make demo-assets` first")
+    with Stack(tmp_path) as stack:
+        port = free_port()
+        llama = Proc(
+            [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "1024", "-n", "16"],
+            tmp_path / "llama-server.log",
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=llama.popen)
+            names = {"smol-one": "smollm2-one", "smol-two": "smollm2-two"}
+            for service in names:
+                write_service(stack, service, f"http://127.0.0.1:{port}")
+            services = tuple(GrantedService(service, (model_name,)) for service, model_name in names.items())
+            grants = Grants(services=services).grant(BOTH_KEY, tuple(names)).grant(ALPHA_KEY, ("smol-one",))
+            write_grants(stack, grants)
+            stack.wait_for(lambda: stack.request("/health", key=ALPHA_KEY).status == 200, timeout=60)
+            both = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=BOTH_KEY, max_retries=0, timeout=60)
+            for model_name in names.values():
+                answer = both.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}])
+                assert answer.choices[0].message.content
+                stream = both.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
+                                                      stream=True)
+                pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+                assert len(pieces) > 1 and "".join(pieces).strip()
+            one = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=ALPHA_KEY, max_retries=0, timeout=60)
+            with pytest.raises(openai.NotFoundError) as refused:
+                one.chat.completions.create(model="smollm2-two", messages=[{"role": "user", "content": "Hi"}])
+            assert refused.value.code == "model_not_found"
+        finally:
+            llama.stop()

@@ -28,7 +28,14 @@ from routheon.mappings.format import (
     fallback_router,
     without_template_comments,
 )
-from routheon.mappings.grants import GRANTS_FILE, GRANTS_ROUTER, MODELS_ROUTER, SERVER_SERVICE, parse_grants
+from routheon.mappings.grants import (
+    GRANTS_FILE,
+    GRANTS_ROUTER,
+    HOP_SERVICE,
+    MODELS_ROUTER,
+    SERVER_SERVICE,
+    parse_grants,
+)
 from routheon.mappings.keys import InvalidKeyError, validate_key
 from routheon.mappings.rules import rule_keys, selects_by_key
 from routheon.mappings.keys import mask_url
@@ -269,6 +276,7 @@ def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
         for mapping, lines in checked
         for service in mapping.services
         for url in service.urls
+        if not (is_grants(mapping) and service.name == HOP_SERVICE)  # Traefik itself, not a backend
     ]
     with ThreadPoolExecutor(max_workers=8) as pool:
         reasons = list(pool.map(lambda target: _reachable(target[3], timeout), targets))

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 )
@@ -217,7 +218,7 @@ func writeError(rw http.ResponseWriter, status int, message, code string) {
 		"error": {"message": message, "type": "invalid_request_error", "code": code},
 	})
 	rw.Header().Set("Content-Type", "application/json")
-	rw.Header().Set("Content-Length", fmt.Sprint(len(body)))
+	rw.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	rw.WriteHeader(status)
 	rw.Write(body)
 }
