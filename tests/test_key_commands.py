@@ -123,3 +123,11 @@ def test_key_add_generates_a_key_when_none_is_given(folder: Path, capsys: pytest
     out = routheon(capsys, "-q", "key", "add", "--service", "gemma")
     (generated,) = out.split()
     assert read_grants(folder).models_of(generated) == ("gemma-3-270m",)
+
+
+def test_mapping_list_shows_granted_services_and_files_without_keys(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    services(capsys)
+    routheon(capsys, "key", "add", BOTH, "--service", "smol", "--service", "gemma")
+    rows = [line.split()[:2] for line in routheon(capsys, "mapping", "list").splitlines()[1:]]
+    assert ["smol", "-"] in rows and ["smol", "1"] in rows and ["gemma", "1"] in rows
+    assert not any(name.startswith("routheon-hop") for name, _ in rows)

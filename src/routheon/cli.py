@@ -20,7 +20,7 @@ from routheon import __version__
 from routheon.mappings.check import inspect_folder
 from routheon.mappings.confirm import ChangeRefused, Confirmation, Judge
 from routheon.mappings.folder import DEFAULT_MAPPINGS, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
-from routheon.mappings.grants import GRANTS_FILE, GrantedService
+from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
@@ -177,6 +177,10 @@ def _traefik_binary(args: argparse.Namespace) -> str | None:
     return None if _skips_traefik(args) else find_traefik(args.traefik)
 
 
+def _traefik_config(args: argparse.Namespace) -> Path | None:
+    return Path(args.traefik_config) if args.traefik_config else None
+
+
 def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
     """How a write command confirms its change before writing it (see routheon.mappings.confirm)."""
     binary = _traefik_binary(args)
@@ -185,8 +189,9 @@ def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
             "no traefik binary found (pip install 'routheon[traefik]', or --traefik PATH): only Routheon's"
             " reader judges this change, and it may accept what Traefik rejects"
         )
-    config = Path(args.traefik_config) if args.traefik_config else None
-    return Confirmation(folder, Judge(binary, entry_points_of(config), args.traefik_timeout), force=args.force)
+    config = _traefik_config(args)
+    judge = Judge(binary, entry_points_of(config), args.traefik_timeout, static_config=config)
+    return Confirmation(folder, judge, force=args.force)
 
 
 def _report(changes: list[Change], confirmation: Confirmation) -> int:
@@ -276,8 +281,11 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
     folder = _judged_folder(args)
     rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
     for mapping in folder.files:
+        if mapping.path.name == GRANTS_FILE:
+            continue
         urls = {service.name: service.urls for service in mapping.services}
-        keys_of: dict[str, dict[str, None]] = {}  # a key once, also when two routers route it
+        # a key once, also when two routers route it; services without keys too (granted ones)
+        keys_of: dict[str, dict[str, None]] = {name: {} for name in urls}
         for router in mapping.routers:
             keys_of.setdefault(router.service, {}).update(dict.fromkeys(clause.key for clause in rule_keys(router.rule) or ()))
         for service, keys in keys_of.items():
@@ -289,6 +297,13 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
                     str(mapping.path.relative_to(folder.path)),
                 )
             )
+    try:
+        grants = read_grants(folder.path)
+    except ValueError:
+        grants = Grants()  # reported among the folder's errors
+    for service in grants.services:
+        granted = sum(service.name in grant.services for grant in grants.keys)
+        rows.append((service.name, f"{granted} granted (routheon key list)", "-", GRANTS_FILE))
     _print_table(rows)
     return _listed_errors(folder)
 
@@ -329,6 +344,7 @@ def _traefik_judges(folder: Folder, args: argparse.Namespace) -> tuple[Folder, s
     binary = _traefik_binary(args)
     if _skips_traefik(args):
         return folder, "not asked of Traefik (--traefik none)"
+    config = _traefik_config(args)
     try:
         if binary is None:
             raise VerdictUnavailable(
@@ -337,7 +353,8 @@ def _traefik_judges(folder: Folder, args: argparse.Namespace) -> tuple[Folder, s
         verdict = ask_traefik(
             folder.path,
             traefik=binary,
-            entry_points=entry_points_of(Path(args.traefik_config) if args.traefik_config else None),
+            entry_points=entry_points_of(config),
+            static_config=config,
             timeout=args.traefik_timeout,
         )
     except VerdictUnavailable as exc:

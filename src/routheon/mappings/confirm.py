@@ -53,6 +53,8 @@ class Judge:
     traefik: str | None
     entry_points: tuple[str, ...] = (ENTRY_POINT,)
     timeout: float = DEFAULT_TIMEOUT
+    # Traefik's static file: Routheon's plugin is looked for beside it (verdict.find_plugins)
+    static_config: Path | None = None
 
     def __call__(self, folder: Path, changes: Changes = {}) -> Folder:
         """``folder`` as it would be after ``changes``, with its findings, paths as in ``folder``."""
@@ -68,7 +70,11 @@ class Judge:
             if self.traefik is not None:
                 try:
                     verdict = ask_traefik(
-                        copy, traefik=self.traefik, entry_points=self.entry_points, timeout=self.timeout
+                        copy,
+                        traefik=self.traefik,
+                        entry_points=self.entry_points,
+                        timeout=self.timeout,
+                        static_config=self.static_config,
                     )
                 except VerdictUnavailable as exc:
                     log.warning("Traefik's verdict is missing (%s); only Routheon's reader judged the change", exc)
