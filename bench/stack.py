@@ -39,9 +39,9 @@ class Stack(contextlib.AbstractContextManager):
     procs: list[Child] = field(default_factory=list)
 
     def start(self, name: str, argv: Sequence[str], ready_url: str | None = None,
-              timeout: float = 30.0, env_vars: dict[str, str] | None = None) -> Child:
-        """Start ``argv``; with ``ready_url``, wait until it answers (any HTTP status)."""
-        proc = start_child(name, argv, self.workdir / f"{name}-{next(_LOG_NUMBERS)}.log", env_vars)
+              timeout: float = 30.0, env_vars: dict[str, str] | None = None, cwd: Path | None = None) -> Child:
+        """Start ``argv`` (in ``cwd``); with ``ready_url``, wait until it answers (any HTTP status)."""
+        proc = start_child(name, argv, self.workdir / f"{name}-{next(_LOG_NUMBERS)}.log", env_vars, cwd)
         self.procs.append(proc)
         if ready_url:
             proc.wait_http(ready_url, timeout=timeout, any_status=True)

@@ -202,6 +202,7 @@ def _wait_ok(url: str, headers: dict[str, str], proc: Child, timeout: float) -> 
 
 def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_key: str) -> tuple[Child, str]:
     port = free_port()
+    # other entry points (the hop) get a port of their own: two Traefiks must not share one
     config = LoopbackTraefik(folder, {ENTRY_POINT: port}, log_level="ERROR").write(stk.workdir / f"{name}.yml", static)
     proc = stk.start(name, [str(TRAEFIK), f"--configFile={config}"])
     base = f"http://127.0.0.1:{port}"

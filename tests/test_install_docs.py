@@ -70,18 +70,17 @@ def test_the_wheel_ships_what_the_demo_reads() -> None:
     """An installed routheon runs the demo: the wheel carries traefik/ and stats-config.yml."""
     wheel = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["hatch"]["build"]["targets"]
     shipped = wheel["wheel"]["force-include"]
-    assert shipped == {"traefik": "routheon/data/traefik", "stats-config.yml": "routheon/data/stats-config.yml"}
+    assert shipped == {"traefik": "routheon/traefik", "stats-config.yml": "routheon/stats-config.yml"}
 
 
 def test_an_installed_package_finds_its_files_without_a_clone(tmp_path: Path) -> None:
-    """The layout the wheel installs: routheon/ with data/ inside, and no repository around it."""
+    """The layout the wheel installs: routheon/ with its Traefik files inside, no repository around it."""
     site = tmp_path / "site-packages"
     shutil.copytree(REPO / "src" / "routheon", site / "routheon", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "traefik", site / "routheon" / "data" / "traefik")
-    shutil.copy(REPO / "stats-config.yml", site / "routheon" / "data" / "stats-config.yml")
+    shutil.copytree(REPO / "traefik", site / "routheon" / "traefik")
+    shutil.copy(REPO / "stats-config.yml", site / "routheon" / "stats-config.yml")
     script = "from routheon.loopback import shipped, traefik_dir; print(traefik_dir()); print(shipped('stats-config.yml'))"
     result = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {script}"],
                             capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(site / "routheon" / "data" / "traefik"),
-                                     str(site / "routheon" / "data" / "stats-config.yml")]
+    assert result.stdout.split() == [str(site / "routheon" / "traefik"), str(site / "routheon" / "stats-config.yml")]

@@ -266,6 +266,91 @@ def test_script_without_routheon_says_how_to_install_it(tmp_path: Path) -> None:
     assert "python3 -m venv ~/.routheon/venv && ~/.routheon/venv/bin/pip install" in result.stderr
 
 
+# --- confirmed writes -----------------------------------------------------------------------
+# Traefik 3.7.15 rejects the whole folder for a misspelt field; Routheon's own reader does not
+# notice it, so these refusals come from Traefik's verdict.
+MISSPELT = "http:\n  services:\n    other:\n      loadBalancer:\n        serverz:\n          - url: http://127.0.0.1:1\n"
+
+
+def test_a_revocation_in_a_folder_traefik_rejects_fails_loudly_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add(capsys, tmp_path, 8011)
+    (tmp_path / "other.yml").write_text(MISSPELT)
+    before = (tmp_path / "alpha.yml").read_bytes()
+    code, out, err = run(capsys, "-q", "mapping", "remove", "--key", KEY, "--mappings", str(tmp_path))
+    assert code == 1 and out == ""
+    assert "nothing was written" in err and "other.yml" in err and "serverz" in err and "--force" in err
+    assert (tmp_path / "alpha.yml").read_bytes() == before and not backups(tmp_path)
+
+
+def test_force_writes_into_a_rejected_folder_but_still_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    add(capsys, tmp_path, 8011)
+    (tmp_path / "other.yml").write_text(MISSPELT)
+    code, _, err = run(capsys, "mapping", "remove", "--key", KEY, "--force", "-q", "--mappings", str(tmp_path))
+    assert code == 1 and "none of it takes effect" in err
+    assert not (tmp_path / "alpha.yml").exists() and len(backups(tmp_path)) == 1
+
+
+def test_a_change_that_would_disable_its_own_routers_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY,
+        "--entry-point", "websecure", "--mappings", str(tmp_path),
+    )
+    assert code == 1 and "nothing was written" in err
+    assert 'entryPoint "websecure" doesn\'t exist' in err and "--traefik-config" in err
+    assert not (tmp_path / "alpha.yml").exists()
+    config = tmp_path / "traefik.yml"
+    config.write_text("entryPoints:\n  websecure:\n    address: ':8443'\n")
+    code, _, err = run(
+        capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--entry-point",
+        "websecure", "--traefik-config", str(config), "--mappings", str(tmp_path / "m"),
+    )
+    assert code == 0, err
+
+
+def test_removing_the_broken_file_is_allowed_and_heals_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add(capsys, tmp_path, 8011)
+    (tmp_path / "other.yml").write_text(MISSPELT)
+    code, _, err = run(capsys, "mapping", "remove", "--service", "other", "--mappings", str(tmp_path))
+    assert code == 0, err
+    code, _, err = run(capsys, "mapping", "check", "--no-connect", "--mappings", str(tmp_path))
+    assert code == 0 and "applies this folder" in err
+
+
+def test_without_traefik_the_reader_judges_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    add(capsys, tmp_path, 8011)
+    (tmp_path / "broken.yml").write_text("http:\n  routers: [\n")
+    code, _, err = run(capsys, "mapping", "remove", "--key", KEY, "--traefik", "none", "--mappings", str(tmp_path))
+    assert code == 1 and "nothing was written" in err and "broken.yml" in err
+    assert (tmp_path / "alpha.yml").exists()
+
+
+def test_list_names_keys_traefik_routes_that_it_cannot_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    add(capsys, tmp_path, 8011)
+    (tmp_path / "hand.yml").write_text(
+        "http:\n  routers:\n    hand:\n"
+        f"      rule: 'Header(`Authorization`, `Bearer {OTHER}`) || Header(`X-Team`, `a`)'\n"
+        "      service: alpha\n      entryPoints: [llama-servers]\n"
+    )
+    code, out, err = run(capsys, "-q", "mapping", "list", "--mappings", str(tmp_path))
+    assert code == 1 and "alpha.yml" in out
+    assert "hand.yml" in err and "cannot be listed or revoked" in err
+
+
+def test_an_unchanged_mapping_in_a_rejected_folder_is_not_reported_as_fine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add(capsys, tmp_path, 8011)
+    (tmp_path / "other.yml").write_text(MISSPELT)
+    code, _, err = run(
+        capsys, "-q", "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--mappings", str(tmp_path)
+    )
+    assert code == 1 and "other.yml" in err
+
+
 # --- main() as a library call ---------------------------------------------------------------------
 
 

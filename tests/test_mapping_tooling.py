@@ -347,14 +347,6 @@ def test_a_mapping_cannot_replace_the_error_pages_file(tmp_path: Path) -> None:
     assert (tmp_path / "routheon-server.yml").read_text() == shipped
 
 
-def test_a_change_warns_when_a_broken_file_stops_traefik_applying_it(tmp_path: Path) -> None:
-    (tmp_path / "broken.yml").write_text("http:\n  routers: [\n")
-    result = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
-    assert result.returncode == 0
-    assert "broken.yml:3: error: not valid YAML" in result.stderr
-    assert "Traefik may not apply this change" in result.stderr
-
-
 def test_remove_never_reaches_outside_the_folder(tmp_path: Path) -> None:
     folder, outside = tmp_path / "mappings", tmp_path / "outside"
     folder.mkdir()

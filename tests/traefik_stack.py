@@ -19,12 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from routheon.loopback import LoopbackTraefik, free_port, install_server_mapping, shipped_static_config
+from routheon.loopback import SERVER_MAPPING as SERVER_MAPPING_NAME
+from routheon.loopback import (
+    LoopbackTraefik,
+    free_port,
+    install_plugins,
+    install_server_mapping,
+    shipped_static_config,
+    traefik_dir,
+)
 from routheon.mappings.format import ENTRY_POINT
+from routheon.mappings.grants import HOP_ENTRY_POINT
 from routheon.supervisor import Child, eventually, start_child
 from support import REPO, VENV_BIN, CliResult, Reply, request, run_routheon
 
 FAKE_LLAMA = REPO / "tests" / "fake_llama.py"
+# the shipped file, as tests read it to compare
+SERVER_MAPPING = traefik_dir() / "mappings" / SERVER_MAPPING_NAME
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Stack:
     response_timeout: str | None = None
     port: int = field(default_factory=free_port)
     server_port: int = field(default_factory=free_port)
+    hop_port: int = field(default_factory=free_port)
     server: Child | None = None
     traefik: Child | None = None
     backends: list[Backend] = field(default_factory=list)
@@ -77,7 +89,8 @@ class Stack:
         static = shipped_static_config()
         if self.response_timeout:
             static["serversTransport"]["forwardingTimeouts"] = {"responseHeaderTimeout": self.response_timeout}
-        loopback = LoopbackTraefik(self.mappings, {ENTRY_POINT: self.port}, log_level="INFO", throttle="200ms")
+        ports = {ENTRY_POINT: self.port, HOP_ENTRY_POINT: self.hop_port}
+        loopback = LoopbackTraefik(self.mappings, ports, log_level="INFO", throttle="200ms")
         return loopback.write(self.workdir / "traefik.yml", static)
 
     def install_server_mapping(self) -> None:
@@ -98,8 +111,12 @@ class Stack:
                 ],
                 self.workdir / "routheon-server.log",
             )
+        install_plugins(self.workdir)
         self.traefik = start_child(
-            "traefik", [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"], self.workdir / "traefik.log"
+            "traefik",
+            [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"],
+            self.workdir / "traefik.log",
+            cwd=self.workdir,  # where Traefik looks for plugins-local/
         )
         # both start at once; each fails the wait with its own log if it exits
         if self.server is not None:

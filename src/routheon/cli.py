@@ -18,8 +18,10 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from routheon import __version__
-from routheon.mappings.check import check_folder, inspect_folder
-from routheon.mappings.folder import DEFAULT_MAPPINGS, ERROR, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
+from routheon.mappings.check import inspect_folder
+from routheon.mappings.confirm import ChangeRefused, Confirmation, Judge
+from routheon.mappings.folder import DEFAULT_MAPPINGS, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
+from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, InputError, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
@@ -27,7 +29,6 @@ from routheon.mappings.verdict import (
     DEFAULT_TIMEOUT,
     DEFAULT_TRAEFIK_CONFIG,
     TRAEFIK_ENV,
-    Changes,
     VerdictUnavailable,
     ask_traefik,
     entry_points_of,
@@ -42,7 +43,9 @@ from routheon.mappings.store import (
     add_mapping,
     defines_error_pages,
     prune,
-    remove_keys,
+    grant_keys,
+    read_grants,
+    revoke_keys,
     remove_service,
 )
 
@@ -167,17 +170,51 @@ def _backups(flag: int | None) -> int:
     return int(value)
 
 
-def _report(changes: list[Change], folder: Path) -> None:
-    """Say what changed, and whether Traefik can apply it: a broken file elsewhere stops it."""
+def _skips_traefik(args: argparse.Namespace) -> bool:
+    return (args.traefik or os.environ.get(TRAEFIK_ENV)) == "none"
+
+
+def _traefik_binary(args: argparse.Namespace) -> str | None:
+    """The traefik binary that judges the folder; None for --traefik none (or $ROUTHEON_TRAEFIK=none)."""
+    return None if _skips_traefik(args) else find_traefik(args.traefik)
+
+
+def _traefik_config(args: argparse.Namespace) -> Path | None:
+    return Path(args.traefik_config) if args.traefik_config else None
+
+
+def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
+    """How a write command confirms its change before writing it (see routheon.mappings.confirm)."""
+    binary = _traefik_binary(args)
+    if binary is None and not _skips_traefik(args):
+        log.warning(
+            "no traefik binary found (pip install 'routheon[traefik]', or --traefik PATH): only Routheon's"
+            " reader judges this change, and it may accept what Traefik rejects"
+        )
+    config = _traefik_config(args)
+    judge = Judge(binary, entry_points_of(config), args.traefik_timeout, static_config=config)
+    return Confirmation(folder, judge, force=args.force)
+
+
+def _report(changes: list[Change], confirmation: Confirmation) -> int:
+    """Say what changed; fail when Traefik will not apply it (only a forced write gets this far)."""
     for change in changes:
         log.info("%s", change)
-    errors = [finding for finding in check_folder(folder) if finding.severity == ERROR]
-    for finding in errors:
-        log.warning("%s", finding)
-    if errors:
-        log.warning(
-            "Traefik may not apply this change until the problems above are fixed (see `routheon mapping check`)"
+    if confirmation.forced:
+        log.error(
+            "written because of --force, but Traefik rejects the folder, so none of it takes effect"
+            " (a running Traefik keeps its last good state): see `routheon mapping check`"
         )
+        return 1
+    for finding in confirmation.problems_elsewhere():
+        log.warning("%s (was there before this change)", finding)
+    return 0
+
+
+def _routed_keys(path: Path) -> list[str]:
+    """The keys a mapping file routes today (none when it does not exist)."""
+    files = read_folder(path.parent).files if path.parent.is_dir() else ()
+    return next((mapping.keys() for mapping in files if mapping.path == path), [])
 
 
 def cmd_mapping_add(args: argparse.Namespace) -> int:
@@ -185,12 +222,17 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     if args.key_file:
         keys += _read_key_file(args.key_file)
     generated = None
-    if not keys:
+    if not keys and args.model:  # declaring models keeps the keys the file routes, if any
+        keys = _routed_keys(Path(args.mappings) / f"{args.service}.yml")
+    elif not keys:
         generated = generate_key()
         keys = [generated]
     spec = MappingSpec(args.service, _backend_urls(args), tuple(keys), entry_point=args.entry_point)
+    models = tuple(args.model) if args.model else None
     try:
         spec.validate()
+        if models is not None:
+            GrantedService(spec.service, models).validate()
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     for key in keys:
@@ -200,8 +242,10 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     spec = replace(spec, error_pages=args.error_pages)
     without_error_pages = args.error_pages and not defines_error_pages(read_folder(folder).files)
     backups = _backups(args.backups)
-    _report(add_mapping(folder, spec, replace=args.replace, backups=backups), folder)
-    if without_error_pages:
+    confirmation = _confirmation(folder, args)
+    changes = add_mapping(folder, spec, replace=args.replace, backups=backups, confirm=confirmation, models=models)
+    status = _report(changes, confirmation)
+    if without_error_pages and keys:
         log.info(
             "no file in %s defines the %s middleware yet: these keys route without OpenAI error pages"
             " until routheon-server.yml is in the folder",
@@ -211,17 +255,39 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     if generated is not None:
         log.info("generated API key for %s (shown only now):", spec.service)
         print(generated)
-    return 0
+    return status
 
 
-def cmd_mapping_list(args: argparse.Namespace) -> int:
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one, a file name, is not padded."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
+def _judged_folder(args: argparse.Namespace) -> Folder:
+    """The folder as Traefik judges it, for listings: keys it routes where a listing cannot show them are errors."""
     folder = read_folder(args.mappings)
     if not folder.exists:
         raise CommandError(f"the mappings folder {args.mappings} does not exist")
+    return _traefik_judges(folder, args)[0]
+
+
+def _listed_errors(folder: Folder) -> int:
+    for problem in folder.errors:
+        print(problem, file=sys.stderr)
+    return 1 if folder.errors else 0
+
+
+def cmd_mapping_list(args: argparse.Namespace) -> int:
+    folder = _judged_folder(args)
     rows = [("SERVICE", "KEYS", "BACKENDS", "FILE")]
     for mapping in folder.files:
+        if mapping.path.name == GRANTS_FILE:
+            continue
         urls = {service.name: service.urls for service in mapping.services}
-        keys_of: dict[str, dict[str, None]] = {}  # a key once, also when two routers route it
+        # a key once, also when two routers route it; services without keys too (granted ones)
+        keys_of: dict[str, dict[str, None]] = {name: {} for name in urls}
         for router in mapping.routers:
             keys_of.setdefault(router.service, {}).update(dict.fromkeys(clause.key for clause in rule_keys(router.rule) or ()))
         for service, keys in keys_of.items():
@@ -233,12 +299,15 @@ def cmd_mapping_list(args: argparse.Namespace) -> int:
                     str(mapping.path.relative_to(folder.path)),
                 )
             )
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
-    for problem in folder.errors:
-        log.error("%s", problem)
-    return 1 if folder.errors else 0
+    try:
+        grants = read_grants(folder.path)
+    except ValueError:
+        grants = Grants()  # reported among the folder's errors
+    for service in grants.services:
+        granted = sum(service.name in grant.services for grant in grants.keys)
+        rows.append((service.name, f"{granted} granted (routheon key list)", "-", GRANTS_FILE))
+    _print_table(rows)
+    return _listed_errors(folder)
 
 
 def cmd_mapping_remove(args: argparse.Namespace) -> int:
@@ -249,15 +318,15 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
     if bool(args.service) == bool(keys):
         raise CommandError("give either --service NAME or the keys to remove (--key / --key-file)")
     backups = _backups(args.backups)
+    confirmation = _confirmation(folder, args)
     try:
         if args.service:
-            changes = remove_service(folder, args.service, backups=backups)
+            changes = remove_service(folder, args.service, backups=backups, confirm=confirmation)
         else:
-            changes = remove_keys(folder, keys, backups=backups)
+            changes = revoke_keys(folder, keys, backups=backups, confirm=confirmation)
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
-    _report(changes, folder)
-    return 0
+    return _report(changes, confirmation)
 
 
 def cmd_mapping_prune(args: argparse.Namespace) -> int:
@@ -271,12 +340,13 @@ def cmd_mapping_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _traefik_judges(folder: Folder, args: argparse.Namespace, changes: Changes = {}) -> tuple[Folder, str]:
+def _traefik_judges(folder: Folder, args: argparse.Namespace) -> tuple[Folder, str]:
     """``folder``'s findings with Traefik's own verdict in them (or a warning saying why there is none),
     and the verdict in words."""
-    if args.traefik == "none":
+    binary = _traefik_binary(args)
+    if _skips_traefik(args):
         return folder, "not asked of Traefik (--traefik none)"
-    binary = find_traefik(args.traefik)
+    config = _traefik_config(args)
     try:
         if binary is None:
             raise VerdictUnavailable(
@@ -285,8 +355,8 @@ def _traefik_judges(folder: Folder, args: argparse.Namespace, changes: Changes =
         verdict = ask_traefik(
             folder.path,
             traefik=binary,
-            entry_points=entry_points_of(Path(args.traefik_config) if args.traefik_config else None),
-            changes=changes,
+            entry_points=entry_points_of(config),
+            static_config=config,
             timeout=args.traefik_timeout,
         )
     except VerdictUnavailable as exc:
@@ -311,6 +381,73 @@ def cmd_mapping_check(args: argparse.Namespace) -> int:
         return 1
     print(summary + "ok" + (f" ({warnings} warning(s))" if warnings else ""), file=sys.stderr)
     return 0
+
+
+def _given_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.keys)
+    if args.key_file:
+        keys += _read_key_file(args.key_file)
+    return keys
+
+
+def cmd_key_add(args: argparse.Namespace) -> int:
+    keys = _given_keys(args)
+    generated = None
+    if not keys:
+        generated = generate_key()
+        keys = [generated]
+    for key in keys:
+        for warning in key_warnings(key):
+            log.warning("%s", warning)
+    folder = _existing_folder(args.mappings)
+    confirmation = _confirmation(folder, args)
+    try:
+        changes = grant_keys(folder, keys, args.service, backups=_backups(args.backups), confirm=confirmation)
+    except LookupError as exc:
+        raise CommandError(str(exc).strip("'\"")) from None
+    status = _report(changes, confirmation)
+    log.info("%d key(s) may use %s", len(keys), ", ".join(args.service))
+    if generated is not None:
+        log.info("generated API key (shown only now):")
+        print(generated)
+    return status
+
+
+def cmd_key_remove(args: argparse.Namespace) -> int:
+    keys = _given_keys(args)
+    if not keys:
+        raise CommandError("give the keys to revoke (KEY ... or --key-file FILE)")
+    folder = _existing_folder(args.mappings)
+    confirmation = _confirmation(folder, args)
+    services = tuple(args.service) if args.service else None
+    try:
+        changes = revoke_keys(folder, keys, services, backups=_backups(args.backups), confirm=confirmation)
+    except LookupError as exc:
+        raise CommandError(str(exc).strip("'\"")) from None
+    return _report(changes, confirmation)
+
+
+def cmd_key_list(args: argparse.Namespace) -> int:
+    folder = _judged_folder(args)
+    try:
+        grants = read_grants(folder.path)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    rows = [("KEY", "SERVICES", "MODELS", "FILE")]
+    for mapping in folder.files:
+        if mapping.path.name == GRANTS_FILE:
+            continue
+        services: dict[str, dict[str, None]] = {}
+        for router, clause in mapping.key_clauses():
+            services.setdefault(clause.key, {})[router.service] = None
+        for key, names in services.items():
+            rows.append((mask_key(key), ",".join(names), "(any)", str(mapping.path.relative_to(folder.path))))
+    for grant in grants.keys:
+        models = grants.models_of(grant.hash)
+        shown = ",".join(models) if models else "(any)"
+        rows.append((f"...{grant.hint}", ",".join(grant.services), shown, GRANTS_FILE))
+    _print_table(rows)
+    return _listed_errors(folder)
 
 
 def cmd_key_generate(args: argparse.Namespace) -> int:
@@ -348,12 +485,26 @@ def _add_backups_flag(parser: argparse.ArgumentParser, flag: str = "--backups") 
     )
 
 
-def _add_traefik_flags(parser: argparse.ArgumentParser) -> None:
+def _add_traefik_flags(parser: argparse.ArgumentParser, writes: bool = False) -> None:
     group = parser.add_argument_group(
         "Traefik's verdict",
         "Whether Traefik applies the folder is asked of Traefik itself: the traefik binary is run"
-        " for a moment on a private copy of the folder (loopback only, nothing is proxied).",
+        " for a moment on a private copy of the folder (loopback only, nothing is proxied)."
+        + (
+            " The change is judged that way before anything is written: it is refused when it would"
+            " break the folder, or when Traefik rejects the folder already (another file is broken,"
+            " so no change would take effect)."
+            if writes
+            else ""
+        ),
     )
+    if writes:
+        group.add_argument(
+            "--force",
+            action="store_true",
+            help="write even though Traefik rejects the folder already; the command still fails, as"
+            " nothing takes effect until the folder is fixed",
+        )
     group.add_argument(
         "--traefik",
         metavar="PATH",
@@ -432,13 +583,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer down backends with routheon-server's OpenAI error objects whenever routheon-server.yml"
         " is in the folder, whichever file comes first (default: on)",
     )
+    add.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="a model name clients send for this service (llama-server's --alias); repeat for several."
+        " Declared in routheon-grants.yml for keys granted several services (routheon key add);"
+        " without --key, no key is generated",
+    )
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
     _add_mappings_flag(add)
     _add_backups_flag(add)
+    _add_traefik_flags(add, writes=True)
     add.set_defaults(handler=cmd_mapping_add)
 
     listing = mapping_commands.add_parser("list", help="show services, masked keys and backends")
     _add_mappings_flag(listing)
+    _add_traefik_flags(listing)
     listing.set_defaults(handler=cmd_mapping_list)
 
     remove = mapping_commands.add_parser(
@@ -448,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_flags(remove, "stop routing")
     _add_mappings_flag(remove)
     _add_backups_flag(remove)
+    _add_traefik_flags(remove, writes=True)
     remove.set_defaults(handler=cmd_mapping_remove)
 
     check = mapping_commands.add_parser(
@@ -480,7 +642,40 @@ def build_parser() -> argparse.ArgumentParser:
     generate = key_commands.add_parser("generate", help="print new random API keys")
     generate.add_argument("--count", type=int, default=1, help="how many keys (default: 1)")
     generate.set_defaults(handler=cmd_key_generate)
-    for command in (add, listing, remove, check, pruning, generate):  # also after the command's name
+
+    key_add = key_commands.add_parser(
+        "add",
+        help="grant keys the use of services (and so of their models)",
+        description=(
+            "Grant each key the given services on top of what it has; nothing is revoked. A key granted"
+            " several services reaches the one that declares the request's model (mapping add --model)."
+            " Keys are stored as sha256 hashes in routheon-grants.yml. Without keys a new one is"
+            " generated and printed once on stdout."
+        ),
+    )
+    key_add.add_argument("keys", nargs="*", metavar="KEY", help="API keys (visible to `ps`: prefer --key-file)")
+    key_add.add_argument(
+        "--service", action="append", required=True, metavar="NAME", help="a service to grant; repeat for several"
+    )
+    key_remove = key_commands.add_parser(
+        "remove", help="revoke services from keys (all of them without --service)"
+    )
+    key_remove.add_argument("keys", nargs="*", metavar="KEY", help="API keys (visible to `ps`: prefer --key-file)")
+    key_remove.add_argument("--service", action="append", metavar="NAME", help="revoke only this service; repeatable")
+    for command, handler in ((key_add, cmd_key_add), (key_remove, cmd_key_remove)):
+        command.add_argument(
+            "--key-file", metavar="FILE", help="read keys from FILE, one per line ('-' for stdin)"
+        )
+        _add_mappings_flag(command)
+        _add_backups_flag(command)
+        _add_traefik_flags(command, writes=True)
+        command.set_defaults(handler=handler)
+    key_list = key_commands.add_parser("list", help="show every key (masked) with its services and models")
+    _add_mappings_flag(key_list)
+    _add_traefik_flags(key_list)
+    key_list.set_defaults(handler=cmd_key_list)
+    for command in (add, listing, remove, check, pruning, generate, key_add, key_remove, key_list):
+        # -q also after the command's name
         command.add_argument(
             "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors and generated keys"
         )
@@ -516,7 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     # the project's own refusals are one line; anything else is a bug and keeps its traceback
     except (
-        CommandError, InputError, InvalidKeyError, MappingConflictError, MappingFormatError, UnsafeFileError
+        ChangeRefused, CommandError, InputError, InvalidKeyError, MappingConflictError, MappingFormatError,
+        UnsafeFileError,
     ) as exc:
         print(f"routheon: error: {exc}", file=sys.stderr)
         return 1

@@ -8,13 +8,15 @@ other section (``experimental`` with local plugins, ``serversTransport``, an ent
 own settings, whatever later versions add) is copied as it is, so a run tests the file that
 ships.
 
-The files come from the installed package (``routheon/data/``, put there by the wheel build)
-or, in a clone, from the repository's own ``traefik/`` folder and ``stats-config.yml``, which
-are their source: an installed ``routheon`` runs the demo without a clone.
+The files come from the installed package (``routheon/traefik/`` and
+``routheon/stats-config.yml``, put there by the wheel build) or, in a clone, from the
+repository's own ``traefik/`` folder and ``stats-config.yml``, which are their source: an
+installed ``routheon`` runs the demo without a clone.
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,13 +31,15 @@ import routheon
 LOOPBACK = "127.0.0.1"
 STATIC_CONFIG = "traefik.yml"
 SERVER_MAPPING = "routheon-server.yml"
+# Traefik loads local plugins from plugins-local/ in its working directory
+PLUGINS_DIR = "plugins-local"
 # the URL in the shipped routheon-server.yml: the compose service name and the default port
 SHIPPED_SERVER_URL = "http://routheon-server:9080"
 
 
 def shipped(relative: str) -> Path:
-    """A file or folder the wheel ships under ``routheon/data/`` (a clone: at its root, beside ``src/``)."""
-    packaged = Path(str(resources.files(routheon) / "data" / relative))
+    """A file or folder the wheel ships inside the package (a clone: at its root, beside ``src/``)."""
+    packaged = Path(str(resources.files(routheon) / relative))
     if packaged.exists():
         return packaged
     return Path(routheon.__file__).resolve().parent.parent.parent / relative
@@ -109,6 +113,13 @@ class LoopbackTraefik:
 def shipped_static_config() -> dict[str, Any]:
     """The shipped traefik.yml as data, for a caller that adds settings before ``LoopbackTraefik.write``."""
     return yaml.safe_load((traefik_dir() / STATIC_CONFIG).read_text(encoding="utf-8")) or {}
+
+
+def install_plugins(folder: Path) -> Path:
+    """Routheon's Traefik plugin in ``folder/plugins-local``: run Traefik with ``folder`` as its cwd."""
+    target = folder / PLUGINS_DIR
+    shutil.copytree(traefik_dir() / PLUGINS_DIR, target, dirs_exist_ok=True)
+    return target
 
 
 def install_server_mapping(mappings: Path, server_port: int) -> Path:

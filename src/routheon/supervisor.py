@@ -70,6 +70,7 @@ class Child:
     argv: list[str]
     log_path: Path | None
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -161,7 +162,7 @@ def start_child(
     With ``log_path=None`` the output is a pipe (``Child.stdout``) for callers that read it
     as it comes. Raises StartError, caused by the OSError, when the program cannot be started at all.
     """
-    child = Child(name, list(argv), log_path, dict(env or {}))
+    child = Child(name, list(argv), log_path, dict(env or {}), cwd)
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # prompts and answers may end up in a log: only the owner reads them
@@ -203,19 +204,21 @@ class Supervisor:
     ) -> None:
         self.stop_all()
 
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
+    def start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> Child:
         """Start (or restart) the child called ``name``; its output goes to ``<log_dir>/<name>.log``."""
         previous = self.children.get(name)
         if previous is not None and previous.running():
             raise StartError(f"{name} is already running (pid {previous.pid})")
-        child = start_child(name, argv, self.log_dir / f"{name}.log", env)
+        child = start_child(name, argv, self.log_dir / f"{name}.log", env, cwd)
         self.children[name] = child
         return child
 
     def restart(self, name: str) -> Child:
         """Start a stopped child again with the same command line."""
         child = self.children[name]
-        return self.start(name, child.argv, child.env)
+        return self.start(name, child.argv, child.env, child.cwd)
 
     def stop(self, name: str, timeout: float = 10.0) -> None:
         child = self.children.get(name)

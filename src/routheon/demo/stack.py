@@ -20,6 +20,7 @@ from routheon.loopback import (
     SERVER_MAPPING,
     STATIC_CONFIG,
     LoopbackTraefik,
+    install_plugins,
     install_server_mapping,
     port_is_free,
     shipped,
@@ -211,7 +212,12 @@ class Stack:
         )
         server.wait_http(f"http://{LOOPBACK}:{cfg.server_port}/health", cfg.startup_timeout)
         log.info("Starting Traefik on %s", cfg.entry_url)
-        traefik = self.supervisor.start("traefik", [tool("traefik"), f"--configFile={self._traefik_config()}"])
+        install_plugins(cfg.workdir)
+        traefik = self.supervisor.start(
+            "traefik",
+            [tool("traefik"), f"--configFile={self._traefik_config()}"],
+            cwd=cfg.workdir,  # where Traefik looks for plugins-local/
+        )
         expected = sorted(backend.alias for backend in cfg.backends)
         traefik.wait_until(
             lambda: sorted(model_ids(cfg.entry_url)) == expected,

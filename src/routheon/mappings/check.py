@@ -29,6 +29,14 @@ from routheon.mappings.format import (
     fallback_router,
     without_template_comments,
 )
+from routheon.mappings.grants import (
+    GRANTS_FILE,
+    GRANTS_ROUTER,
+    HOP_SERVICE,
+    MODELS_ROUTER,
+    SERVER_SERVICE,
+    parse_grants,
+)
 from routheon.mappings.keys import InvalidKeyError, validate_key
 from routheon.mappings.rules import rule_keys, selects_by_key
 from routheon.mappings.keys import mask_url
@@ -50,9 +58,25 @@ def _file_findings(mapping: MappingFile, lines: KeyLines) -> list[Finding]:
             findings.append(Finding(path, message, WARNING, number))
     if mapping.key_clauses() and mapping.mode & 0o004:
         findings.append(Finding(path, "holds API keys but every user can read it (chmod o-rwx)", WARNING))
+    if is_grants(mapping):
+        try:
+            parse_grants(mapping.text)
+        except ValueError as exc:
+            findings.append(Finding(path, f"{exc} (the plugin may refuse it; rewrite it with `routheon key`)"))
     for router in mapping.routers:
+        if is_grants_router(mapping, router):
+            continue  # every Bearer key goes to the plugin, which checks keys by their hash
         findings += _rule_findings(path, router.name, router.rule, lines.get("http", "routers", router.name))
     return findings
+
+
+def is_grants(mapping: MappingFile) -> bool:
+    return mapping.path.name == GRANTS_FILE
+
+
+def is_grants_router(mapping: MappingFile, router: Router) -> bool:
+    """The grants file's routers for every Bearer key: their rules hold no key by design."""
+    return is_grants(mapping) and router.name in (GRANTS_ROUTER, MODELS_ROUTER)
 
 
 def _rule_findings(path: Path, router: str, rule: str, line: int | None) -> list[Finding]:
@@ -122,6 +146,13 @@ def _dangling_references(checked: Checked, defined: Definitions) -> list[Finding
         for router in mapping.routers:
             line = lines.get("http", "routers", router.name)
             if "@" not in router.service and router.service not in defined["services"]:
+                if is_grants_router(mapping, router) and router.service == SERVER_SERVICE:
+                    message = (
+                        f"router {router.name!r}: routheon-server.yml is not in the folder, so /v1/models with a"
+                        " granted key is not answered from the grants"
+                    )
+                    findings.append(Finding(mapping.path, message, WARNING, line))
+                    continue
                 message = f"router {router.name!r}: service {router.service!r} is not defined"
                 findings.append(Finding(mapping.path, message, ERROR, line))
             for middleware in router.middlewares:
@@ -147,8 +178,10 @@ def fallback_of(mapping: MappingFile, router: Router) -> Router | None:
         if (
             other.name == fallback_router(router.name)
             and other.service == router.service
-            and rule_keys(other.rule) is not None
-            and rule_keys(other.rule) == rule_keys(router.rule)
+            and (
+                other.rule == router.rule  # the grants file's hop routers: by service, not by key
+                or (rule_keys(other.rule) is not None and rule_keys(other.rule) == rule_keys(router.rule))
+            )
         ):
             return other
     return None
@@ -244,6 +277,7 @@ def _connect_findings(checked: Checked, timeout: float) -> list[Finding]:
         for mapping, lines in checked
         for service in mapping.services
         for url in service.urls
+        if not (is_grants(mapping) and service.name == HOP_SERVICE)  # Traefik itself, not a backend
     ]
     with ThreadPoolExecutor(max_workers=8) as pool:
         reasons = list(pool.map(lambda target: _reachable(target[3], timeout), targets))

@@ -24,7 +24,8 @@ ERROR = "error"
 WARNING = "warning"
 YAML_SUFFIXES = (".yml", ".yaml")
 TRAEFIK_SUFFIXES = (*YAML_SUFFIXES, ".toml")
-MAX_MAPPING_BYTES = 1024 * 1024
+# A key file is a few KB; the grants file holds ~100 bytes per key (16 MiB: ~150,000 keys).
+MAX_MAPPING_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)

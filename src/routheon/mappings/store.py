@@ -19,8 +19,8 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import yaml
 from routheon.mappings.folder import read_folder, read_mapping_text
 from routheon.mappings.format import (
     ERRORS_MIDDLEWARE,
+    InputError,
     MappingFile,
     MappingFormatError,
     MappingSpec,
@@ -38,6 +39,8 @@ from routheon.mappings.format import (
     render_mapping,
     validate_service_name,
 )
+from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants, parse_grants, render_grants
+from routheon.mappings.keys import mask_key
 from routheon.mappings.rules import join_clauses, rule_keys
 
 log = logging.getLogger(__name__)
@@ -251,10 +254,13 @@ def _parsed_files(folder: Path) -> list[MappingFile]:
     return list(read_folder(folder).files)
 
 
-def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[str, Any] | None:
+def _without_keys(
+    path: Path, keys: set[str], used_elsewhere: set[str], keep: frozenset[str] = frozenset()
+) -> dict[str, Any] | None:
     """The document of ``path`` with ``keys`` taken out of its rules; None when nothing is left.
 
-    Routers left without a key go, and so do services no remaining router uses, and middlewares
+    Routers left without a key go, and so do services no remaining router uses (but those in
+    ``keep``, which the grants file routes to), and middlewares
     that no remaining router here nor any router in ``used_elsewhere``'s files uses (such as
     the file's own request-body middleware); clauses that stay are kept as written, 1.0.x-format
     ones included.
@@ -272,7 +278,7 @@ def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[
         else:
             del routers[name]
     services: dict[str, Any] = http.get("services") or {}
-    used = {router.get("service") for router in routers.values()}
+    used = {router.get("service") for router in routers.values()} | keep
     for name in list(services):
         if name not in used:
             del services[name]
@@ -281,21 +287,65 @@ def _without_keys(path: Path, keys: set[str], used_elsewhere: set[str]) -> dict[
     for name in list(middlewares):
         if not {name, f"{name}@file"} & (used_here | used_elsewhere):
             del middlewares[name]
-    if not routers and not middlewares:
+    if not routers and not middlewares and not services:
         return None
+    for section in ("routers", "middlewares"):
+        if not http.get(section):
+            http.pop(section, None)
     return document
 
 
-def _take_keys(
-    files: Iterable[MappingFile], keys: set[str], skip: Path | None, backups: int = DEFAULT_BACKUPS
-) -> list[Change]:
-    """Take ``keys`` out of every file but ``skip``: rewrite a file, or retire it when emptied.
+@dataclass(frozen=True)
+class _Step:
+    """One file a change will write (``data``) or retire (None), planned before anything is written."""
 
-    Every change is planned first: when one would take away a service or middleware that a
-    router of another file uses, nothing is written.
+    path: Path
+    data: bytes | None
+    action: str
+    detail: str = ""
+    backed_up: bool = True
+
+
+#: Asked under the folder lock with the content every planned step gives its file (None: the
+#: file goes) before anything is written; raising stops the change with the folder untouched.
+#: The write commands use it to have Traefik judge the folder as it will be.
+Confirm = Callable[[Mapping[Path, bytes | None]], None]
+
+
+def _apply(steps: list[_Step], confirm: Confirm | None, backups: int) -> list[Change]:
+    """Write the planned steps in order, once ``confirm`` accepts their result; back up what they replace.
+
+    ``confirm`` is asked even when there is nothing to write: an unchanged file in a folder
+    Traefik rejects is not in effect either.
+    """
+    if confirm is not None:
+        confirm({step.path: step.data for step in steps})
+    changes: list[Change] = []
+    for step in steps:
+        detail = step.detail
+        if step.backed_up and step.path.exists():
+            saved = _saved(step.path, backups)
+            detail = f"{detail}; {saved}" if detail else saved
+        if step.data is None:
+            step.path.unlink()
+        else:
+            write_atomic(step.path, step.data)
+        changes.append(Change(step.action, step.path, detail))
+    return changes
+
+
+def _take_keys(
+    files: Iterable[MappingFile], keys: set[str], skip: Path | None, keep: frozenset[str] = frozenset()
+) -> list[_Step]:
+    """Plan taking ``keys`` out of every file but ``skip``: a file is rewritten, or retired when emptied.
+
+    Services named in ``keep`` stay defined: keys granted them in the grants file still use them.
+
+    When one step would take away a service or middleware that a router of another file uses,
+    nothing is planned: the whole change is refused.
     """
     files = list(files)
-    plans: list[tuple[MappingFile, set[str], dict[str, Any] | None]] = []
+    steps: list[_Step] = []
     for mapping in files:
         if mapping.path == skip:
             continue
@@ -309,7 +359,7 @@ def _take_keys(
             for router in other.routers
             for middleware in router.middlewares
         }
-        document = _without_keys(mapping.path, found, elsewhere)
+        document = _without_keys(mapping.path, found, elsewhere, keep)
         http = document["http"] if document is not None else {}
         kept = frozenset(http.get("services") or ()) | frozenset(http.get("middlewares") or ())
         users = _users_of(files, mapping.path, kept)
@@ -318,22 +368,16 @@ def _take_keys(
                 f"taking the key out of {mapping.path.name} removes what {', '.join(users)} use; Traefik would"
                 " disable their routers: change those files first"
             )
-        plans.append((mapping, found, document))
-    changes: list[Change] = []
-    for mapping, found, document in plans:
-        saved = _saved(mapping.path, backups)
+        _refuse_unsafe(mapping.path)
         if document is None:
-            mapping.path.unlink()
-            changes.append(Change("retired", mapping.path, f"its keys moved or removed; {saved}"))
+            steps.append(_Step(mapping.path, None, "retired", "its keys moved or removed"))
             continue
         text = yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=10**6)
         reread = parse_mapping(text, mapping.path)
-        left = {clause.key for _, clause in reread.key_clauses()}
-        if left & found:
+        if {clause.key for _, clause in reread.key_clauses()} & found:
             raise MappingFormatError(f"{mapping.path}: could not take the key out; nothing was written")
-        write_atomic(mapping.path, text.encode("utf-8"))
-        changes.append(Change("rewrote", mapping.path, f"{len(found)} key(s) taken out; {saved}"))
-    return changes
+        steps.append(_Step(mapping.path, text.encode("utf-8"), "rewrote", f"{len(found)} key(s) taken out"))
+    return steps
 
 
 def _users_of(files: list[MappingFile], target: Path, kept: frozenset[str] = frozenset()) -> list[str]:
@@ -367,11 +411,14 @@ def add_mapping(
     *,
     replace: bool = False,
     backups: int = DEFAULT_BACKUPS,
+    confirm: Confirm | None = None,
+    models: tuple[str, ...] | None = None,
 ) -> list[Change]:
-    """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file.
+    """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file and the grants.
 
-    Overwriting a different file or moving a key needs ``replace``. Each file touched keeps its
-    ``backups`` newest backups.
+    Overwriting a different file or moving a key needs ``replace``. ``models`` declares the
+    model names the service answers to in the grants file (None leaves them as they are).
+    Each file touched keeps its ``backups`` newest backups.
     """
     spec.validate()
     target = folder / spec.file_name
@@ -387,6 +434,7 @@ def add_mapping(
                     f"{mapping.path} already defines a router or service named {spec.service!r}; "
                     "remove it or choose another --service"
                 )
+        before = grants = read_grants(folder)
         elsewhere = sorted(
             {
                 mapping.path.name
@@ -394,6 +442,7 @@ def add_mapping(
                 if mapping.path != target
                 and {clause.key for _, clause in mapping.key_clauses()} & set(spec.keys)
             }
+            | ({GRANTS_FILE} if any(grants.key(key) for key in spec.keys) else set())
         )
         if elsewhere and not replace:
             raise MappingConflictError(
@@ -403,10 +452,10 @@ def add_mapping(
         parse_rendered(text, spec, target)
         data = text.encode("utf-8")
         _refuse_unsafe(target)
-        action = "wrote"
+        write: _Step | None = _Step(target, data, "wrote", backed_up=False)
         if target.exists():
             if _read_bytes(target) == data:
-                action = "unchanged"
+                write = None
             elif not replace:
                 raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
             elif users := _users_of(files, target, kept=frozenset({spec.service})):
@@ -415,55 +464,165 @@ def add_mapping(
                     "disable their routers: choose another --service"
                 )
             else:
-                action = "replaced"
+                write = _Step(target, data, "replaced")
         # Keys leave their old files before SERVICE.yml is written: a crash (kill -9) between two
         # writes leaves a key routed by no router for a moment, never by two.
-        changes = _take_keys(files, set(spec.keys), skip=target, backups=backups)
-        if action == "unchanged":
+        for key in spec.keys:
+            grants = grants.revoke(key)
+        if models is not None:
+            grants = grants.with_service(GrantedService(spec.service, models))
+        steps = _take_keys(files, set(spec.keys), skip=target, keep=_declared(grants))
+        steps += _grants_step(folder, before, grants)
+        changes = _apply(steps if write is None else [*steps, write], confirm, backups)
+        if write is None:
             detail = "mode tightened to no world access" if _restrict_mode(target) else ""
             changes.append(Change("unchanged", target, detail))
-        elif action == "replaced":
-            saved = _saved(target, backups)
-            write_atomic(target, data)
-            changes.append(Change("replaced", target, saved))
-        else:
-            write_atomic(target, data)
-            changes.append(Change("wrote", target))
         return _with_pruning(folder, changes, backups)
 
 
-def remove_service(folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS) -> list[Change]:
-    """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing."""
+def remove_service(
+    folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None
+) -> list[Change]:
+    """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing, its grants go."""
     validate_service_name(service)  # never a path: "../x" must not reach a file outside the folder
     target = folder / f"{service}.yml"
     with folder_lock(folder):
         _refuse_unsafe(target)
         if not target.exists():
             raise FileNotFoundError(f"no mapping file {target}")
-        users = _users_of(_parsed_files(folder), target)
+        files = [mapping for mapping in _parsed_files(folder) if mapping.path.name != GRANTS_FILE]
+        users = _users_of(files, target)
         if users:
             raise MappingConflictError(
                 f"{target.name} defines what {', '.join(users)} use; Traefik would disable their routers "
                 "and their keys would stop working: change those files first"
             )
-        saved = _saved(target, backups)
-        target.unlink()
-        return _with_pruning(folder, [Change("removed", target, saved)], backups)
-
-
-def remove_keys(folder: Path, keys: Iterable[str], *, backups: int = DEFAULT_BACKUPS) -> list[Change]:
-    """Stop routing ``keys`` wherever they are, keeping every other key of their files."""
-    keys = set(keys)
-    with folder_lock(folder):
-        files = _parsed_files(folder)
-        known = {clause.key for mapping in files for _, clause in mapping.key_clauses()}
-        missing = keys - known
-        if missing:
-            raise LookupError(f"{len(missing)} of the given API keys are in no mapping file")
-        return _with_pruning(folder, _take_keys(files, keys, skip=None, backups=backups), backups)
+        before = read_grants(folder)
+        steps = [*_grants_step(folder, before, _without_service(before, service)), _Step(target, None, "removed")]
+        return _with_pruning(folder, _apply(steps, confirm, backups), backups)
 
 
 def prune(folder: Path, keep: int = DEFAULT_BACKUPS) -> list[Change]:
     """Delete every mapping file's backups but its ``keep`` newest, now (0 deletes them all)."""
     with folder_lock(folder):
         return prune_backups(folder, keep)
+
+
+# --- grants: one key, many models (routheon-grants.yml, docs/model-routing.md) ---------------
+
+
+def read_grants(folder: Path) -> Grants:
+    """The folder's grants file, or empty grants when there is none; ValueError when it is broken."""
+    path = folder / GRANTS_FILE
+    try:
+        data = _read_bytes(path)
+    except FileNotFoundError:
+        return Grants()
+    try:
+        return parse_grants(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+
+
+def _grants_step(folder: Path, before: Grants, after: Grants) -> list[_Step]:
+    path = folder / GRANTS_FILE
+    if after == before:
+        return []
+    _refuse_unsafe(path)
+    if not after.services and not after.keys:
+        return [_Step(path, None, "removed", "no service declares models, no key is granted")] if path.exists() else []
+    return [_Step(path, render_grants(after).encode("utf-8"), "rewrote" if path.exists() else "wrote")]
+
+
+def _key_routes(files: Iterable[MappingFile]) -> dict[str, set[str]]:
+    """Every key a key file routes, with the services it reaches there."""
+    routes: dict[str, set[str]] = {}
+    for mapping in files:
+        for router, clause in mapping.key_clauses():
+            routes.setdefault(clause.key, set()).add(router.service.removesuffix("@file"))
+    return routes
+
+
+def _declared(grants: Grants) -> frozenset[str]:
+    return frozenset(service.name for service in grants.services)
+
+
+def _without_service(grants: Grants, service: str) -> Grants:
+    """``grants`` with ``service`` gone: undeclared, and taken from every key (keys left with none go)."""
+    for grant in grants.keys:
+        if service in grant.services:
+            grants = grants.revoke(grant.hash, (service,))
+    return replace(grants, services=tuple(declared for declared in grants.services if declared.name != service))
+
+
+def grant_keys(
+    folder: Path,
+    keys: Iterable[str],
+    services: Iterable[str],
+    *,
+    backups: int = DEFAULT_BACKUPS,
+    confirm: Confirm | None = None,
+) -> list[Change]:
+    """Grant ``services`` to each key on top of what it has; nothing else is revoked.
+
+    A key a key file routes moves into the grants with its service, so one router decides for
+    it; that needs the service's models declared when the key is to reach several services.
+    A service not yet declared is declared without models (it answers any ``model`` for keys
+    whose only service it is).
+    """
+    keys, services = list(dict.fromkeys(keys)), tuple(dict.fromkeys(services))
+    with folder_lock(folder):
+        files = _parsed_files(folder)
+        defined = {service.name for mapping in files for service in mapping.services}
+        missing = [name for name in services if name not in defined]
+        if missing:
+            raise LookupError(
+                f"no mapping file defines service {missing[0]!r}: add it first"
+                f" (routheon mapping add --service {missing[0]} --url URL --model NAME)"
+            )
+        before = grants = read_grants(folder)
+        routes = _key_routes(files)
+        moved: set[str] = set()
+        for key in keys:
+            old = grants.key(key)
+            wanted = tuple(dict.fromkeys((*sorted(routes.get(key, ())), *(old.services if old else ()), *services)))
+            if key in routes:
+                moved.add(key)
+            undeclared = [name for name in wanted if not (grants.service(name) or GrantedService(name)).models]
+            if len(wanted) > 1 and undeclared:
+                raise MappingConflictError(
+                    f"key {mask_key(key)} would reach {len(wanted)} services, but {undeclared[0]!r} declares no"
+                    f" model to route by: declare its models first (routheon mapping add --service {undeclared[0]}"
+                    " --url URL --model NAME)"
+                )
+            for name in wanted:
+                if grants.service(name) is None:
+                    grants = grants.with_service(GrantedService(name))
+            grants = grants.grant(key, wanted)
+        steps = _take_keys(files, moved, skip=None, keep=_declared(grants)) + _grants_step(folder, before, grants)
+        return _with_pruning(folder, _apply(steps, confirm, backups), backups)
+
+
+def revoke_keys(
+    folder: Path,
+    keys: Iterable[str],
+    services: Iterable[str] | None = None,
+    *,
+    backups: int = DEFAULT_BACKUPS,
+    confirm: Confirm | None = None,
+) -> list[Change]:
+    """Take ``services`` (all when None) from each key, in the grants and in key files alike."""
+    keys = set(keys)
+    only = None if services is None else tuple(services)
+    with folder_lock(folder):
+        files = _parsed_files(folder)
+        before = grants = read_grants(folder)
+        routes = _key_routes(files)
+        unknown = [key for key in keys if key not in routes and grants.key(key) is None]
+        if unknown:
+            raise LookupError(f"{len(unknown)} of the given API keys are granted nothing and in no mapping file")
+        in_files = {key for key in keys if routes.get(key) and (only is None or routes[key] & set(only))}
+        for key in keys:
+            grants = grants.revoke(key, only)
+        steps = _take_keys(files, in_files, skip=None, keep=_declared(grants)) + _grants_step(folder, before, grants)
+        return _with_pruning(folder, _apply(steps, confirm, backups), backups)

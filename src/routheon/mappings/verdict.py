@@ -35,8 +35,16 @@ import yaml
 
 from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_plain_file, traefik_paths
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, Router, fallback_router
+from routheon.mappings.grants import (
+    GRANTS_FILE,
+    GRANTS_ROUTER,
+    HOP_ENTRY_POINT,
+    MODELS_ROUTER,
+    PLUGIN_MODULE,
+    PLUGIN_NAME,
+)
 from routheon.mappings.rules import rule_keys, selects_by_key
-from routheon.loopback import free_port
+from routheon.loopback import PLUGINS_DIR, free_port, traefik_dir
 from routheon.supervisor import StartError, start_child
 
 log = logging.getLogger(__name__)
@@ -118,17 +126,27 @@ def entry_points_of(static_config: Path | None) -> tuple[str, ...]:
     return names or (ENTRY_POINT,)
 
 
+def find_plugins(static_config: Path | None = None) -> Path | None:
+    """The plugins-local folder holding Routheon's plugin: beside ``static_config`` (or the default
+    /etc/traefik/traefik.yml), else the copy shipped with Routheon."""
+    beside = [config.parent / PLUGINS_DIR for config in (static_config, Path(DEFAULT_TRAEFIK_CONFIG)) if config]
+    for candidate in (*beside, traefik_dir() / PLUGINS_DIR):
+        if (candidate / "src" / PLUGIN_MODULE / ".traefik.yml").is_file():
+            return candidate
+    return None
+
+
 def _copy_file(source: Path) -> bytes:
     """What Traefik would read from ``source`` (following links, as it does), refusing what would hang it."""
     try:
         return read_plain_file(source, follow_links=True)[0]
     except MappingFormatError as exc:
-        raise _Unreadable(f"{source}: {exc} (Traefik would block or fail reading it)") from None
+        raise Unreadable(f"{source}: {exc} (Traefik would block or fail reading it)") from None
     except OSError as exc:
-        raise _Unreadable(f"{source}: cannot read: {exc.strerror}") from None
+        raise Unreadable(f"{source}: cannot read: {exc.strerror}") from None
 
 
-class _Unreadable(Exception):
+class Unreadable(Exception):
     """A file Traefik could not read either: the folder is rejected without asking."""
 
 
@@ -151,10 +169,12 @@ def copy_folder(folder: Path, target: Path, changes: Changes = {}) -> None:
         destination.write_bytes(data)
 
 
-def _static_config(directory: Path, entry_points: Iterable[str], api_port: int) -> dict[str, Any]:
-    points: dict[str, Any] = {name: {"address": "127.0.0.1:0"} for name in entry_points}
+def _static_config(directory: Path, entry_points: Iterable[str], api_port: int, plugin: bool) -> dict[str, Any]:
+    # the hop entry point always: the grants file's hop routers name it (found or not in the file)
+    points: dict[str, Any] = {name: {"address": "127.0.0.1:0"} for name in (*entry_points, HOP_ENTRY_POINT)}
     points["traefik"] = {"address": f"127.0.0.1:{api_port}"}
     return {
+        **({"experimental": {"localPlugins": {PLUGIN_NAME: {"moduleName": PLUGIN_MODULE}}}} if plugin else {}),
         "entryPoints": points,
         "providers": {"file": {"directory": str(directory), "watch": False}},
         "api": {"insecure": True, "dashboard": False},
@@ -250,7 +270,8 @@ def _run(traefik: str, workdir: Path, entry_points: tuple[str, ...], timeout: fl
     deadline = started + timeout
     port = free_port()
     config_path = workdir / "traefik.yml"
-    config_path.write_text(yaml.safe_dump(_static_config(workdir / _COPY_NAME, entry_points, port)))
+    plugin = (workdir / PLUGINS_DIR).is_dir()
+    config_path.write_text(yaml.safe_dump(_static_config(workdir / _COPY_NAME, entry_points, port, plugin)))
     try:
         process = start_child("traefik", [traefik, f"--configFile={config_path}"], log_path=None, cwd=workdir)
     except StartError as exc:
@@ -280,19 +301,24 @@ def ask_traefik(
     entry_points: tuple[str, ...] = (ENTRY_POINT,),
     changes: Changes = {},
     timeout: float = DEFAULT_TIMEOUT,
+    static_config: Path | None = None,
 ) -> Verdict:
     """Traefik's verdict on ``folder`` as it is, or as it would be after ``changes``.
 
-    Raises VerdictUnavailable when Traefik cannot be asked; the copy (it holds keys) is private
-    and removed in every case.
+    Routheon's plugin (the grants file needs it) is taken from beside ``static_config``, see
+    ``find_plugins``. Raises VerdictUnavailable when Traefik cannot be asked; the copy (it
+    holds keys) is private and removed in every case.
     """
     workdir = Path(tempfile.mkdtemp(prefix="routheon-verdict-"))
     try:
         copy = workdir / _COPY_NAME
         copy.mkdir(mode=0o700)
+        plugins = find_plugins(static_config)
+        if plugins is not None:
+            shutil.copytree(plugins, workdir / PLUGINS_DIR)
         try:
             copy_folder(folder, copy, changes)
-        except _Unreadable as exc:
+        except Unreadable as exc:
             return Verdict("", False, str(exc))
         except FileNotFoundError:
             raise VerdictUnavailable(f"the mappings folder {folder} does not exist") from None
@@ -334,8 +360,9 @@ def _router_findings(folder: Folder, verdict: Verdict) -> list[Finding]:
                 message = f"router {router.name!r}: Traefik disables it ({'; '.join(router.errors)})"
                 findings.append(Finding(path, message))
             continue
-        if not selects_by_key(router.rule):
-            continue
+        grants_router = path.name == GRANTS_FILE and router.name in (GRANTS_ROUTER, MODELS_ROUTER)
+        if not selects_by_key(router.rule) or grants_router:
+            continue  # the grants routers take every Bearer key: the plugin checks them by hash
         routed = rule_keys(router.rule)
         if written is None:
             reason = "is defined where Routheon cannot read it (a TOML file, a Go template or a file it reports)"

@@ -20,6 +20,7 @@ from routheon.mappings.verdict import DEFAULT_TRAEFIK_CONFIG, VerdictUnavailable
 from routheon.server import errors
 from routheon.server.config import ServerConfig
 from routheon.server.discovery import FolderWatch
+from routheon.server.key_models import KeyModels
 from routheon.server.models import TTL, ModelCatalog
 from routheon.server.stats import StatsConfig, StatsService
 
@@ -29,6 +30,7 @@ CONFIG = web.AppKey("config", ServerConfig)
 FOLDER = web.AppKey("folder", FolderWatch)
 CATALOG = web.AppKey("catalog", ModelCatalog)
 STATS = web.AppKey("stats", StatsService)
+KEY_MODELS = web.AppKey("key_models", KeyModels)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,13 +62,34 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return errors.internal_error().response()
 
 
+def _model_entry(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "routheon"}
+
+
+async def _key_models(request: web.Request) -> tuple[str, ...] | None:
+    """The models the request's key may use (None: no such key); only asked when it sent one."""
+    return await request.app[KEY_MODELS].models_of(request.headers.getall("Authorization"))
+
+
 async def list_models(request: web.Request) -> web.Response:
+    if "Authorization" in request.headers:  # a granted key (routheon-grants.yml): its own models
+        models = await _key_models(request)
+        if models is None:
+            return errors.INVALID_API_KEY.response()
+        return _json({"object": "list", "data": [_model_entry(model) for model in models]})
     snapshot = await request.app[CATALOG].snapshot()
     return web.Response(body=snapshot.body, content_type="application/json")
 
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
+    if "Authorization" in request.headers:
+        models = await _key_models(request)
+        if models is None:
+            return errors.INVALID_API_KEY.response()
+        if model_id not in models:
+            return errors.model_not_found(model_id).response()
+        return _json(_model_entry(model_id))
     snapshot = await request.app[CATALOG].snapshot()
     if model_id not in snapshot.by_id:
         return errors.model_not_found(model_id).response()
@@ -134,6 +157,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # the timeout itself is applied per backend by the catalog
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None))
     app[FOLDER] = folder
+    app[KEY_MODELS] = KeyModels(config.mappings)
     app[CATALOG] = ModelCatalog(folder, session, config.mapping_timeout)
     await app[STATS].start()
     await folder.current()  # reports a missing folder or broken files at start-up

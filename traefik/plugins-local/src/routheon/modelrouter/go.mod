@@ -1,0 +1,3 @@
+module routheon/modelrouter
+
+go 1.22
