@@ -11,8 +11,7 @@ import pytest
 from routheon.mappings.folder import read_folder
 from routheon.mappings.grants import GRANTS_FILE, key_hash
 from routheon.mappings.store import read_grants
-from support import REPO
-from test_mapping_cli import run
+from support import REPO, run_routheon
 
 BOTH = "sk-both-0123456789abcdef"
 OLD = "sk-old-gemma-0123456789"
@@ -27,107 +26,111 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def routheon(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    code, out, err = run(capsys, *args)
-    assert code == 0, err
-    return out
+def routheon(*args: str) -> str:
+    result = run_routheon(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
-def services(capsys: pytest.CaptureFixture[str]) -> None:
-    routheon(capsys, "mapping", "add", "--service", "smol", "--port", "8011", "--model", "SmolLM2", "--model", "TinyLlama_Chat")
-    routheon(capsys, "mapping", "add", "--service", "gemma", "--port", "8012", "--model", "gemma-3-270m")
+def services() -> None:
+    routheon("mapping", "add", "--service", "smol", "--port", "8011", "--model", "SmolLM2", "--model", "TinyLlama_Chat")
+    routheon("mapping", "add", "--service", "gemma", "--port", "8012", "--model", "gemma-3-270m")
 
 
-def test_a_key_granted_two_services_may_use_the_models_of_both(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    services(capsys)
-    routheon(capsys, "key", "add", BOTH, "--service", "smol", "--service", "gemma")
+def test_a_key_granted_two_services_may_use_the_models_of_both(folder: Path) -> None:
+    services()
+    routheon("key", "add", BOTH, "--service", "smol", "--service", "gemma")
     grants = read_grants(folder)
     assert grants.models_of(BOTH) == ("SmolLM2", "TinyLlama_Chat", "gemma-3-270m")
     text = (folder / GRANTS_FILE).read_text()
     assert BOTH not in text and key_hash(BOTH) in text  # stored hashed
-    out = routheon(capsys, "key", "list")
+    out = routheon("key", "list")
     assert "...cdef" in out and "smol,gemma" in out and "SmolLM2,TinyLlama_Chat,gemma-3-270m" in out
     assert BOTH not in out
 
 
 def test_granting_never_revokes_and_revoking_one_service_keeps_the_other(
-    folder: Path, capsys: pytest.CaptureFixture[str]
+    folder: Path,
 ) -> None:
-    services(capsys)
-    routheon(capsys, "key", "add", BOTH, "--service", "smol")
-    routheon(capsys, "key", "add", BOTH, "--service", "gemma")
+    services()
+    routheon("key", "add", BOTH, "--service", "smol")
+    routheon("key", "add", BOTH, "--service", "gemma")
     assert read_grants(folder).key(BOTH).services == ("smol", "gemma")
-    routheon(capsys, "key", "remove", BOTH, "--service", "smol")
+    routheon("key", "remove", BOTH, "--service", "smol")
     assert read_grants(folder).models_of(BOTH) == ("gemma-3-270m",)
-    routheon(capsys, "key", "remove", BOTH)
+    routheon("key", "remove", BOTH)
     assert read_grants(folder).key(BOTH) is None
-    code, _, err = run(capsys, "key", "remove", BOTH)
+    result = run_routheon("key", "remove", BOTH)
+    code, err = result.returncode, result.stderr
     assert code == 1 and "granted nothing" in err
 
 
-def test_many_keys_at_once_from_a_file(folder: Path, capsys: pytest.CaptureFixture[str], tmp_path_factory: pytest.TempPathFactory) -> None:
-    services(capsys)
+def test_many_keys_at_once_from_a_file(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    services()
     keys = [f"sk-user-{number:04d}-0123456789abcdef" for number in range(50)]
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text("\n".join(keys) + "\n")
-    routheon(capsys, "key", "add", "--key-file", str(key_file), "--service", "gemma")
+    routheon("key", "add", "--key-file", str(key_file), "--service", "gemma")
     assert all(read_grants(folder).models_of(key) == ("gemma-3-270m",) for key in keys)
 
 
 def test_a_key_from_a_key_file_moves_into_the_grants_with_its_service(
-    folder: Path, capsys: pytest.CaptureFixture[str]
+    folder: Path,
 ) -> None:
-    services(capsys)
-    routheon(capsys, "mapping", "add", "--service", "gemma", "--port", "8012", "--key", OLD, "--model", "gemma-3-270m", "--replace")
+    services()
+    routheon("mapping", "add", "--service", "gemma", "--port", "8012", "--key", OLD, "--model", "gemma-3-270m", "--replace")
     assert [mapping.keys() for mapping in read_folder(folder).files if mapping.path.name == "gemma.yml"] == [[OLD]]
-    routheon(capsys, "key", "add", OLD, "--service", "smol")
+    routheon("key", "add", OLD, "--service", "smol")
     assert read_grants(folder).key(OLD).services == ("gemma", "smol")
     gemma = next(mapping for mapping in read_folder(folder).files if mapping.path.name == "gemma.yml")
     assert gemma.keys() == [] and [service.name for service in gemma.services] == ["gemma"]
 
 
-def test_several_services_need_declared_models(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    routheon(capsys, "mapping", "add", "--service", "plain", "--port", "8013", "--key", OLD)
-    services(capsys)
-    code, _, err = run(capsys, "key", "add", OLD, "--service", "smol")
+def test_several_services_need_declared_models(folder: Path) -> None:
+    routheon("mapping", "add", "--service", "plain", "--port", "8013", "--key", OLD)
+    services()
+    result = run_routheon("key", "add", OLD, "--service", "smol")
+    code, err = result.returncode, result.stderr
     assert code == 1 and "'plain' declares no model" in err and "--model" in err
     assert read_grants(folder).key(OLD) is None
 
 
-def test_unknown_services_and_missing_keys_are_one_line_errors(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    services(capsys)
-    code, _, err = run(capsys, "key", "add", BOTH, "--service", "nope")
+def test_unknown_services_and_missing_keys_are_one_line_errors(folder: Path) -> None:
+    services()
+    result = run_routheon("key", "add", BOTH, "--service", "nope")
+    code, err = result.returncode, result.stderr
     assert code == 1 and "no mapping file defines service 'nope'" in err and "Traceback" not in err
-    code, _, err = run(capsys, "key", "remove")
+    result = run_routheon("key", "remove")
+    code, err = result.returncode, result.stderr
     assert code == 1 and "give the keys" in err
 
 
-def test_removing_a_service_takes_it_from_every_key(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    services(capsys)
-    routheon(capsys, "key", "add", BOTH, "--service", "smol", "--service", "gemma")
-    routheon(capsys, "key", "add", OLD, "--service", "smol")
-    routheon(capsys, "mapping", "remove", "--service", "smol")
+def test_removing_a_service_takes_it_from_every_key(folder: Path) -> None:
+    services()
+    routheon("key", "add", BOTH, "--service", "smol", "--service", "gemma")
+    routheon("key", "add", OLD, "--service", "smol")
+    routheon("mapping", "remove", "--service", "smol")
     grants = read_grants(folder)
     assert grants.service("smol") is None and grants.key(BOTH).services == ("gemma",) and grants.key(OLD) is None
 
 
-def test_mapping_remove_key_revokes_a_granted_key(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    services(capsys)
-    routheon(capsys, "key", "add", BOTH, "--service", "smol")
-    routheon(capsys, "mapping", "remove", "--key", BOTH)
+def test_mapping_remove_key_revokes_a_granted_key(folder: Path) -> None:
+    services()
+    routheon("key", "add", BOTH, "--service", "smol")
+    routheon("mapping", "remove", "--key", BOTH)
     assert read_grants(folder).key(BOTH) is None
 
 
-def test_key_add_generates_a_key_when_none_is_given(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    services(capsys)
-    out = routheon(capsys, "-q", "key", "add", "--service", "gemma")
+def test_key_add_generates_a_key_when_none_is_given(folder: Path) -> None:
+    services()
+    out = routheon("-q", "key", "add", "--service", "gemma")
     (generated,) = out.split()
     assert read_grants(folder).models_of(generated) == ("gemma-3-270m",)
 
 
-def test_mapping_list_shows_granted_services_and_files_without_keys(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    services(capsys)
-    routheon(capsys, "key", "add", BOTH, "--service", "smol", "--service", "gemma")
-    rows = [line.split()[:2] for line in routheon(capsys, "mapping", "list").splitlines()[1:]]
+def test_mapping_list_shows_granted_services_and_files_without_keys(folder: Path) -> None:
+    services()
+    routheon("key", "add", BOTH, "--service", "smol", "--service", "gemma")
+    rows = [line.split()[:2] for line in routheon("mapping", "list").splitlines()[1:]]
     assert ["smol", "-"] in rows and ["smol", "1"] in rows and ["gemma", "1"] in rows
     assert not any(name.startswith("routheon-hop") for name, _ in rows)

@@ -134,6 +134,9 @@ def test_a_key_with_one_service_reaches_it_on_every_path_without_a_model(routed:
 def test_v1_models_with_a_granted_key_goes_to_routheon_server(routed: Stack) -> None:
     answer = routed.request("/v1/models", key=BOTH_KEY)
     assert "X-Backend" not in answer.headers  # answered by routheon-server, not by a backend
+    expected = list(grants_for(routed).models_of(BOTH_KEY))
+    assert answer.status == 200 and [model["id"] for model in answer.json()["data"]] == expected
+    error_of(routed.request("/v1/models", key="sk-nobody-0123456789abcdef"), 401, "invalid_api_key")
 
 
 @pytest.mark.parametrize(
@@ -282,7 +285,9 @@ def test_openai_sdk_reaches_a_real_llama_server_by_model_name(tmp_path: Path) ->
                                                       stream=True)
                 pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
                 assert len(pieces) > 1 and "".join(pieces).strip()
+            assert [listed.id for listed in both.models.list()] == list(names.values())
             one = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=ALPHA_KEY, max_retries=0, timeout=60)
+            assert [listed.id for listed in one.models.list()] == ["smollm2-one"]
             with pytest.raises(openai.NotFoundError) as refused:
                 one.chat.completions.create(model="smollm2-two", messages=[{"role": "user", "content": "Hi"}])
             assert refused.value.code == "model_not_found"

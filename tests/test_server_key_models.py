@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from routheon.mappings.grants import GrantedService, Grants, render_grants
+from routheon.mappings.grants import GRANTED_MODELS_HEADER, GrantedService, Grants, render_grants
 from routheon.server.app import create_app
 from routheon.server.config import ServerConfig
 
@@ -29,7 +29,7 @@ async def scenario(folder: Path) -> None:
     try:
 
         async def models(key: str | None, path: str = "/v1/models", **headers: str) -> tuple[int, dict]:
-            sent = {"Authorization": f"Bearer {key}"} if key is not None else {}
+            sent = {"Authorization": f"Bearer {key}", GRANTED_MODELS_HEADER: "true"} if key is not None else {}
             response = await client.get(path, headers={**sent, **headers})
             return response.status, await response.json()
 
@@ -54,6 +54,8 @@ async def scenario(folder: Path) -> None:
 
         status, body = await models(None)  # no key: the catalog over every backend, as before
         assert status == 200 and body["object"] == "list"
+        response = await client.get("/v1/models", headers={"Authorization": "Bearer any"})  # not via Traefik
+        assert response.status == 200
     finally:
         await client.close()
 
@@ -67,7 +69,7 @@ async def two_headers(folder: Path) -> int:
     client = TestClient(TestServer(create_app(ServerConfig(mappings=folder, traefik="none")), host="127.0.0.1"))
     await client.start_server()
     try:
-        headers = [("Authorization", f"Bearer {ONE}"), ("Authorization", "Bearer other")]
+        headers = [("Authorization", f"Bearer {ONE}"), ("Authorization", "Bearer other"), (GRANTED_MODELS_HEADER, "true")]
         response = await client.get("/v1/models", headers=headers)
         return response.status
     finally:

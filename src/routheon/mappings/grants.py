@@ -38,6 +38,8 @@ HOP_ENTRY_POINT = "routheon-hop"
 HOP_HOST = "127.0.0.1"
 HOP_PORT = 8081
 HOP_HEADER = "X-Routheon-Service"
+# Set (whatever a client sent) on /v1/models requests routed by a granted key to routheon-server.
+GRANTED_MODELS_HEADER = "X-Routheon-Granted-Models"
 # experimental.localPlugins.<PLUGIN_NAME>.moduleName in traefik.yml; the source lives in
 # traefik/plugins-local/src/<PLUGIN_MODULE>/.
 PLUGIN_NAME = "routheon"
@@ -252,6 +254,8 @@ def render_grants(grants: Grants) -> str:
         f"      service: '{SERVER_SERVICE}'",
         "      entryPoints:",
         f"        - {grants.entry_point}",
+        "      middlewares:",
+        f"        - '{MODELS_ROUTER}'",
     ]
     for service in grants.services:
         for suffix, middlewares, priority in (
@@ -279,6 +283,12 @@ def render_grants(grants: Grants) -> str:
         "          services: " + "\n".join(_block(service_lines, " " * 12)),
         "          # one line per key: SHA256-HEX LAST-CHARACTERS SERVICE...",
         "          keys: " + "\n".join(_block(key_lines, " " * 12)),
+        "    # Tells routheon-server the request came through this router, so it lists the key's models;",
+        "    # asked directly (no header, as routheon-server 1.0.x was) it lists every model.",
+        f"    '{MODELS_ROUTER}':",
+        "      headers:",
+        "        customRequestHeaders:",
+        f"          {GRANTED_MODELS_HEADER}: 'true'",
         "    # Reads each request body whole before the second hop proxies it (docs/production.md).",
         f"    '{HOP_REQUEST_BODY}':",
         "      retry:",

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from routheon import __version__
 from routheon.mappings.folder import Finding
+from routheon.mappings.grants import GRANTED_MODELS_HEADER
 from routheon.mappings.format import ENTRY_POINT
 from routheon.mappings.verdict import DEFAULT_TRAEFIK_CONFIG, VerdictUnavailable, entry_points_of, find_traefik
 from routheon.server import errors
@@ -66,13 +67,22 @@ def _model_entry(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "routheon"}
 
 
+def _keyed(request: web.Request) -> bool:
+    """Whether to answer for the request's key: Traefik's grants router says so, with a header.
+
+    Asked directly (on 127.0.0.1:9080, as routheon-server 1.0.x was, where OpenAI clients send
+    any key), it lists every model, as before.
+    """
+    return GRANTED_MODELS_HEADER in request.headers and "Authorization" in request.headers
+
+
 async def _key_models(request: web.Request) -> tuple[str, ...] | None:
     """The models the request's key may use (None: no such key); only asked when it sent one."""
     return await request.app[KEY_MODELS].models_of(request.headers.getall("Authorization"))
 
 
 async def list_models(request: web.Request) -> web.Response:
-    if "Authorization" in request.headers:  # a granted key (routheon-grants.yml): its own models
+    if _keyed(request):  # a granted key (routheon-grants.yml): its own models
         models = await _key_models(request)
         if models is None:
             return errors.INVALID_API_KEY.response()
@@ -83,7 +93,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
-    if "Authorization" in request.headers:
+    if _keyed(request):
         models = await _key_models(request)
         if models is None:
             return errors.INVALID_API_KEY.response()
