@@ -134,3 +134,16 @@ def test_mapping_list_shows_granted_services_and_files_without_keys(folder: Path
     rows = [line.split()[:2] for line in routheon("mapping", "list").splitlines()[1:]]
     assert ["smol", "-"] in rows and ["smol", "1"] in rows and ["gemma", "1"] in rows
     assert not any(name.startswith("routheon-hop") for name, _ in rows)
+
+
+def test_the_grants_name_the_hop_port_of_traefiks_static_configuration(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    config = tmp_path_factory.mktemp("etc") / "traefik.yml"
+    config.write_text(
+        "entryPoints:\n  llama-servers:\n    address: ':8080'\n  routheon-hop:\n    address: '127.0.0.1:18081'\n"
+    )
+    services()
+    assert read_grants(folder).hop_port == 8081
+    routheon("key", "add", BOTH, "--service", "smol", "--traefik-config", str(config))
+    assert read_grants(folder).hop_port == 18081

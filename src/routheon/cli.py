@@ -33,6 +33,7 @@ from routheon.mappings.verdict import (
     ask_traefik,
     entry_points_of,
     find_traefik,
+    hop_port_of,
     judged,
 )
 from routheon.mappings.store import (
@@ -183,6 +184,17 @@ def _traefik_config(args: argparse.Namespace) -> Path | None:
     return Path(args.traefik_config) if args.traefik_config else None
 
 
+def _hop_port(args: argparse.Namespace) -> int | None:
+    """routheon-hop's port from --traefik-config, for the grants file; None when there is no such file."""
+    config = _traefik_config(args)
+    if config is None or not config.is_file():
+        return None
+    try:
+        return hop_port_of(config)
+    except VerdictUnavailable as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
     """How a write command confirms its change before writing it (see routheon.mappings.confirm)."""
     binary = _traefik_binary(args)
@@ -243,7 +255,15 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     without_error_pages = args.error_pages and not defines_error_pages(read_folder(folder).files)
     backups = _backups(args.backups)
     confirmation = _confirmation(folder, args)
-    changes = add_mapping(folder, spec, replace=args.replace, backups=backups, confirm=confirmation, models=models)
+    changes = add_mapping(
+        folder,
+        spec,
+        replace=args.replace,
+        backups=backups,
+        confirm=confirmation,
+        models=models,
+        hop_port=_hop_port(args),
+    )
     status = _report(changes, confirmation)
     if without_error_pages and keys:
         log.info(
@@ -321,9 +341,11 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
     confirmation = _confirmation(folder, args)
     try:
         if args.service:
-            changes = remove_service(folder, args.service, backups=backups, confirm=confirmation)
+            changes = remove_service(
+                folder, args.service, backups=backups, confirm=confirmation, hop_port=_hop_port(args)
+            )
         else:
-            changes = revoke_keys(folder, keys, backups=backups, confirm=confirmation)
+            changes = revoke_keys(folder, keys, backups=backups, confirm=confirmation, hop_port=_hop_port(args))
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
     return _report(changes, confirmation)
@@ -402,7 +424,9 @@ def cmd_key_add(args: argparse.Namespace) -> int:
     folder = _existing_folder(args.mappings)
     confirmation = _confirmation(folder, args)
     try:
-        changes = grant_keys(folder, keys, args.service, backups=_backups(args.backups), confirm=confirmation)
+        changes = grant_keys(
+            folder, keys, args.service, backups=_backups(args.backups), confirm=confirmation, hop_port=_hop_port(args)
+        )
     except LookupError as exc:
         raise CommandError(str(exc).strip("'\"")) from None
     status = _report(changes, confirmation)
@@ -421,7 +445,9 @@ def cmd_key_remove(args: argparse.Namespace) -> int:
     confirmation = _confirmation(folder, args)
     services = tuple(args.service) if args.service else None
     try:
-        changes = revoke_keys(folder, keys, services, backups=_backups(args.backups), confirm=confirmation)
+        changes = revoke_keys(
+            folder, keys, services, backups=_backups(args.backups), confirm=confirmation, hop_port=_hop_port(args)
+        )
     except LookupError as exc:
         raise CommandError(str(exc).strip("'\"")) from None
     return _report(changes, confirmation)

@@ -413,6 +413,7 @@ def add_mapping(
     backups: int = DEFAULT_BACKUPS,
     confirm: Confirm | None = None,
     models: tuple[str, ...] | None = None,
+    hop_port: int | None = None,
 ) -> list[Change]:
     """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file and the grants.
 
@@ -434,7 +435,8 @@ def add_mapping(
                     f"{mapping.path} already defines a router or service named {spec.service!r}; "
                     "remove it or choose another --service"
                 )
-        before = grants = read_grants(folder)
+        before = read_grants(folder)
+        grants = _on_hop_port(before, hop_port)
         elsewhere = sorted(
             {
                 mapping.path.name
@@ -481,7 +483,12 @@ def add_mapping(
 
 
 def remove_service(
-    folder: Path, service: str, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None
+    folder: Path,
+    service: str,
+    *,
+    backups: int = DEFAULT_BACKUPS,
+    confirm: Confirm | None = None,
+    hop_port: int | None = None,
 ) -> list[Change]:
     """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing, its grants go."""
     validate_service_name(service)  # never a path: "../x" must not reach a file outside the folder
@@ -498,7 +505,8 @@ def remove_service(
                 "and their keys would stop working: change those files first"
             )
         before = read_grants(folder)
-        steps = [*_grants_step(folder, before, _without_service(before, service)), _Step(target, None, "removed")]
+        after = _without_service(_on_hop_port(before, hop_port), service)
+        steps = [*_grants_step(folder, before, after), _Step(target, None, "removed")]
         return _with_pruning(folder, _apply(steps, confirm, backups), backups)
 
 
@@ -543,6 +551,11 @@ def _key_routes(files: Iterable[MappingFile]) -> dict[str, set[str]]:
     return routes
 
 
+def _on_hop_port(grants: Grants, hop_port: int | None) -> Grants:
+    """``grants`` naming ``hop_port`` (Traefik's routheon-hop entry point), when it is known."""
+    return grants if hop_port is None else replace(grants, hop_port=hop_port)
+
+
 def _declared(grants: Grants) -> frozenset[str]:
     return frozenset(service.name for service in grants.services)
 
@@ -562,6 +575,7 @@ def grant_keys(
     *,
     backups: int = DEFAULT_BACKUPS,
     confirm: Confirm | None = None,
+    hop_port: int | None = None,
 ) -> list[Change]:
     """Grant ``services`` to each key on top of what it has; nothing else is revoked.
 
@@ -580,7 +594,8 @@ def grant_keys(
                 f"no mapping file defines service {missing[0]!r}: add it first"
                 f" (routheon mapping add --service {missing[0]} --url URL --model NAME)"
             )
-        before = grants = read_grants(folder)
+        before = read_grants(folder)
+        grants = _on_hop_port(before, hop_port)
         routes = _key_routes(files)
         moved: set[str] = set()
         for key in keys:
@@ -610,13 +625,15 @@ def revoke_keys(
     *,
     backups: int = DEFAULT_BACKUPS,
     confirm: Confirm | None = None,
+    hop_port: int | None = None,
 ) -> list[Change]:
     """Take ``services`` (all when None) from each key, in the grants and in key files alike."""
     keys = set(keys)
     only = None if services is None else tuple(services)
     with folder_lock(folder):
         files = _parsed_files(folder)
-        before = grants = read_grants(folder)
+        before = read_grants(folder)
+        grants = _on_hop_port(before, hop_port)
         routes = _key_routes(files)
         unknown = [key for key in keys if key not in routes and grants.key(key) is None]
         if unknown:

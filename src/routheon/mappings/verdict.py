@@ -39,6 +39,7 @@ from routheon.mappings.grants import (
     GRANTS_FILE,
     GRANTS_ROUTER,
     HOP_ENTRY_POINT,
+    HOP_PORT,
     MODELS_ROUTER,
     PLUGIN_MODULE,
     PLUGIN_NAME,
@@ -113,17 +114,32 @@ def find_traefik(explicit: str | None = None) -> str | None:
     return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
 
 
-def entry_points_of(static_config: Path | None) -> tuple[str, ...]:
-    """The entry point names of a Traefik static file, so routers naming them are built as in production."""
+def _entry_points(static_config: Path | None) -> dict[str, Any]:
+    """The ``entryPoints`` section of a Traefik static file ({} when there is no file)."""
     if static_config is None or not static_config.is_file():
-        return (ENTRY_POINT,)
+        return {}
     try:
         document = yaml.safe_load(static_config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise VerdictUnavailable(f"cannot read the Traefik static configuration {static_config}: {exc}") from None
     entry_points = document.get("entryPoints") if isinstance(document, dict) else None
-    names = tuple(str(name) for name in entry_points or {}) if isinstance(entry_points, dict) else ()
-    return names or (ENTRY_POINT,)
+    return entry_points if isinstance(entry_points, dict) else {}
+
+
+def entry_points_of(static_config: Path | None) -> tuple[str, ...]:
+    """The entry point names of a Traefik static file, so routers naming them are built as in production."""
+    return tuple(str(name) for name in _entry_points(static_config)) or (ENTRY_POINT,)
+
+
+def hop_port_of(static_config: Path | None) -> int:
+    """The port of the ``routheon-hop`` entry point in a Traefik static file (default: 8081).
+
+    The grants file names it, so the plugin's requests come back to that entry point.
+    """
+    settings = _entry_points(static_config).get(HOP_ENTRY_POINT)
+    address = settings.get("address") if isinstance(settings, dict) else None
+    port = str(address).rpartition(":")[2] if address else ""
+    return int(port) if port.isdigit() and 0 < int(port) < 65536 else HOP_PORT
 
 
 def find_plugins(static_config: Path | None = None) -> Path | None:
