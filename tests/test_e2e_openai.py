@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.llama, pytest.mark.traefik]
 
 KEY_1 = "e2e-key-one-3f9c2a7b41d8"
 KEY_2 = "e2e-key-two-8d1e6b0c95a2"
+SHARED_KEY = "e2e-key-both-5a0c7e2d19f3"
 ALIAS_1 = "smollm2-one"
 ALIAS_2 = "smollm2-two"
 PROMPT = [{"role": "user", "content": "Say hello in five words."}]
@@ -46,11 +47,13 @@ def running_stack(work: Path) -> Iterator[Stack]:
         workdir=work,
         llama_server=binary,
         backends=(
-            Backend("llama-server-1", KEY_1, model, ALIAS_1, free_port()),
+            Backend("llama-server-1", KEY_1, model, ALIAS_1, free_port(), other_names=("TinyLlama_Chat",)),
             Backend("llama-server-2", KEY_2, model, ALIAS_2, free_port()),
         ),
         entry_port=free_port(),
         server_port=free_port(),
+        hop_port=free_port(),
+        shared_key=SHARED_KEY,
         n_predict=24,
     )
     with Supervisor(work / "logs") as supervisor:
@@ -73,6 +76,19 @@ def client(stack: Stack, key: str) -> openai.OpenAI:
 def test_each_key_lists_only_its_model(stack: Stack) -> None:
     assert [model.id for model in client(stack, KEY_1).models.list()] == [ALIAS_1]
     assert [model.id for model in client(stack, KEY_2).models.list()] == [ALIAS_2]
+
+
+def test_one_key_chats_and_streams_with_both_models_by_name(stack: Stack) -> None:
+    shared = client(stack, SHARED_KEY)
+    assert [model.id for model in shared.models.list()] == [ALIAS_1, "TinyLlama_Chat", ALIAS_2]
+    for name in (ALIAS_1, "TinyLlama_Chat", ALIAS_2):
+        answer = shared.chat.completions.create(model=name, messages=PROMPT, max_tokens=8)
+        assert answer.choices[0].message.content
+        stream = shared.chat.completions.create(model=name, messages=PROMPT, max_tokens=8, stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices).strip()
+    with pytest.raises(openai.NotFoundError) as refused:
+        shared.chat.completions.create(model="gpt-4o", messages=PROMPT, max_tokens=8)
+    assert refused.value.code == "model_not_found"
 
 
 def test_without_a_key_the_list_holds_both(stack: Stack) -> None:

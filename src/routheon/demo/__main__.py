@@ -24,6 +24,9 @@ from routheon.supervisor import StartError, Supervisor
 log = logging.getLogger("routheon.demo")
 
 KEYS = ("API_KEY-1", "API_KEY-2")
+# the model names of the original project's README, answered by the demo's two models
+OTHER_NAMES = (("TinyLlama_Chat",), ("mistral-tiny",))
+SHARED_KEY = "API_KEY-ALL"
 LLAMA_PORTS = (8011, 8012)
 
 TRY_THIS = """\
@@ -52,10 +55,18 @@ curl -N {url}/v1/chat/completions \\
 API_KEY-2 reaches {alias2} instead (a pretrained base model: it continues text
 rather than following instructions).
 
-All models (no key), the model behind one key, host stats:
+One key, many models: API_KEY-ALL may use both, and the request's "model" picks
+the llama-server ({alias1} or TinyLlama_Chat, {alias2} or mistral-tiny):
+
+curl {url}/v1/chat/completions \
+-H "Content-Type: application/json" \
+-H "Authorization: Bearer API_KEY-ALL" \
+-d '{{"model": "{alias2}", "messages": [{{"role": "user", "content": "The sea is"}}]}}'
+
+All models (no key), the models of one key, host stats:
 
 curl {url}/v1/models
-curl {url}/v1/models -H "Authorization: Bearer API_KEY-2"
+curl {url}/v1/models -H "Authorization: Bearer API_KEY-ALL"
 curl {url}/stats
 
 Type `stop llama-server-2` and then `curl {url}/v1/models` lists one model;
@@ -156,8 +167,10 @@ def run(args: argparse.Namespace, signals: _Signals) -> int:
     if args.prepare:
         return 0
     backends = tuple(
-        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.chat_template)
-        for n, (key, path, spec, port) in enumerate(zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS, strict=True), start=1)
+        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.chat_template, other_names)
+        for n, (key, path, spec, port, other_names) in enumerate(
+            zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS, OTHER_NAMES, strict=True), start=1
+        )
     )
     config = StackConfig(
         workdir=args.workdir,
@@ -165,6 +178,8 @@ def run(args: argparse.Namespace, signals: _Signals) -> int:
         backends=backends,
         entry_port=args.port,
         server_port=free_port(9080),
+        hop_port=free_port(8081),
+        shared_key=SHARED_KEY,
     )
     with Supervisor(args.workdir / "logs") as supervisor:
         signals.supervisor = supervisor

@@ -27,6 +27,7 @@ from routheon.loopback import (
     traefik_dir,
 )
 from routheon.mappings.format import ENTRY_POINT
+from routheon.mappings.grants import HOP_ENTRY_POINT
 from routheon.probe import model_ids
 from routheon.supervisor import Child, StartError, Supervisor
 
@@ -46,6 +47,12 @@ class Backend:
     alias: str
     port: int
     chat_template: str | None = None
+    # more names clients may send as "model" for it (the original project's, e.g. TinyLlama_Chat)
+    other_names: tuple[str, ...] = ()
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.alias, *self.other_names)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,10 @@ class StackConfig:
     backends: tuple[Backend, ...]
     entry_port: int = 8080
     server_port: int = 9080
+    # Traefik's second, loopback-only entry point for keys granted several models
+    hop_port: int = 8081
+    # a key granted every backend: the request's "model" picks the llama-server
+    shared_key: str | None = None
     context: int = 2048
     n_predict: int = 256
     threads: int = 1
@@ -165,23 +176,38 @@ class Stack:
         mappings.mkdir(mode=0o700)
         install_server_mapping(mappings, self.config.server_port)
 
-    def _add_mapping(self, backend: Backend) -> None:
+    def _routheon(self, *args: str) -> None:
+        """``routheon ARGS`` on the demo's folder, judged by the demo's own Traefik configuration."""
+        cfg = self.config
         argv = [
-            tool("routheon"), "--quiet", "mapping", "add",
+            tool("routheon"), "--quiet", *args,
+            "--mappings", str(cfg.mappings),
+            "--traefik-config", str(cfg.workdir / STATIC_CONFIG),
+        ]
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise StartError(f"routheon {' '.join(args[:2])} failed: {result.stderr.strip()}")
+
+    def _add_mapping(self, backend: Backend) -> None:
+        models = [argument for name in backend.models for argument in ("--model", name)]
+        self._routheon(
+            "mapping", "add",
             "--service", backend.service,
             "--port", str(backend.port),
             "--host", f"http://{LOOPBACK}",
             "--key", backend.key,
-            "--mappings", str(self.config.mappings),
-        ]
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise StartError(f"routheon mapping add for {backend.service} failed: {result.stderr.strip()}")
+            *models,
+        )
+
+    def _grant_shared_key(self) -> None:
+        services = [argument for backend in self.config.backends for argument in ("--service", backend.service)]
+        self._routheon("key", "add", str(self.config.shared_key), *services)
 
     def _traefik_config(self) -> Path:
         """The shipped static configuration, listening on loopback and reading the demo folder."""
-        loopback = LoopbackTraefik(self.config.mappings, {ENTRY_POINT: self.config.entry_port})
-        return loopback.write(self.config.workdir / STATIC_CONFIG)
+        ports = {ENTRY_POINT: self.config.entry_port, HOP_ENTRY_POINT: self.config.hop_port}
+        install_plugins(self.config.workdir)
+        return LoopbackTraefik(self.config.mappings, ports).write(self.config.workdir / STATIC_CONFIG)
 
     # -- the whole stack -----------------------------------------------------------------
 
@@ -194,10 +220,13 @@ class Stack:
         if missing:
             raise StartError(f"this installation of Routheon lacks its Traefik files: {', '.join(missing)}")
         self._reset_mappings()
+        traefik_config = self._traefik_config()
         for backend in cfg.backends:
             log.info("Starting %s (%s) on port %d", backend.service, backend.alias, backend.port)
             self.start_backend(backend.service)
             self._add_mapping(backend)
+        if cfg.shared_key is not None:
+            self._grant_shared_key()
         log.info("Starting routheon-server on port %d", cfg.server_port)
         server = self.supervisor.start(
             "routheon-server",
@@ -212,10 +241,9 @@ class Stack:
         )
         server.wait_http(f"http://{LOOPBACK}:{cfg.server_port}/health", cfg.startup_timeout)
         log.info("Starting Traefik on %s", cfg.entry_url)
-        install_plugins(cfg.workdir)
         traefik = self.supervisor.start(
             "traefik",
-            [tool("traefik"), f"--configFile={self._traefik_config()}"],
+            [tool("traefik"), f"--configFile={traefik_config}"],
             cwd=cfg.workdir,  # where Traefik looks for plugins-local/
         )
         expected = sorted(backend.alias for backend in cfg.backends)
