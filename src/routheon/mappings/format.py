@@ -292,6 +292,23 @@ def rendered_routers(spec: MappingSpec) -> tuple[tuple[str, tuple[str, ...], int
     )
 
 
+def body_reader_lines(name: str) -> list[str]:
+    """The middleware ``name`` (YAML lines under ``http.middlewares``) that reads request bodies whole.
+
+    A ``retry`` that never retries (it only retries on a status no backend sends): Traefik
+    then reads the body before proxying, which keeps streams whole under load (traefik.yml).
+    """
+    return [
+        f"    '{name}':",
+        "      retry:",
+        "        attempts: 2",
+        f"        status: ['{NEVER_SENT_STATUS}']",
+        "        retryNonIdempotentMethod: true",
+        "        disableRetryOnNetworkError: true",
+        "        maxRequestBodyBytes: -1",
+    ]
+
+
 def render_mapping(spec: MappingSpec) -> str:
     """The text of a mapping file for ``spec``.
 
@@ -326,13 +343,7 @@ def render_mapping(spec: MappingSpec) -> str:
         lines += [
             "  middlewares:",
             "    # Reads each request body whole before proxying; never retries (docs/production.md).",
-            f"    '{request_body_middleware(name)}':",
-            "      retry:",
-            "        attempts: 2",
-            f"        status: ['{NEVER_SENT_STATUS}']",
-            "        retryNonIdempotentMethod: true",
-            "        disableRetryOnNetworkError: true",
-            "        maxRequestBodyBytes: -1",
+            *body_reader_lines(request_body_middleware(name)),
         ]
     lines += [
         "  services:",

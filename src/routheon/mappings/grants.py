@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, FALLBACK_SUFFIX, NEVER_SENT_STATUS, SAFE_LOADER
+from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, FALLBACK_SUFFIX, SAFE_LOADER, body_reader_lines
 from routheon.mappings.format import InputError, validate_service_name
 from routheon.mappings.keys import validate_key
 
@@ -290,13 +290,7 @@ def render_grants(grants: Grants) -> str:
         "        customRequestHeaders:",
         f"          {GRANTED_MODELS_HEADER}: 'true'",
         "    # Reads each request body whole before the second hop proxies it (docs/production.md).",
-        f"    '{HOP_REQUEST_BODY}':",
-        "      retry:",
-        "        attempts: 2",
-        f"        status: ['{NEVER_SENT_STATUS}']",
-        "        retryNonIdempotentMethod: true",
-        "        disableRetryOnNetworkError: true",
-        "        maxRequestBodyBytes: -1",
+        *body_reader_lines(HOP_REQUEST_BODY),
         "  services:",
         f"    '{HOP_SERVICE}':",
         "      loadBalancer:",
