@@ -45,7 +45,7 @@ def test_round_trip_and_lookups() -> None:
     assert parse_grants(text) == grants
     assert KEY not in text
     assert grants.models_of(KEY) == ("alpha-model", "a2", "beta-model")
-    assert grants.key(key_hash(KEY)) == grants.key(KEY)
+    assert grants.by_hash(key_hash(KEY)) == grants.key(KEY)
     document = yaml.safe_load(text)
     assert document["http"]["routers"]["routheon-grants"]["priority"] == 2
 

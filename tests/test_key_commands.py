@@ -147,3 +147,39 @@ def test_the_grants_name_the_hop_port_of_traefiks_static_configuration(
     assert read_grants(folder).hop_port == 8081
     routheon("key", "add", BOTH, "--service", "smol", "--traefik-config", str(config))
     assert read_grants(folder).hop_port == 18081
+
+
+def test_a_key_of_64_hex_digits_is_a_key_not_a_hash(folder: Path) -> None:
+    hex_key = "0123456789abcdef" * 4  # what `openssl rand -hex 32` gives
+    services()
+    routheon("key", "add", hex_key, "--service", "smol", "--service", "gemma")
+    assert read_grants(folder).key(hex_key) is not None
+    assert run_routheon("mapping", "add", "--service", "other", "--port", "8013", "--key", hex_key).returncode == 1
+    routheon("key", "remove", hex_key)
+    assert read_grants(folder).key(hex_key) is None and read_grants(folder).keys == ()
+
+
+def test_revoking_a_service_the_key_does_not_have_fails(folder: Path) -> None:
+    services()
+    routheon("key", "add", BOTH, "--service", "smol", "--service", "gemma")
+    result = run_routheon("key", "remove", BOTH, "--service", "smoll")
+    assert result.returncode == 1 and "'smoll'" in result.stderr and "nothing was revoked" in result.stderr
+    assert read_grants(folder).key(BOTH).services == ("smol", "gemma")
+
+
+def test_declaring_models_keeps_the_keys_the_file_routes_at_that_moment(folder: Path) -> None:
+    routheon("mapping", "add", "--service", "smol", "--port", "8011", "--key", OLD)
+    routheon("mapping", "add", "--service", "smol", "--port", "8011", "--model", "SmolLM2")
+    smol = next(mapping for mapping in read_folder(folder).files if mapping.path.name == "smol.yml")
+    assert smol.keys() == [OLD] and read_grants(folder).service("smol").models == ("SmolLM2",)
+
+
+def test_a_static_configuration_without_the_hop_leaves_the_port_as_it_is(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    etc = tmp_path_factory.mktemp("etc")
+    (etc / "hop.yml").write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n  routheon-hop: {address: '127.0.0.1:9999'}\n")
+    (etc / "nohop.yml").write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n")
+    routheon("mapping", "add", "--service", "smol", "--port", "8011", "--model", "A", "--traefik-config", str(etc / "hop.yml"))
+    routheon("key", "add", BOTH, "--service", "smol", "--traefik-config", str(etc / "nohop.yml"))
+    assert read_grants(folder).hop_port == 9999

@@ -223,20 +223,12 @@ def _report(changes: list[Change], confirmation: Confirmation) -> int:
     return 0
 
 
-def _routed_keys(path: Path) -> list[str]:
-    """The keys a mapping file routes today (none when it does not exist)."""
-    files = read_folder(path.parent).files if path.parent.is_dir() else ()
-    return next((mapping.keys() for mapping in files if mapping.path == path), [])
-
-
 def cmd_mapping_add(args: argparse.Namespace) -> int:
     keys = list(args.key or [])
     if args.key_file:
         keys += _read_key_file(args.key_file)
     generated = None
-    if not keys and args.model:  # declaring models keeps the keys the file routes, if any
-        keys = _routed_keys(Path(args.mappings) / f"{args.service}.yml")
-    elif not keys:
+    if not keys and not args.model:  # with --model, no key is generated: the file keeps the keys it routes
         generated = generate_key()
         keys = [generated]
     spec = MappingSpec(args.service, _backend_urls(args), tuple(keys), entry_point=args.entry_point)
@@ -263,6 +255,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
         confirm=confirmation,
         models=models,
         hop_port=_hop_port(args),
+        keep_keys=models is not None,
     )
     status = _report(changes, confirmation)
     if without_error_pages and keys:
@@ -469,7 +462,7 @@ def cmd_key_list(args: argparse.Namespace) -> int:
         for key, names in services.items():
             rows.append((mask_key(key), ",".join(names), "(any)", str(mapping.path.relative_to(folder.path))))
     for grant in grants.keys:
-        models = grants.models_of(grant.hash)
+        models = grants.models_for(grant)
         shown = ",".join(models) if models else "(any)"
         rows.append((f"...{grant.hint}", ",".join(grant.services), shown, GRANTS_FILE))
     _print_table(rows)

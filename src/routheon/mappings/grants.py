@@ -145,15 +145,19 @@ class Grants:
         # built once per Grants: `key add --key-file` with 10,000 keys must not scan 10,000 times
         return {grant.hash: grant for grant in self.keys}
 
-    def key(self, key_or_hash: str) -> KeyGrant | None:
-        """The grant of a key, given the key itself or its hash."""
-        return self._by_hash.get(key_or_hash if _HASH.fullmatch(key_or_hash) else key_hash(key_or_hash))
+    def key(self, key: str) -> KeyGrant | None:
+        """The grant of ``key``. Always hashed: a key may itself be 64 hex digits (``openssl rand -hex 32``)."""
+        return self.by_hash(key_hash(key))
 
-    def models_of(self, key_or_hash: str) -> tuple[str, ...]:
-        """The models a key may name, each once, in grant order (what ``/v1/models`` lists)."""
-        grant = self.key(key_or_hash)
-        if grant is None:
-            return ()
+    def by_hash(self, digest: str) -> KeyGrant | None:
+        return self._by_hash.get(digest)
+
+    def models_of(self, key: str) -> tuple[str, ...]:
+        """The models ``key`` may name, each once, in grant order (what ``/v1/models`` lists)."""
+        grant = self.key(key)
+        return () if grant is None else self.models_for(grant)
+
+    def models_for(self, grant: KeyGrant) -> tuple[str, ...]:
         found = (self.service(name) for name in grant.services)
         return tuple(dict.fromkeys(model for service in found if service for model in service.models))
 
@@ -180,9 +184,13 @@ class Grants:
             merged[key_hash(key)] = KeyGrant.of(key, tuple(dict.fromkeys((*(old.services if old else ()), *services))))
         return replace(self, keys=tuple(merged.values()))
 
-    def revoke(self, key_or_hash: str, services: tuple[str, ...] | None = None) -> Grants:
-        """Take ``services`` (all when None) from a key; a key left with none is removed."""
-        old = self.key(key_or_hash)
+    def revoke(self, key: str, services: tuple[str, ...] | None = None) -> Grants:
+        """Take ``services`` (all when None) from ``key``; a key left with none is removed."""
+        return self.revoke_hash(key_hash(key), services)
+
+    def revoke_hash(self, digest: str, services: tuple[str, ...] | None = None) -> Grants:
+        """``revoke`` for the key whose sha256 is ``digest``."""
+        old = self.by_hash(digest)
         if old is None:
             return self
         left = () if services is None else tuple(name for name in old.services if name not in services)

@@ -11,6 +11,7 @@ write. Files that hold keys are never world-readable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -414,17 +415,23 @@ def add_mapping(
     confirm: Confirm | None = None,
     models: tuple[str, ...] | None = None,
     hop_port: int | None = None,
+    keep_keys: bool = False,
 ) -> list[Change]:
     """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file and the grants.
 
     Overwriting a different file or moving a key needs ``replace``. ``models`` declares the
-    model names the service answers to in the grants file (None leaves them as they are).
-    Each file touched keeps its ``backups`` newest backups.
+    model names the service answers to in the grants file (None leaves them as they are);
+    ``keep_keys`` gives a ``spec`` without keys the keys ``SERVICE.yml`` routes, read under
+    the lock (read before it, a key revoked meanwhile would come back). Each file touched
+    keeps its ``backups`` newest backups.
     """
     spec.validate()
     target = folder / spec.file_name
     with folder_lock(folder):
         files = _parsed_files(folder)
+        if keep_keys and not spec.keys:
+            routed = next((mapping.keys() for mapping in files if mapping.path == target), [])
+            spec = dataclasses.replace(spec, keys=tuple(routed))
         own_names = {spec.service, fallback_router(spec.service)}
         for mapping in files:
             if mapping.path == target:
@@ -564,7 +571,7 @@ def _without_service(grants: Grants, service: str) -> Grants:
     """``grants`` with ``service`` gone: undeclared, and taken from every key (keys left with none go)."""
     for grant in grants.keys:
         if service in grant.services:
-            grants = grants.revoke(grant.hash, (service,))
+            grants = grants.revoke_hash(grant.hash, (service,))
     return replace(grants, services=tuple(declared for declared in grants.services if declared.name != service))
 
 
@@ -638,6 +645,14 @@ def revoke_keys(
         unknown = [key for key in keys if key not in routes and grants.key(key) is None]
         if unknown:
             raise LookupError(f"{len(unknown)} of the given API keys are granted nothing and in no mapping file")
+        for key in keys if only is not None else ():
+            granted = routes.get(key, set()) | set(getattr(grants.key(key), "services", ()))
+            absent = [name for name in only if name not in granted]
+            if absent:
+                raise LookupError(
+                    f"key {mask_key(key)} may not use service {absent[0]!r} (it may use {', '.join(sorted(granted))});"
+                    " nothing was revoked"
+                )
         in_files = {key for key in keys if routes.get(key) and (only is None or routes[key] & set(only))}
         for key in keys:
             grants = grants.revoke(key, only)

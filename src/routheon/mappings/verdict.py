@@ -39,7 +39,6 @@ from routheon.mappings.grants import (
     GRANTS_FILE,
     GRANTS_ROUTER,
     HOP_ENTRY_POINT,
-    HOP_PORT,
     MODELS_ROUTER,
     PLUGIN_MODULE,
     PLUGIN_NAME,
@@ -131,15 +130,16 @@ def entry_points_of(static_config: Path | None) -> tuple[str, ...]:
     return tuple(str(name) for name in _entry_points(static_config)) or (ENTRY_POINT,)
 
 
-def hop_port_of(static_config: Path | None) -> int:
-    """The port of the ``routheon-hop`` entry point in a Traefik static file (default: 8081).
+def hop_port_of(static_config: Path | None) -> int | None:
+    """The port of the ``routheon-hop`` entry point in a Traefik static file; None when it has none.
 
-    The grants file names it, so the plugin's requests come back to that entry point.
+    The grants file names it, so the plugin's requests come back to that entry point. A file
+    without it says nothing about the port: the grants file keeps the one it has.
     """
     settings = _entry_points(static_config).get(HOP_ENTRY_POINT)
     address = settings.get("address") if isinstance(settings, dict) else None
     port = str(address).rpartition(":")[2] if address else ""
-    return int(port) if port.isdigit() and 0 < int(port) < 65536 else HOP_PORT
+    return int(port) if port.isdigit() and 0 < int(port) < 65536 else None
 
 
 def find_plugins(static_config: Path | None = None) -> Path | None:

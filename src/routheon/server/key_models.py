@@ -71,4 +71,4 @@ class KeyModels:
         key = authorization[0][len(BEARER):]
         grants = await self.grants()
         grant = grants.key(key) if key else None
-        return None if grant is None else grants.models_of(grant.hash)
+        return None if grant is None else grants.models_for(grant)
