@@ -12,12 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import env, machine, report, servers, tokenpath
+from . import env, machine, modelroute, report, servers, tokenpath
 from .profile import PROFILES
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-PARTS = ("servers", "startup", "tokenpath")
+PARTS = ("servers", "startup", "tokenpath", "modelroute")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             _save(results, out)
         if "tokenpath" in args.parts:
             results["tokenpath"] = tokenpath.run(profile, workdir, args.fake_llama)
+            _save(results, out)
+        if "modelroute" in args.parts:
+            results["modelroute"] = modelroute.run_profile(profile, workdir)
     results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     _save(results, out)
     print(report.text_tables(results))

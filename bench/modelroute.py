@@ -14,6 +14,9 @@ turns round by round so that a noisy moment hurts all of them alike. Then, with 
 Traefik ready after start, one grant and one revocation applied while it runs, RSS, and what
 the Python side pays to write and read such a grants file.
 
+``python -m bench`` runs it as its ``modelroute`` part (``run_profile``: the profile sets the
+lengths) and docs/benchmarks.md shows it; alone, for a look at this part only:
+
     .venv/bin/python -m bench.modelroute [--seconds 4] [--rounds 3] [--out FILE.json]
 """
 
@@ -26,7 +29,6 @@ import os
 import platform
 import signal
 import statistics
-import sys
 import tempfile
 import time
 import urllib.error
@@ -38,18 +40,11 @@ from urllib.parse import urlsplit
 import psutil
 import yaml
 
-from routheon.loopback import (
-    LoopbackTraefik,
-    free_port,
-    install_plugins,
-    install_server_mapping,
-    shipped_static_config,
-)
+from routheon.loopback import free_port, install_server_mapping, shipped_static_config
 from routheon.mappings.check import inspect_folder
 from routheon.mappings.format import ENTRY_POINT, MappingSpec, render_mapping
 from routheon.mappings.grants import (
     GRANTS_FILE,
-    HOP_ENTRY_POINT,
     PLUGIN_NAME,
     GrantedService,
     Grants,
@@ -59,24 +54,23 @@ from routheon.mappings.grants import (
 )
 from routheon.supervisor import Child, eventually
 
+from . import report as bench_report
 from . import stack, wrk
-from .report import table
+from .profile import Profile
+from .tokenpath import bare_static_config, bearer, launch_traefik, write_bare_mappings
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-TRAEFIK = Path(sys.executable).parent / "traefik"
 KEY = "sk-bench-model-route-0123456789"
 SERVICES = 20
 KEYS = 10_000
+# wrk connections for requests/s
+CONNECTIONS = 8
 BODY = json.dumps({"model": "model-01", "messages": [{"role": "user", "content": "Name three colours."}],
                    "max_tokens": 8})
 POST = {"Content-Type": "application/json"}
 KEY_HASH = key_hash(KEY)
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def bench_key(index: int) -> str:
@@ -148,37 +142,16 @@ class Traefiks:
         self.stk = stk
 
     def start(self, name: str, folder: Path, bare: bool = False) -> tuple[Child, str, float]:
-        """Start one; its base URL and the seconds until KEY got a 200 through it."""
-        workdir = self.stk.workdir / name
-        workdir.mkdir(exist_ok=True)
-        install_plugins(workdir)
-        static = shipped_static_config()
-        port = free_port()
-        ports = {ENTRY_POINT: port, HOP_ENTRY_POINT: self.hop_port(folder)}
-        if bare:
-            static = {key: static[key] for key in ("providers", "serversTransport")}
-            del ports[HOP_ENTRY_POINT]
-        config = LoopbackTraefik(folder, ports, log_level="ERROR").write(workdir / "traefik.yml", static)
-        began = time.perf_counter()
-        proc = self.stk.start(name, [str(TRAEFIK), f"--configFile={config}"], cwd=workdir)
-        base = f"http://127.0.0.1:{port}"
-        seconds_until(lambda: status(base, KEY) == 200)
-        return proc, base, time.perf_counter() - began
+        """Start one; its base URL and the seconds until KEY got a 200 through it (polled
+        every 10 ms: the ready time is one of the figures)."""
+        static, hop_port = (bare_static_config(), None) if bare else (shipped_static_config(), self.hop_port(folder))
+        return launch_traefik(self.stk, name, static, folder, lambda base: status(base, KEY) == 200, hop_port,
+                              timeout=60, poll_s=0.01)
 
     @staticmethod
     def hop_port(folder: Path) -> int:
         grants_file = folder / GRANTS_FILE
         return parse_grants(grants_file.read_text()).hop_port if grants_file.exists() else free_port()
-
-
-def bare_folder(folder: Path, backend: str) -> Path:
-    folder.mkdir(parents=True)
-    dynamic = {"http": {
-        "routers": {"bare": {"rule": f"Header(`Authorization`, `Bearer {KEY}`)", "service": "bare",
-                             "entryPoints": [ENTRY_POINT]}},
-        "services": {"bare": {"loadBalancer": {"servers": [{"url": backend}]}}}}}
-    (folder / "bare.yml").write_text(yaml.safe_dump(dynamic))
-    return folder
 
 
 def rss_mib(proc: Child) -> float:
@@ -246,13 +219,14 @@ def python_side(folder: Path) -> dict[str, float]:
             "render_grants_s": round(render_s, 3), "inspect_folder_s": round(inspect_s, 3)}
 
 
-def run(workdir: Path, seconds: int, rounds: int, connections: int) -> dict:
+def run(workdir: Path, seconds: int, rounds: int, connections: int, attempts: int = 3) -> dict:
+    """Every path measured, then (``attempts`` times each) a grant, a revocation and a start."""
     with stack.Stack(workdir) as stk:
         backend = stack.start_instant_backend(stk)
         server = stack.start_server(stk, "routheon", workdir / "server-mappings")
         traefiks = Traefiks(stk)
         folders = {
-            "plain": bare_folder(workdir / "plain", backend),
+            "plain": write_bare_mappings(workdir / "plain", {KEY: backend}),
             "per-key": workdir / "per-key",
             "plugin-only": plugin_only_folder(workdir / "plugin-only", backend, server),
             "model-routed": workdir / "model-routed",
@@ -268,11 +242,11 @@ def run(workdir: Path, seconds: int, rounds: int, connections: int) -> dict:
         rows = measure_paths(paths, seconds, rounds, connections)
         for row in rows:
             row["rss_mib"] = rss_mib(started[row["path"]][0])
-        applied = changes_applied(paths["model-routed-10k"], folders["model-routed-10k"] / GRANTS_FILE, many, 3)
+        applied = changes_applied(paths["model-routed-10k"], folders["model-routed-10k"] / GRANTS_FILE, many, attempts)
         for proc, _, _ in started.values():
             proc.stop(signal.SIGKILL)
         ready = {name: [] for name in ("model-routed", "model-routed-10k")}
-        for attempt in range(3):
+        for attempt in range(attempts):
             for name in ready:
                 proc, _, took = traefiks.start(f"{name}-ready-{attempt}", folders[name])
                 ready[name].append(round(took, 3))
@@ -284,39 +258,25 @@ def run(workdir: Path, seconds: int, rounds: int, connections: int) -> dict:
             "python": python_side(folders["model-routed-10k"]),
             "keys": KEYS,
             "services": SERVICES,
+            "settings": {"seconds": seconds, "rounds": rounds, "connections": connections, "attempts": attempts},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "cpu": platform.processor() or platform.machine()},
         }
 
 
-def report(results: dict) -> str:
-    rows = results["paths"]
-    reference = {row["path"]: row for row in rows}
-    lines = table(
-        ["path", "p50 ms", "p99 ms", "req/s", "RSS MiB", "failed"],
-        [[row["path"], f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}", str(row["rps"]), str(row["rss_mib"]),
-          str(row["failed"])] for row in rows],
-    )
-    delta = reference["model-routed-10k"]["p50_ms"] - reference["model-routed"]["p50_ms"]
-    ready = results["ready_s"]
-    applied = results["applied_s"]
-    lines += [
-        "",
-        f"10,000 keys vs 1 key, p50: {delta:+.3f} ms (goal: within +0.3 ms)",
-        f"ready after start, 1 key: {statistics.median(ready['model-routed']):.2f} s;"
-        f" 10,000 keys: {statistics.median(ready['model-routed-10k']):.2f} s (goal: within 5 s) {ready}",
-        f"grant applied: {statistics.median(applied['grant']):.2f} s, revocation applied:"
-        f" {statistics.median(applied['revoke']):.2f} s (goal: within 2 s) {applied}",
-        f"Python side, 10,000 keys: {results['python']}",
-    ]
-    return "\n".join(lines)
+def run_profile(profile: Profile, workdir: Path) -> dict:
+    """The ``modelroute`` part of ``python -m bench``: run's lengths from the profile."""
+    folder = workdir / "modelroute"
+    folder.mkdir()
+    return run(folder, profile.model_route_s, profile.model_route_rounds, CONNECTIONS, profile.model_route_attempts)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=4, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every path, interleaved")
-    parser.add_argument("--connections", type=int, default=8, help="wrk connections for requests/s")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS, help="wrk connections for requests/s")
+    parser.add_argument("--attempts", type=int, default=3, help="grants, revocations and starts timed")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "modelroute.json")
     parser.add_argument("--workdir", type=Path, default=None, help="kept for the logs (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -324,10 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-modelroute-") as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        results = run(workdir, args.seconds, args.rounds, args.connections)
+        results = run(workdir, args.seconds, args.rounds, args.connections, args.attempts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(report(results))
+    print(bench_report.text_tables({"modelroute": results}))
     print(f"\nwritten to {args.out}")
 
 

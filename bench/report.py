@@ -112,6 +112,63 @@ def stream_rows(results: dict) -> list[list[str]]:
             for row in results.get("tokenpath", {}).get("streams", [])]
 
 
+def model_route_rows(results: dict) -> list[list[str]]:
+    """bench/modelroute.py's paths, each with its p50 above the single-service key's (per-key)."""
+    rows = results.get("modelroute", {}).get("paths", [])
+    per_key = _find(rows, path="per-key")
+    lines = []
+    for row in rows:
+        delta = row["p50_ms"] - per_key["p50_ms"] if per_key and row is not per_key else None
+        lines.append([row["path"], f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}",
+                      "–" if delta is None else f"{delta:+.3f}", f"{_num(row['rps'])} ({row['connections']})",
+                      _num(row.get("rss_mib")), str(row["failed"])])
+    return lines
+
+
+def _seconds(name: str, samples: list[float] | None) -> list[str]:
+    if not samples:
+        return [name, "–", "–", "–", "0"]
+    ordered = sorted(samples)
+    return [name, f"{ordered[(len(ordered) - 1) // 2]:.2f}", f"{ordered[0]:.2f}", f"{ordered[-1]:.2f}",
+            str(len(ordered))]
+
+
+def many_keys_rows(results: dict) -> list[list[str]]:
+    """Start-up and change times with 10,000 keys (and start-up with 1, for scale)."""
+    part = results.get("modelroute")
+    if not part:
+        return []
+    keys = f"{part['keys']:,} keys"
+    python = part.get("python", {})
+    return [
+        _seconds("Traefik ready after start, 1 key", part["ready_s"].get("model-routed")),
+        _seconds(f"Traefik ready after start, {keys}", part["ready_s"].get("model-routed-10k")),
+        _seconds(f"grant applied, {keys}", part["applied_s"].get("grant")),
+        _seconds(f"revocation applied, {keys}", part["applied_s"].get("revoke")),
+        _seconds(f"Python: parse the grants file ({_num(python.get('grants_bytes', 0) / 1024, 0)} KiB)",
+                 [python["parse_grants_s"]] if "parse_grants_s" in python else None),
+        _seconds("Python: read the folder as `routheon mapping check` does",
+                 [python["inspect_folder_s"]] if "inspect_folder_s" in python else None),
+    ]
+
+
+def _model_route_goals(part: dict) -> list[dict]:
+    """Issue 11's goals for 10,000 keys; the worst attempt counts for the times."""
+    paths = part.get("paths", [])
+    one, many = _find(paths, path="model-routed"), _find(paths, path="model-routed-10k")
+    added = many["p50_ms"] - one["p50_ms"] if one and many else None
+    out = [_goal("10,000 keys: p50 above 1 key (model-routed)", "<= +0.3 ms", added,
+                 added is not None and added <= 0.3, "–" if added is None else f"{added:+.3f} ms")]
+    for kind, label in (("grant", "a grant"), ("revoke", "a revocation")):
+        worst = max(part.get("applied_s", {}).get(kind) or [], default=None)
+        out.append(_goal(f"10,000 keys: {label} applied", "<= 2 s", worst, worst is not None and worst <= 2,
+                         "–" if worst is None else f"{worst:.2f} s"))
+    worst = max(part.get("ready_s", {}).get("model-routed-10k") or [], default=None)
+    out.append(_goal("10,000 keys: Traefik ready after start", "<= 5 s", worst, worst is not None and worst <= 5,
+                     "–" if worst is None else f"{worst:.2f} s"))
+    return out
+
+
 def _goal(name: str, wanted: str, value: float | None, met: bool | None, shown: str) -> dict:
     return {"goal": name, "wanted": wanted, "value": value, "shown": shown,
             "met": None if value is None else met}
@@ -167,6 +224,8 @@ def goals(results: dict) -> list[dict]:
     out.append(_goal("streams broken through Routheon under CPU load", "0", None if cut is None else cut["broken"],
                      cut is not None and cut["broken"] == 0,
                      "–" if cut is None else f"{cut['broken']} of {cut['streams']:,}"))
+    if "modelroute" in results:
+        out += _model_route_goals(results["modelroute"])
     return out
 
 
@@ -184,6 +243,10 @@ SECTIONS = (
     ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM", "proxy peak RSS MiB"], rps_rows),
     ("Token path: streams broken under CPU load (two busy loops, two-token streams, paths in turns)",
      ["path", "streams", "broken", "share"], stream_rows),
+    ("One key, many models: Traefik paths to the instant backend (wrk; p50 / p99 at 1 connection)",
+     ["path", "p50 ms", "p99 ms", "p50 − per-key", "req/s (conns)", "RSS MiB", "failed"], model_route_rows),
+    ("One key, many models: 10,000 keys over 20 services (s)", ["measure", "median", "min", "max", "runs"],
+     many_keys_rows),
     ("Goals from the issue", ["goal", "wanted", "measured", "status"], goal_rows),
 )
 

@@ -10,7 +10,11 @@ Four paths to the same backends, measured the same way:
   middlewares;
 - traefik-reuse: as traefik, but with Traefik's default connection reuse (requests/s against
   the instant backend only: with llama-server's streams it fails, see traefik.yml);
-- litellm: LiteLLM's proxy with a master key and one model per backend.
+- traefik-models: the same traefik.yml with Routheon's plugin and its second hop, and a grants
+  file (``routheon-grants.yml``) granting one key both backends: the request's ``model`` picks
+  the backend (docs/model-routing.md);
+- litellm: LiteLLM's proxy with a master key and one model per backend: it routes by model
+  too, so traefik-models against litellm is the like-for-like comparison.
 
 Latency comes from a small sequential client (the same code for every path, paths interleaved
 request by request so that a noisy moment hurts all of them alike); requests/s from wrk;
@@ -29,14 +33,22 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
 
-from routheon.loopback import LoopbackTraefik, free_port, install_server_mapping, shipped_static_config
-from routheon.mappings.format import ENTRY_POINT
+from routheon.loopback import (
+    LoopbackTraefik,
+    free_port,
+    install_plugins,
+    install_server_mapping,
+    shipped_static_config,
+)
+from routheon.mappings.format import ENTRY_POINT, MappingSpec, render_mapping
+from routheon.mappings.grants import GRANTS_FILE, HOP_ENTRY_POINT, GrantedService, Grants, render_grants
 from routheon.probe import http_status
 from routheon.supervisor import Child
 
@@ -49,6 +61,8 @@ REPO = Path(__file__).resolve().parent.parent
 TRAEFIK = Path(sys.executable).parent / "traefik"
 LLAMA_KEY = "bench-llama-key"
 FAKE_KEY = "bench-fake-key"
+# granted both backends in routheon-grants.yml: the body's model decides which one answers
+MODELS_KEY = "bench-models-key"
 MASTER_KEY = "sk-bench-master-key"
 LLAMA_MODEL = "smollm"
 FAKE_MODEL = "bench-fake"
@@ -68,7 +82,7 @@ class Route:
     pid: int | None = None
 
 
-def _bearer(key: str) -> dict[str, str]:
+def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
@@ -200,14 +214,48 @@ def _wait_ok(url: str, headers: dict[str, str], proc: Child, timeout: float) -> 
     proc.wait_until(lambda: http_status(url, timeout=5, headers=headers) == 200, f"200 from {url}", timeout, 0.2)
 
 
-def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_key: str) -> tuple[Child, str]:
+def chat_ok(base: str, key: str, model: str) -> bool:
+    """Whether a non-streamed chat naming ``model`` gets a 200 with text through ``base`` now."""
+    try:
+        timed_chat(Route("probe", base, bearer(key)), model, stream=False)
+    except ChatFailed:
+        return False
+    return True
+
+
+def launch_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, ready: Callable[[str], bool],
+                   hop_port: int | None = None, timeout: float = 30.0,
+                   poll_s: float = 0.2) -> tuple[Child, str, float]:
+    """Traefik on ``static`` moved onto loopback and ``folder``; its base URL and the seconds
+    from exec until ``ready(base)`` held (Traefik answers 401/404 before it has read the folder).
+
+    With ``hop_port`` it runs as model routing needs it: Routheon's plugin copied into its own
+    working directory (Traefik loads local plugins from its cwd) and the second entry point on
+    the port the grants file names. Other entry points get a port of their own: two Traefiks
+    must not share one.
+    """
     port = free_port()
-    # other entry points (the hop) get a port of their own: two Traefiks must not share one
-    config = LoopbackTraefik(folder, {ENTRY_POINT: port}, log_level="ERROR").write(stk.workdir / f"{name}.yml", static)
-    proc = stk.start(name, [str(TRAEFIK), f"--configFile={config}"])
+    ports = {ENTRY_POINT: port}
+    # its own folder, never inside ``folder``: Traefik reads the mappings folder's subfolders too
+    home = stk.workdir / f"{name}-traefik"
+    home.mkdir()
+    if hop_port is not None:
+        install_plugins(home)
+        ports[HOP_ENTRY_POINT] = hop_port
+    config = LoopbackTraefik(folder, ports, log_level="ERROR").write(home / "traefik.yml", static)
     base = f"http://127.0.0.1:{port}"
-    # Traefik answers 401/404 until it has read the folder: wait for a key-routed 200
-    _wait_ok(f"{base}/health", _bearer(probe_key), proc, timeout=30)
+    began = time.perf_counter()
+    proc = stk.start(name, [str(TRAEFIK), f"--configFile={config}"], cwd=home)
+    proc.wait_until(lambda: ready(base), f"a routed 200 through {base}", timeout, poll_s)
+    return proc, base, time.perf_counter() - began
+
+
+def _run_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, probe_key: str) -> tuple[Child, str]:
+    """Traefik routing ``probe_key`` by its key file: ready at the first key-routed /health 200."""
+    def ready(base: str) -> bool:
+        return http_status(f"{base}/health", timeout=5, headers=bearer(probe_key)) == 200
+
+    proc, base, _ = launch_traefik(stk, name, static, folder, ready)
     return proc, base
 
 
@@ -233,24 +281,61 @@ def start_traefik(stk: stack.Stack, folder: Path, keys: dict[str, str], reuse: b
     return proc, base
 
 
-def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[Child, str]:
-    """Traefik with nothing of Routheon's: one plain header router per key, no middleware,
-    no health check, no catch-all, but the same connections to the backends as traefik.yml
-    makes. The difference to ``start_traefik`` is what Routheon's routers and middlewares
-    cost; the difference to direct is what Traefik itself costs."""
-    folder = stk.workdir / "traefik-bare-mappings"
-    folder.mkdir()
+def write_bare_mappings(folder: Path, keys: dict[str, str]) -> Path:
+    """One plain header router per ``key → url`` in ``folder``: no middleware, no health check,
+    no catch-all. Traefik on it costs what Traefik itself costs, without Routheon's routers."""
+    folder.mkdir(parents=True)
     routers = {f"bare-{i}": {"rule": f"Header(`Authorization`, `Bearer {key}`)", "service": f"bare-{i}",
                              "entryPoints": [ENTRY_POINT]} for i, key in enumerate(keys)}
     services = {f"bare-{i}": {"loadBalancer": {"servers": [{"url": url}]}} for i, url in enumerate(keys.values())}
     (folder / "bare.yml").write_text(yaml.safe_dump({"http": {"routers": routers, "services": services}}))
-    static = {"serversTransport": shipped_static_config()["serversTransport"]}
-    return _run_traefik(stk, "traefik-bare", static, folder, next(iter(keys)))
+    return folder
+
+
+def bare_static_config() -> dict:
+    """Of traefik.yml only what a plain Traefik shares with it: the providers' settings and the
+    connections to the backends (a new one per request), so the comparison is the routers'."""
+    static = shipped_static_config()
+    return {key: static[key] for key in ("providers", "serversTransport")}
+
+
+def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[Child, str]:
+    """Traefik with nothing of Routheon's on ``write_bare_mappings``. The difference to
+    ``start_traefik`` is what Routheon's routers and middlewares cost; the difference to
+    direct is what Traefik itself costs."""
+    folder = write_bare_mappings(stk.workdir / "traefik-bare-mappings", keys)
+    return _run_traefik(stk, "traefik-bare", bare_static_config(), folder, next(iter(keys)))
+
+
+def write_model_mappings(stk: stack.Stack, routheon_url: str, backends: dict[str, tuple[str, str]],
+                         hop_port: int) -> Path:
+    """A folder for model routing: routheon-server.yml, one key-less file per service (as
+    ``routheon mapping add --model`` writes it) and the grants file giving MODELS_KEY every
+    service of ``backends`` (service → (url, model)); the hop on ``hop_port``."""
+    folder = stk.workdir / "traefik-models-mappings"
+    folder.mkdir()
+    install_server_mapping(folder, urlsplit(routheon_url).port or 0)
+    for service, (url, _) in backends.items():
+        spec = MappingSpec(service=service, urls=(url,), keys=())
+        (folder / spec.file_name).write_text(render_mapping(spec))
+    declared = tuple(GrantedService(service, (model,)) for service, (_, model) in backends.items())
+    grants = Grants(services=declared, hop_port=hop_port).grant(MODELS_KEY, tuple(backends))
+    (folder / GRANTS_FILE).write_text(render_grants(grants))
+    return folder
+
+
+def start_models_traefik(stk: stack.Stack, folder: Path, hop_port: int) -> tuple[Child, str]:
+    """Traefik with the repo's static config, its plugin and hop, on a model-routing folder:
+    ready once MODELS_KEY reaches the instant backend by naming its model."""
+    proc, base, _ = launch_traefik(stk, "traefik-models", shipped_static_config(), folder,
+                                   lambda base: chat_ok(base, MODELS_KEY, FAKE_MODEL), hop_port)
+    _check_catch_all(base)
+    return proc, base
 
 
 def _check_catch_all(base: str) -> None:
     """Make sure Routheon's own routers are in the path: an unknown key gets its 401 JSON."""
-    request = urllib.request.Request(f"{base}/v1/chat/completions", data=b"{}", headers=_bearer("no-such-key"))
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=b"{}", headers=bearer("no-such-key"))
     try:
         urllib.request.urlopen(request, timeout=10).close()
     except urllib.error.HTTPError as exc:
@@ -363,14 +448,21 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         traefik, traefik_url = start_traefik(stk, folder, keys)
         reusing, reusing_url = start_traefik(stk, folder, keys, reuse=True)
         bare, bare_url = start_bare_traefik(stk, keys)
+        hop_port = free_port()
+        models_folder = write_model_mappings(stk, routheon_url, {"llama-server": (llama_url, LLAMA_MODEL),
+                                                                 "instant": (fake_url, FAKE_MODEL)}, hop_port)
+        models, models_url = start_models_traefik(stk, models_folder, hop_port)
         litellm, litellm_url = start_litellm(stk, llama_url, fake_url)
 
         direct = Route("direct", llama_url)
-        via_traefik = Route("traefik", traefik_url, _bearer(LLAMA_KEY), traefik.pid)
-        via_bare = Route("traefik-bare", bare_url, _bearer(LLAMA_KEY), bare.pid)
-        via_litellm = Route("litellm", litellm_url, _bearer(MASTER_KEY), litellm.pid)
-        rows_chat = latency([direct, via_traefik, via_bare, via_litellm], profile.chat_requests)
-        rows_streams = broken_streams(stk, [direct, via_traefik, via_bare, via_litellm], profile.soak_streams)
+        via_traefik = Route("traefik", traefik_url, bearer(LLAMA_KEY), traefik.pid)
+        via_bare = Route("traefik-bare", bare_url, bearer(LLAMA_KEY), bare.pid)
+        via_models = Route("traefik-models", models_url, bearer(MODELS_KEY), models.pid)
+        via_litellm = Route("litellm", litellm_url, bearer(MASTER_KEY), litellm.pid)
+        # every request names its model; only traefik-models and litellm route by it
+        paths = [direct, via_traefik, via_bare, via_models, via_litellm]
+        rows_chat = latency(paths, profile.chat_requests)
+        rows_streams = broken_streams(stk, paths, profile.soak_streams)
 
         health = [
             (direct, wrk.Request(f"{llama_url}/health")),
@@ -381,7 +473,7 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         ]
         body = chat_body(FAKE_MODEL, False)
         post = {"Content-Type": "application/json"}
-        fake_key = {**post, **_bearer(FAKE_KEY)}
+        fake_key = {**post, **bearer(FAKE_KEY)}
         chat = [
             (Route("direct", fake_url), wrk.Request(f"{fake_url}/v1/chat/completions", "POST", post, body)),
             (Route("traefik", traefik_url, pid=traefik.pid),
@@ -390,6 +482,8 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
              wrk.Request(f"{bare_url}/v1/chat/completions", "POST", fake_key, body)),
             (Route("traefik-reuse", reusing_url, pid=reusing.pid),
              wrk.Request(f"{reusing_url}/v1/chat/completions", "POST", fake_key, body)),
+            (via_models, wrk.Request(f"{models_url}/v1/chat/completions", "POST",
+                                     {**post, **via_models.headers}, body)),
             (via_litellm, wrk.Request(f"{litellm_url}/v1/chat/completions", "POST",
                                       {**post, **via_litellm.headers}, body)),
         ]

@@ -13,7 +13,9 @@ import urllib.request
 
 import pytest
 
-from bench import fakes, report, stack, wrk
+from bench import fakes, report, stack, tokenpath, wrk
+from routheon.mappings.check import inspect_folder
+from routheon.mappings.grants import GRANTS_FILE, parse_grants
 from support import REPO
 
 SUMMARY = ('WRK_JSON {"requests":1500,"duration_us":3000000,"bytes":99,'
@@ -114,3 +116,62 @@ def test_instant_backend_answers_what_the_python_fakes_answer(tmp_path) -> None:
             answer = json.loads(response.read())
         expected = fakes.chat_payload()
         assert {**answer, "created": 0} == {**expected, "created": 0}
+
+
+def _model_route(p50_one: float, p50_many: float, applied: float, ready: float) -> dict:
+    paths = [{"path": name, "p50_ms": p50, "p99_ms": 2.0, "rps": 3000, "connections": 8, "failed": 0}
+             for name, p50 in (("per-key", 0.4), ("model-routed", p50_one), ("model-routed-10k", p50_many))]
+    return {"modelroute": {"paths": paths, "keys": 10_000, "python": {},
+                           "ready_s": {"model-routed": [0.1], "model-routed-10k": [0.2, ready]},
+                           "applied_s": {"grant": [0.5, applied], "revoke": [0.4]}}}
+
+
+def test_ten_thousand_keys_goals_count_the_worst_attempt() -> None:
+    met = {item["goal"]: item for item in report.goals(_model_route(0.5, 0.7, 1.9, 4.9))}
+    assert [met[goal]["met"] for goal in (
+        "10,000 keys: p50 above 1 key (model-routed)", "10,000 keys: a grant applied",
+        "10,000 keys: a revocation applied", "10,000 keys: Traefik ready after start")] == [True] * 4
+    missed = {item["goal"]: item for item in report.goals(_model_route(0.5, 0.81, 2.1, 5.1))}
+    assert missed["10,000 keys: p50 above 1 key (model-routed)"]["shown"] == "+0.310 ms"
+    assert missed["10,000 keys: a grant applied"]["met"] is False
+    assert missed["10,000 keys: Traefik ready after start"]["shown"] == "5.10 s"
+    assert not any(item["goal"].startswith("10,000 keys") for item in report.goals({}))
+
+
+def test_model_route_table_compares_with_the_single_service_key() -> None:
+    results = _model_route(0.55, 0.6, 1.0, 1.0)
+    rows = report.model_route_rows(results)
+    assert [row[0] for row in rows] == ["per-key", "model-routed", "model-routed-10k"]
+    assert rows[0][3] == "–" and rows[1][3] == "+0.150"
+    assert report.many_keys_rows(results)[3] == ["revocation applied, 10,000 keys", "0.40", "0.40", "0.40", "1"]
+    assert "One key, many models" in report.markdown_tables(results)
+
+
+def test_model_routed_path_grants_one_key_both_backends_by_model(tmp_path) -> None:
+    """traefik-models' folder: key-less service files and a grants file naming the hop's port."""
+    with stack.Stack(tmp_path) as stk:
+        backends = {"llama-server": ("http://127.0.0.1:1", "smollm"), "instant": ("http://127.0.0.1:2", "fake")}
+        folder = tokenpath.write_model_mappings(stk, "http://127.0.0.1:3", backends, hop_port=4567)
+    grants = parse_grants((folder / GRANTS_FILE).read_text())
+    assert grants.hop_port == 4567
+    assert grants.models_of(tokenpath.MODELS_KEY) == ("smollm", "fake")
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "instant.yml", "llama-server.yml", GRANTS_FILE, "routheon-server.yml"]
+    assert inspect_folder(folder).errors == ()
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_quick_run_measures_model_routing_and_ten_thousand_keys(tmp_path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "modelroute", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = results["modelroute"]["paths"]
+    assert [row["path"] for row in rows] == ["plain", "per-key", "plugin-only", "model-routed", "model-routed-10k"]
+    assert all(row["rps"] > 0 and row["failed"] == 0 for row in rows)
+    goals = [goal for goal in results["goals"] if goal["goal"].startswith("10,000 keys")]
+    assert len(goals) == 4 and all(goal["value"] is not None for goal in goals)
+    assert report.text_tables(results) in proc.stdout
