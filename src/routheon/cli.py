@@ -504,6 +504,14 @@ def _add_backups_flag(parser: argparse.ArgumentParser, flag: str = "--backups") 
     )
 
 
+def _add_folder_flags(parser: argparse.ArgumentParser, writes: bool = False) -> None:
+    """--mappings and Traefik's verdict; for commands that write, --backups and --force too."""
+    _add_mappings_flag(parser)
+    if writes:
+        _add_backups_flag(parser)
+    _add_traefik_flags(parser, writes)
+
+
 def _add_traefik_flags(parser: argparse.ArgumentParser, writes: bool = False) -> None:
     group = parser.add_argument_group(
         "Traefik's verdict",
@@ -534,8 +542,9 @@ def _add_traefik_flags(parser: argparse.ArgumentParser, writes: bool = False) ->
         "--traefik-config",
         metavar="FILE",
         default=DEFAULT_TRAEFIK_CONFIG if Path(DEFAULT_TRAEFIK_CONFIG).is_file() else None,
-        help=f"Traefik's static configuration, for its entry point names (default: {DEFAULT_TRAEFIK_CONFIG}"
-        " when it exists, else the entry point llama-servers)",
+        help=f"Traefik's static configuration: its entry point names, routheon-hop's port for the grants"
+        f" file, and plugins-local beside it (default: {DEFAULT_TRAEFIK_CONFIG} when it exists, else the"
+        " entry point llama-servers and the plugin shipped with Routheon)",
     )
     group.add_argument(
         "--traefik-timeout",
@@ -611,14 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
         " without --key, no key is generated",
     )
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
-    _add_mappings_flag(add)
-    _add_backups_flag(add)
-    _add_traefik_flags(add, writes=True)
+    _add_folder_flags(add, writes=True)
     add.set_defaults(handler=cmd_mapping_add)
 
     listing = mapping_commands.add_parser("list", help="show services, masked keys and backends")
-    _add_mappings_flag(listing)
-    _add_traefik_flags(listing)
+    _add_folder_flags(listing)
     listing.set_defaults(handler=cmd_mapping_list)
 
     remove = mapping_commands.add_parser(
@@ -626,9 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remove.add_argument("--service", help="retire SERVICE.yml")
     _add_key_flags(remove, "stop routing")
-    _add_mappings_flag(remove)
-    _add_backups_flag(remove)
-    _add_traefik_flags(remove, writes=True)
+    _add_folder_flags(remove, writes=True)
     remove.set_defaults(handler=cmd_mapping_remove)
 
     check = mapping_commands.add_parser(
@@ -685,13 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--key-file", metavar="FILE", help="read keys from FILE, one per line ('-' for stdin)"
         )
-        _add_mappings_flag(command)
-        _add_backups_flag(command)
-        _add_traefik_flags(command, writes=True)
+        _add_folder_flags(command, writes=True)
         command.set_defaults(handler=handler)
     key_list = key_commands.add_parser("list", help="show every key (masked) with its services and models")
-    _add_mappings_flag(key_list)
-    _add_traefik_flags(key_list)
+    _add_folder_flags(key_list)
     key_list.set_defaults(handler=cmd_key_list)
     for command in (add, listing, remove, check, pruning, generate, key_add, key_remove, key_list):
         # -q also after the command's name
