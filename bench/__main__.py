@@ -12,12 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import env, machine, modelroute, report, servers, tokenpath
+from . import env, keyfiles, machine, modelroute, report, servers, tokenpath
 from .profile import PROFILES
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-PARTS = ("servers", "startup", "tokenpath", "modelroute")
+PARTS = ("servers", "startup", "tokenpath", "modelroute", "keyfiles")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             _save(results, out)
         if "modelroute" in args.parts:
             results["modelroute"] = modelroute.run_profile(profile, workdir)
+            _save(results, out)
+        if "keyfiles" in args.parts:
+            results["keyfiles"] = keyfiles.run_profile(profile, workdir)
     results["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     _save(results, out)
     print(report.text_tables(results))

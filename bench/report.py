@@ -125,6 +125,20 @@ def model_route_rows(results: dict) -> list[list[str]]:
     return lines
 
 
+def key_file_rows(results: dict) -> list[list[str]]:
+    """bench/keyfiles.py's two folders, each with its requests/s against the unguarded one's."""
+    rows = results.get("keyfiles", {}).get("folders", [])
+    unguarded = _find(rows, path="unguarded")
+    lines = []
+    for row in rows:
+        ready = sorted(row["ready_s"])
+        lines.append([row["path"], f"{row['files']:,}", _num(row["bytes"] / 1024, 0), f"{ready[(len(ready) - 1) // 2]:.2f}",
+                      f"{_num(row['rss_ready_mib'])} / {_num(row['rss_mib'])}", f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}",
+                      f"{_num(row['rps'])} ({row['connections']})",
+                      _ratio(_div(row["rps"], unguarded["rps"]) if unguarded else None), str(row["failed"])])
+    return lines
+
+
 def _seconds(name: str, samples: list[float] | None) -> list[str]:
     if not samples:
         return [name, "–", "–", "–", "0"]
@@ -247,6 +261,9 @@ SECTIONS = (
      ["path", "p50 ms", "p99 ms", "p50 − per-key", "req/s (conns)", "RSS MiB", "failed"], model_route_rows),
     ("One key, many models: 10,000 keys over 20 services (s)", ["measure", "median", "min", "max", "runs"],
      many_keys_rows),
+    ("Key files: one-key files with and without each key's guard against a second Authorization header",
+     ["folder", "files", "KiB", "ready s (median)", "RSS MiB (ready / after load)", "p50 ms", "p99 ms", "req/s (conns)", "÷ unguarded",
+      "failed"], key_file_rows),
     ("Goals from the issue", ["goal", "wanted", "measured", "status"], goal_rows),
 )
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from bench import fakes, report, stack, tokenpath, wrk
+from bench import fakes, keyfiles, report, stack, tokenpath, wrk
 from routheon.mappings.check import inspect_folder
 from routheon.mappings.grants import GRANTS_FILE, parse_grants
 from support import REPO
@@ -160,11 +160,22 @@ def test_model_routed_path_grants_one_key_both_backends_by_model(tmp_path) -> No
     assert inspect_folder(folder).errors == ()
 
 
+def test_key_file_folders_differ_only_in_the_guards(tmp_path) -> None:
+    folders = {guarded: keyfiles.write_folder(tmp_path / str(guarded), "http://127.0.0.1:1", "http://127.0.0.1:2", 3,
+                                              guarded) for guarded in (True, False)}
+    for guarded, folder in folders.items():
+        mappings = inspect_folder(folder).files
+        clauses = [clause for mapping in mappings for _, clause in mapping.key_clauses()]
+        assert {clause.guarded for clause in clauses} == {guarded}
+        assert keyfiles.KEY in {clause.key for clause in clauses}
+        assert all(not mapping.urls or "healthCheck" not in mapping.path.read_text() for mapping in mappings)
+
+
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_quick_run_measures_model_routing_and_ten_thousand_keys(tmp_path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "modelroute", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "modelroute,keyfiles", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -174,4 +185,8 @@ def test_quick_run_measures_model_routing_and_ten_thousand_keys(tmp_path) -> Non
     assert all(row["rps"] > 0 and row["failed"] == 0 for row in rows)
     goals = [goal for goal in results["goals"] if goal["goal"].startswith("10,000 keys")]
     assert len(goals) == 4 and all(goal["value"] is not None for goal in goals)
+    folders = results["keyfiles"]["folders"]
+    assert [row["path"] for row in folders] == ["guarded", "unguarded"]
+    assert all(row["rps"] > 0 and row["failed"] == 0 and row["files"] == 20 for row in folders)
+    assert folders[0]["bytes"] > folders[1]["bytes"]
     assert report.text_tables(results) in proc.stdout

@@ -1,12 +1,13 @@
 """Key validation and rule building with hostile keys: every accepted key reads back as itself."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, validate_key
 from routheon.mappings.format import MappingSpec, parse_rendered, render_mapping
-from routheon.mappings.rules import header_rule, rule_keys
+from routheon.mappings.rules import header_rule, rule_keys, single_key_guards
 
 HOSTILE_KEYS = [
     "k.y+2$",
@@ -62,6 +63,38 @@ def test_several_keys_make_one_rule_that_reads_back_in_order() -> None:
     clauses = rule_keys(rule)
     assert clauses is not None
     assert [clause.key for clause in clauses] == HOSTILE_KEYS
+
+
+def python_guards(key: str) -> list[re.Pattern[str]]:
+    """The guards as Python reads them: Go's ``$`` ends the text, Python's ``\\Z`` does (its ``$`` allows a newline)."""
+    return [re.compile(guard.replace("(?:$|", "(?:\\Z|")) for guard in single_key_guards(key)]
+
+
+@pytest.mark.parametrize("key", [*HOSTILE_KEYS, "k", "x" * 1024, "a" * 248 + "$b" + "c" * 7])
+def test_a_guard_matches_every_value_but_its_own_key(key: str) -> None:
+    own = f"Bearer {key}"
+    guards = python_guards(key)
+    assert len(guards) == len(own) // 256 + 1  # Go refuses expressions nested deeper than 1000
+    others = {"", "Basic eDp5", "Bearer", "Bearer ", own + " ", own + "\n", own * 2}
+    for cut in range(len(own) + 1):
+        others |= {own[:cut], own[:cut] + "?", own[:cut] + own[cut + 1 :], own[:cut] + "\\" + own[cut:]}
+    others.discard(own)
+    assert not any(guard.match(own) for guard in guards)
+    missed = [value for value in others if not any(guard.match(value) for guard in guards)]
+    assert missed == []
+
+
+def test_guarded_clauses_read_back_and_a_changed_guard_is_not_understood() -> None:
+    key = "sk-guarded-0123456789"
+    (clause,) = rule_keys(header_rule([key])) or ()
+    assert (clause.key, clause.guarded) == (key, True)
+    two = rule_keys(header_rule([key, "k)y||z"])) or ()
+    assert [(each.key, each.guarded) for each in two] == [(key, True), ("k)y||z", True)]
+    (plain,) = rule_keys(f"Header(`Authorization`, `Bearer {key}`)") or ()
+    assert (plain.key, plain.guarded) == (key, False)
+    (edited,) = rule_keys(header_rule([key]).replace(key, "sk-edited-by-hand-0123")) or ()
+    assert (edited.key, edited.guarded, edited.stale_guard) == ("sk-edited-by-hand-0123", False, True)
+    assert rule_keys(f"Header(`Authorization`, `Bearer {key}`) && !HeaderRegexp(`Authorization`, `.`)") is None
 
 
 def test_rule_builder_refuses_an_unsafe_key() -> None:

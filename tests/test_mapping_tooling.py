@@ -16,6 +16,7 @@ import pytest
 
 from routheon.mappings.check import check_folder, has_errors
 from routheon.mappings.folder import read_folder
+from routheon.mappings.format import MappingSpec, render_mapping
 from samples import SEED_MAPPING
 from support import REPO, VENV_BIN, CliResult, run_routheon
 
@@ -245,6 +246,8 @@ def test_check_reports_what_traefik_would_reject_or_misroute(tmp_path: Path) -> 
         .replace("`^Bearer (API_KEY-1)$`", f"`Bearer {KEY}`")
     )
     (tmp_path / "template.yml").write_text("# {{ .Env }}\nhttp: {}\n")
+    edited = render_mapping(MappingSpec("edited", ("http://127.0.0.1:8013",), ("sk-old-0123456789abcdef",)))
+    (tmp_path / "edited.yml").write_text(edited.replace("sk-old-", "sk-new-"))
     (tmp_path / "twice.yml").write_text("http:\n  routers: {}\n  routers: {}\n")
     text = "\n".join(findings(tmp_path))
     assert (
@@ -259,6 +262,11 @@ def test_check_reports_what_traefik_would_reject_or_misroute(tmp_path: Path) -> 
     assert "seed.yml: warning: holds API keys but every user can read it" in text
     assert "seed.yml:3: warning: router 'llama-server-1' passes request bodies on as they arrive" in text
     assert "alpha.yml:5: warning: router 'alpha' passes request bodies" not in text
+    assert "seed.yml:3: warning: router 'llama-server-1' lets a second Authorization header ride along" in text
+    assert "dup.yml:3: warning: router 'dup' lets a second Authorization header ride along" in text
+    assert "alpha.yml:5: warning: router 'alpha' lets a second" not in text
+    assert "edited.yml:5: error: router 'edited': a key's guard (!HeaderRegexp) was written for another key" in text
+    assert "router 'edited' lets a second" not in text
     assert KEY not in text
 
 

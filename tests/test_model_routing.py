@@ -6,7 +6,6 @@ service a request reached. Design: docs/model-routing.md.
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 from collections.abc import Iterator
@@ -63,20 +62,12 @@ def chat(stack: Stack, key: str, body: object, path: str = "/v1/chat/completions
     return stack.request(path, key=key, method="POST", body=body)
 
 
-def raw_post(  # type: ignore[no-untyped-def]
+def raw_post(
     stack: Stack, body: bytes, headers: list[tuple[str, str]], path: str = "/v1/chat/completions"
-):
+) -> tuple[int, str | None, bytes]:
     """A POST with exactly these headers and bytes (repeated headers, non-JSON bodies)."""
-    connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
-    try:
-        connection.putrequest("POST", path)
-        for name, value in [("Content-Length", str(len(body))), *headers]:
-            connection.putheader(name, value)
-        connection.endheaders(body)
-        answer = connection.getresponse()
-        return answer.status, answer.getheader("X-Backend"), answer.read()
-    finally:
-        connection.close()
+    answer = stack.send("POST", path, headers, body)
+    return answer.status, answer.headers.get("X-Backend"), answer.body
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from routheon.mappings.format import MappingSpec, render_mapping
 from samples import SEED_MAPPING
 from support import REPO, VENV_BIN
 from traefik_stack import Stack
@@ -61,6 +62,25 @@ def test_each_key_reaches_its_backend_with_the_openai_client(two_backends: Stack
     with pytest.raises(openai.AuthenticationError) as caught:
         intruder.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 401
+
+
+def test_a_second_authorization_header_never_rides_along_with_a_key(stack: Stack) -> None:
+    """A key routes only when every Authorization header of the request holds that same key."""
+    alpha, beta = stack.start_backend("alpha"), stack.start_backend("beta")
+    longest = "k" * 1024  # its guard takes five expressions: Go caps how deep one may nest
+    stack.routheon("mapping", "add", "--service", "alpha", "--url", alpha.url, "--key", ALPHA_KEY, "--key", longest)
+    stack.routheon("mapping", "add", "--service", "beta", "--url", beta.url, "--key", BETA_KEY)
+    stack.wait_for(lambda: stack.backend_of(ALPHA_KEY) == "alpha" and stack.backend_of(BETA_KEY) == "beta")
+
+    def send(*values: str):  # type: ignore[no-untyped-def]
+        return stack.send("GET", "/v1/models", [("Authorization", value) for value in values])
+
+    assert send(f"Bearer {longest}").headers.get("X-Backend") == "alpha"
+    assert send(f"Bearer {ALPHA_KEY}", f"Bearer {ALPHA_KEY}").headers.get("X-Backend") == "alpha"
+    for pair in itertools.permutations([f"Bearer {ALPHA_KEY}", f"Bearer {BETA_KEY}", f"Bearer {longest}", "Basic eDp5"], 2):
+        answer = send(*pair)
+        assert answer.headers.get("X-Backend") is None, pair
+        assert_openai_error(answer, 401, "invalid_api_key")
 
 
 def test_keys_full_of_regex_characters_match_only_themselves(stack: Stack) -> None:
@@ -213,10 +233,10 @@ def test_error_pages_do_not_depend_on_the_order_files_arrive_in(stack: Stack) ->
 
 def test_backups_and_temporary_files_are_not_read_by_traefik(two_backends: Stack) -> None:
     ghost = "sk-ghost-0123456789abcdef"
-    text = (two_backends.mappings / "alpha.yml").read_text().replace(ALPHA_KEY, ghost).replace("'alpha'", "'ghost'")
+    alpha = two_backends.backends[0].url
     for name in ("ghost.yml.bak.20250101-000000", ".ghost.yml.abc123.tmp", "ghost.yml.bak.20250101-000000.1"):
-        (two_backends.mappings / name).write_text(text)
-    (two_backends.mappings / "visible.yml").write_text(text.replace("'ghost'", "'visible'"))
+        (two_backends.mappings / name).write_text(render_mapping(MappingSpec("ghost", (alpha,), (ghost,))))
+    (two_backends.mappings / "visible.yml").write_text(render_mapping(MappingSpec("visible", (alpha,), (ghost,))))
     two_backends.wait_for(lambda: two_backends.backend_of(ghost) == "alpha", what="visible.yml to be read")
     (two_backends.mappings / "visible.yml").unlink()
     two_backends.wait_for(lambda: two_backends.request("/v1/models", key=ghost).status == 401, what="ghost gone")

@@ -12,6 +12,7 @@ tests wait for the routing they expect with ``Stack.wait_for`` instead of sleepi
 
 from __future__ import annotations
 
+import http.client
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -183,6 +184,19 @@ class Stack:
         if key is not None:
             all_headers["Authorization"] = f"Bearer {key}"
         return request(self.url + path, method=method, headers=all_headers, body=body, timeout=timeout)
+
+    def send(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"") -> Reply:
+        """One request with exactly these headers, repeated ones included, and these bytes."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.putrequest(method, path)
+            for name, value in [("Content-Length", str(len(body))), *headers]:
+                connection.putheader(name, value)
+            connection.endheaders(body)
+            answer = connection.getresponse()
+            return Reply(answer.status, dict(answer.getheaders()), answer.read())
+        finally:
+            connection.close()
 
     def backend_of(self, key: str | None, path: str = "/v1/models") -> str | None:
         """Which fake backend answered a request with ``key`` (None when none did)."""

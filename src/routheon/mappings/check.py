@@ -93,6 +93,12 @@ def _rule_findings(path: Path, router: str, rule: str, line: int | None) -> list
                 " so other keys match it too; rewrite it with `routheon mapping add`"
             )
             findings.append(Finding(path, message, ERROR, line))
+        elif clause.stale_guard:
+            message = (
+                f"router {router!r}: a key's guard (!HeaderRegexp) was written for another key, so Traefik refuses"
+                " every request with it (was the key edited by hand?); write keys with `routheon mapping add --replace`"
+            )
+            findings.append(Finding(path, message, ERROR, line))
         elif clause.regex:
             message = (
                 f"router {router!r}: HeaderRegexp rule in the format of routheon-server 1.0.x; it works for this key,"
@@ -192,7 +198,7 @@ def _is_fallback(mapping: MappingFile, router: Router) -> bool:
 
 
 def _key_router_warnings(checked: Checked) -> list[Finding]:
-    """Key routers that lack what Routheon-written ones have: error pages, whole request bodies."""
+    """Key routers that lack what Routheon-written ones have: error pages, one key per request, whole bodies."""
     readers = {name for mapping, _ in checked for name in mapping.body_readers}
     findings: list[Finding] = []
     for mapping, lines in checked:
@@ -202,6 +208,13 @@ def _key_router_warnings(checked: Checked) -> list[Finding]:
                 message = (
                     f"router {router.name!r} does not use {ERRORS_MIDDLEWARE}: a down backend answers"
                     " plain-text 'Bad Gateway' instead of an OpenAI error (re-run `routheon mapping add`)"
+                )
+                findings.append(Finding(mapping.path, message, WARNING, line))
+            clauses = rule_keys(router.rule) or ()
+            if not _is_fallback(mapping, router) and not all(clause.guarded or clause.stale_guard for clause in clauses):
+                message = (
+                    f"router {router.name!r} lets a second Authorization header ride along with one of its keys"
+                    " (Traefik matches any one value); re-run `routheon mapping add --replace`"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
             if not readers.intersection(name.removesuffix("@file") for name in router.middlewares):
