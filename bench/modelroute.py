@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run(workdir, args.seconds, args.rounds, args.connections, args.attempts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(bench_report.text_tables({"modelroute": results}))
+    print(bench_report.text_tables({"modelroute": results, "goals": bench_report.model_route_goals(results)}))
     print(f"\nwritten to {args.out}")
 
 

@@ -166,7 +166,7 @@ def many_keys_rows(results: dict) -> list[list[str]]:
     ]
 
 
-def _model_route_goals(part: dict) -> list[dict]:
+def model_route_goals(part: dict) -> list[dict]:
     """Issue 11's goals for 10,000 keys; the worst attempt counts for the times."""
     paths = part.get("paths", [])
     one, many = _find(paths, path="model-routed"), _find(paths, path="model-routed-10k")
@@ -239,7 +239,7 @@ def goals(results: dict) -> list[dict]:
                      cut is not None and cut["broken"] == 0,
                      "–" if cut is None else f"{cut['broken']} of {cut['streams']:,}"))
     if "modelroute" in results:
-        out += _model_route_goals(results["modelroute"])
+        out += model_route_goals(results["modelroute"])
     return out
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from routheon import cli
 from routheon.mappings.folder import read_folder
-from support import REPO, VENV_BIN
+from support import REPO, VENV_BIN, run_routheon
 
 SCRIPT = REPO / "traefik" / "create-mapping" / "create-mapping.sh"
 KEY = "sk-test-0123456789abcdef"
@@ -27,19 +27,15 @@ def _no_settings_from_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ROUTHEON_BACKUPS", raising=False)
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+def run(*args: str) -> tuple[int, str, str]:
     """``routheon ARGS`` in this process: exit status, stdout, stderr."""
-    try:
-        code = cli.main(list(args))
-    except SystemExit as exc:  # argparse: --help, usage errors
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    result = run_routheon(*args)
+    return result.returncode, result.stdout, result.stderr
 
 
-def add(capsys: pytest.CaptureFixture[str], folder: Path, port: int, *extra: str) -> str:
+def add(folder: Path, port: int, *extra: str) -> str:
     code, _, err = run(
-        capsys, "mapping", "add", "--service", "alpha", "--port", str(port), "--key", KEY, "--replace",
+        "mapping", "add", "--service", "alpha", "--port", str(port), "--key", KEY, "--replace",
         "--mappings", str(folder), *extra,
     )
     assert code == 0, err
@@ -58,64 +54,60 @@ def mode(path: Path) -> int:
 # --- bounded backups ------------------------------------------------------------------------
 
 
-def test_each_write_keeps_only_the_newest_backups(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_each_write_keeps_only_the_newest_backups(tmp_path: Path) -> None:
     for port in range(8011, 8021):  # nine replacements, most within one second
-        add(capsys, tmp_path, port)
+        add(tmp_path, port)
     kept = backups(tmp_path)
     assert len(kept) == 5
     # the newest five: the content before the last five replacements, not whatever sorted last
     assert sorted(int(path.read_text().split("127.0.0.1:")[1][:4]) for path in kept) == list(range(8015, 8020))
     assert all(mode(path) == 0o640 for path in kept)
-    err = add(capsys, tmp_path, 8021)
+    err = add(tmp_path, 8021)
     assert "deleted" in err and "alpha.yml.bak." in err
 
 
 def test_the_number_kept_comes_from_the_flag_then_the_environment(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for port in range(8011, 8016):
-        add(capsys, tmp_path, port)
+        add(tmp_path, port)
     assert len(backups(tmp_path)) == 4
     monkeypatch.setenv("ROUTHEON_BACKUPS", "2")
-    add(capsys, tmp_path, 8016)
+    add(tmp_path, 8016)
     assert len(backups(tmp_path)) == 2
-    add(capsys, tmp_path, 8017, "--backups", "1")  # the flag wins over the variable
+    add(tmp_path, 8017, "--backups", "1")  # the flag wins over the variable
     assert len(backups(tmp_path)) == 1
     monkeypatch.setenv("ROUTHEON_BACKUPS", "many")
-    code, _, err = run(capsys, "mapping", "add", "--service", "alpha", "--port", "8018", "--key", KEY,
+    code, _, err = run("mapping", "add", "--service", "alpha", "--port", "8018", "--key", KEY,
                        "--replace", "--mappings", str(tmp_path))
     assert code == 1 and "ROUTHEON_BACKUPS" in err
     assert "8017" in (tmp_path / "alpha.yml").read_text()
-    code, _, err = run(capsys, "mapping", "add", "--service", "alpha", "--port", "8018", "--key", KEY,
+    code, _, err = run("mapping", "add", "--service", "alpha", "--port", "8018", "--key", KEY,
                        "--backups", "-1", "--mappings", str(tmp_path))
     assert code == 2 and "--backups" in err
 
 
-def test_revoking_with_no_backups_leaves_no_copy_of_the_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    run(capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--key", OTHER,
+def test_revoking_with_no_backups_leaves_no_copy_of_the_key(tmp_path: Path) -> None:
+    run("mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--key", OTHER,
         "--mappings", str(tmp_path))
-    add(capsys, tmp_path, 8012, "--key", OTHER)  # one backup holding both keys
+    add(tmp_path, 8012, "--key", OTHER)  # one backup holding both keys
     assert len(backups(tmp_path)) == 1
-    code, _, err = run(capsys, "mapping", "remove", "--key", OTHER, "--backups", "0", "--mappings", str(tmp_path))
+    code, _, err = run("mapping", "remove", "--key", OTHER, "--backups", "0", "--mappings", str(tmp_path))
     assert code == 0, err
     assert "no backup kept" in err
     assert backups(tmp_path) == []
     assert not any(OTHER in path.read_text() for path in tmp_path.iterdir() if path.is_file())
 
 
-def test_a_backup_is_never_more_readable_than_its_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    add(capsys, tmp_path, 8011)
+def test_a_backup_is_never_more_readable_than_its_file(tmp_path: Path) -> None:
+    add(tmp_path, 8011)
     (tmp_path / "alpha.yml").chmod(0o600)
-    add(capsys, tmp_path, 8012)
+    add(tmp_path, 8012)
     (backup,) = backups(tmp_path)
     assert mode(backup) == 0o600
 
 
-def test_prune_deletes_only_old_routheon_backups_and_names_them(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_prune_deletes_only_old_routheon_backups_and_names_them(tmp_path: Path) -> None:
     folder = tmp_path / "mappings"
     folder.mkdir()
     stamps = [f"2025010{day}-120000" for day in range(1, 8)]
@@ -143,7 +135,7 @@ def test_prune_deletes_only_old_routheon_backups_and_names_them(
     nested = folder / "sub" / "alpha.yml.bak.20000101-000000"
     nested.write_text("keep me\n")
 
-    code, _, err = run(capsys, "mapping", "prune", "--keep", "2", "--mappings", str(folder))
+    code, _, err = run("mapping", "prune", "--keep", "2", "--mappings", str(folder))
     assert code == 0, err
     expected_gone = [folder / f"alpha.yml.bak.{stamp}" for stamp in stamps[:6]]
     assert all(not path.exists() for path in expected_gone)
@@ -156,23 +148,23 @@ def test_prune_deletes_only_old_routheon_backups_and_names_them(
     assert link.is_symlink() and victim.read_text() == "outside\n"
     assert (folder / "gamma.yml.bak.20200101-000000").is_dir()
 
-    code, _, err = run(capsys, "mapping", "prune", "--keep", "0", "--mappings", str(folder))
+    code, _, err = run("mapping", "prune", "--keep", "0", "--mappings", str(folder))
     assert code == 0 and backups(folder) == [] and backups(folder, "hand.yaml") == []
     assert err.count("deleted ") == 4
     assert all(path.exists() for path in [*decoys, nested]) and link.is_symlink()
-    code, _, err = run(capsys, "mapping", "prune", "--mappings", str(folder))
+    code, _, err = run("mapping", "prune", "--mappings", str(folder))
     assert code == 0 and "no backup to delete" in err
 
 
 def test_prune_keeps_five_by_default_or_what_the_environment_says(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for day in range(1, 10):
         (tmp_path / f"alpha.yml.bak.2025010{day}-000000").write_text("x\n")
-    assert run(capsys, "mapping", "prune", "--mappings", str(tmp_path))[0] == 0
+    assert run("mapping", "prune", "--mappings", str(tmp_path))[0] == 0
     assert len(backups(tmp_path)) == 5
     monkeypatch.setenv("ROUTHEON_BACKUPS", "3")
-    assert run(capsys, "mapping", "prune", "--mappings", str(tmp_path))[0] == 0
+    assert run("mapping", "prune", "--mappings", str(tmp_path))[0] == 0
     assert [p.name[-15:-7] for p in backups(tmp_path)] == ["20250107", "20250108", "20250109"]
 
 
@@ -180,53 +172,53 @@ def test_prune_keeps_five_by_default_or_what_the_environment_says(
 
 
 def test_the_environment_names_the_folder_unless_the_flag_does(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from_env, from_flag = tmp_path / "env", tmp_path / "flag"
-    add(capsys, from_env, 8010)
+    add(from_env, 8010)
     monkeypatch.setenv("ROUTHEON_MAPPINGS", str(from_env))
-    code, out, _ = run(capsys, "mapping", "list")  # read first: never write to the real default here
+    code, out, _ = run("mapping", "list")  # read first: never write to the real default here
     assert code == 0 and "alpha" in out
-    code, _, err = run(capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--replace")
+    code, _, err = run("mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--replace")
     assert code == 0, err
     assert "8011" in (from_env / "alpha.yml").read_text()
-    code, _, err = run(capsys, "mapping", "check", "--no-connect")
+    code, _, err = run("mapping", "check", "--no-connect")
     assert code == 0 and str(from_env) in err
-    add(capsys, from_env, 8012)
-    assert run(capsys, "mapping", "prune", "--keep", "0")[0] == 0
+    add(from_env, 8012)
+    assert run("mapping", "prune", "--keep", "0")[0] == 0
     assert backups(from_env) == []
-    assert run(capsys, "mapping", "remove", "--key", KEY)[0] == 0
+    assert run("mapping", "remove", "--key", KEY)[0] == 0
     assert not read_folder(from_env).files
 
-    code, _, err = run(capsys, "mapping", "add", "--service", "beta", "--port", "8013", "--key", OTHER,
+    code, _, err = run("mapping", "add", "--service", "beta", "--port", "8013", "--key", OTHER,
                        "--mappings", str(from_flag))
     assert code == 0, err
     assert (from_flag / "beta.yml").is_file() and not (from_env / "beta.yml").exists()
 
 
-def test_help_names_the_environment_variables(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_names_the_environment_variables() -> None:
     for command in (["mapping", "add"], ["mapping", "list"], ["mapping", "remove"], ["mapping", "check"],
                     ["mapping", "prune"]):
-        code, out, _ = run(capsys, *command, "--help")
+        code, out, _ = run(*command, "--help")
         assert code == 0 and "$ROUTHEON_MAPPINGS" in out and "/etc/traefik/mappings" in out, command
     for command in (["mapping", "add"], ["mapping", "remove"], ["mapping", "prune"]):
-        assert "$ROUTHEON_BACKUPS" in run(capsys, *command, "--help")[1], command
+        assert "$ROUTHEON_BACKUPS" in run(*command, "--help")[1], command
 
 
 # --- -q after the command -----------------------------------------------------------------------
 
 
-def test_quiet_works_before_and_after_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quiet_works_before_and_after_the_command(tmp_path: Path) -> None:
     base = ["--service", "alpha", "--port", "8011", "--key", KEY, "--key", OTHER, "--mappings", str(tmp_path)]
-    code, _, err = run(capsys, "mapping", "add", "-q", *base)
+    code, _, err = run("mapping", "add", "-q", *base)
     assert (code, err) == (0, "")
-    code, _, err = run(capsys, "mapping", "remove", "-q", "--key", KEY, "--mappings", str(tmp_path))
+    code, _, err = run("mapping", "remove", "-q", "--key", KEY, "--mappings", str(tmp_path))
     assert (code, err) == (0, "")
-    code, _, err = run(capsys, "-q", "mapping", "remove", "--key", OTHER, "--mappings", str(tmp_path))
+    code, _, err = run("-q", "mapping", "remove", "--key", OTHER, "--mappings", str(tmp_path))
     assert (code, err) == (0, "")
-    code, _, err = run(capsys, "mapping", "prune", "--quiet", "--keep", "0", "--mappings", str(tmp_path))
+    code, _, err = run("mapping", "prune", "--quiet", "--keep", "0", "--mappings", str(tmp_path))
     assert (code, err) == (0, "")
-    code, _, err = run(capsys, "mapping", "add", *base)
+    code, _, err = run("mapping", "add", *base)
     assert code == 0 and "wrote" in err
 
 
@@ -272,29 +264,27 @@ def test_script_without_routheon_says_how_to_install_it(tmp_path: Path) -> None:
 MISSPELT = "http:\n  services:\n    other:\n      loadBalancer:\n        serverz:\n          - url: http://127.0.0.1:1\n"
 
 
-def test_a_revocation_in_a_folder_traefik_rejects_fails_loudly_and_writes_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    add(capsys, tmp_path, 8011)
+def test_a_revocation_in_a_folder_traefik_rejects_fails_loudly_and_writes_nothing(tmp_path: Path) -> None:
+    add(tmp_path, 8011)
     (tmp_path / "other.yml").write_text(MISSPELT)
     before = (tmp_path / "alpha.yml").read_bytes()
-    code, out, err = run(capsys, "-q", "mapping", "remove", "--key", KEY, "--mappings", str(tmp_path))
+    code, out, err = run("-q", "mapping", "remove", "--key", KEY, "--mappings", str(tmp_path))
     assert code == 1 and out == ""
     assert "nothing was written" in err and "other.yml" in err and "serverz" in err and "--force" in err
     assert (tmp_path / "alpha.yml").read_bytes() == before and not backups(tmp_path)
 
 
-def test_force_writes_into_a_rejected_folder_but_still_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    add(capsys, tmp_path, 8011)
+def test_force_writes_into_a_rejected_folder_but_still_fails(tmp_path: Path) -> None:
+    add(tmp_path, 8011)
     (tmp_path / "other.yml").write_text(MISSPELT)
-    code, _, err = run(capsys, "mapping", "remove", "--key", KEY, "--force", "-q", "--mappings", str(tmp_path))
+    code, _, err = run("mapping", "remove", "--key", KEY, "--force", "-q", "--mappings", str(tmp_path))
     assert code == 1 and "none of it takes effect" in err
     assert not (tmp_path / "alpha.yml").exists() and len(backups(tmp_path)) == 1
 
 
-def test_a_change_that_would_disable_its_own_routers_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_change_that_would_disable_its_own_routers_is_refused(tmp_path: Path) -> None:
     code, _, err = run(
-        capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY,
+        "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY,
         "--entry-point", "websecure", "--mappings", str(tmp_path),
     )
     assert code == 1 and "nothing was written" in err
@@ -303,50 +293,46 @@ def test_a_change_that_would_disable_its_own_routers_is_refused(tmp_path: Path, 
     config = tmp_path / "traefik.yml"
     config.write_text("entryPoints:\n  websecure:\n    address: ':8443'\n")
     code, _, err = run(
-        capsys, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--entry-point",
+        "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--entry-point",
         "websecure", "--traefik-config", str(config), "--mappings", str(tmp_path / "m"),
     )
     assert code == 0, err
 
 
-def test_removing_the_broken_file_is_allowed_and_heals_the_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    add(capsys, tmp_path, 8011)
+def test_removing_the_broken_file_is_allowed_and_heals_the_folder(tmp_path: Path) -> None:
+    add(tmp_path, 8011)
     (tmp_path / "other.yml").write_text(MISSPELT)
-    code, _, err = run(capsys, "mapping", "remove", "--service", "other", "--mappings", str(tmp_path))
+    code, _, err = run("mapping", "remove", "--service", "other", "--mappings", str(tmp_path))
     assert code == 0, err
-    code, _, err = run(capsys, "mapping", "check", "--no-connect", "--mappings", str(tmp_path))
+    code, _, err = run("mapping", "check", "--no-connect", "--mappings", str(tmp_path))
     assert code == 0 and "applies this folder" in err
 
 
-def test_without_traefik_the_reader_judges_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    add(capsys, tmp_path, 8011)
+def test_without_traefik_the_reader_judges_and_says_so(tmp_path: Path) -> None:
+    add(tmp_path, 8011)
     (tmp_path / "broken.yml").write_text("http:\n  routers: [\n")
-    code, _, err = run(capsys, "mapping", "remove", "--key", KEY, "--traefik", "none", "--mappings", str(tmp_path))
+    code, _, err = run("mapping", "remove", "--key", KEY, "--traefik", "none", "--mappings", str(tmp_path))
     assert code == 1 and "nothing was written" in err and "broken.yml" in err
     assert (tmp_path / "alpha.yml").exists()
 
 
-def test_list_names_keys_traefik_routes_that_it_cannot_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    add(capsys, tmp_path, 8011)
+def test_list_names_keys_traefik_routes_that_it_cannot_show(tmp_path: Path) -> None:
+    add(tmp_path, 8011)
     (tmp_path / "hand.yml").write_text(
         "http:\n  routers:\n    hand:\n"
         f"      rule: 'Header(`Authorization`, `Bearer {OTHER}`) || Header(`X-Team`, `a`)'\n"
         "      service: alpha\n      entryPoints: [llama-servers]\n"
     )
-    code, out, err = run(capsys, "-q", "mapping", "list", "--mappings", str(tmp_path))
+    code, out, err = run("-q", "mapping", "list", "--mappings", str(tmp_path))
     assert code == 1 and "alpha.yml" in out
     assert "hand.yml" in err and "cannot be listed or revoked" in err
 
 
-def test_an_unchanged_mapping_in_a_rejected_folder_is_not_reported_as_fine(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    add(capsys, tmp_path, 8011)
+def test_an_unchanged_mapping_in_a_rejected_folder_is_not_reported_as_fine(tmp_path: Path) -> None:
+    add(tmp_path, 8011)
     (tmp_path / "other.yml").write_text(MISSPELT)
     code, _, err = run(
-        capsys, "-q", "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--mappings", str(tmp_path)
+        "-q", "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--mappings", str(tmp_path)
     )
     assert code == 1 and "other.yml" in err
 
@@ -354,15 +340,15 @@ def test_an_unchanged_mapping_in_a_rejected_folder_is_not_reported_as_fine(
 # --- main() as a library call ---------------------------------------------------------------------
 
 
-def test_each_line_is_logged_once_however_often_main_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_each_line_is_logged_once_however_often_main_runs(tmp_path: Path) -> None:
     for port in (8011, 8012, 8013):
-        _, _, err = run(capsys, "mapping", "add", "--service", "alpha", "--port", str(port), "--key", KEY,
+        _, _, err = run("mapping", "add", "--service", "alpha", "--port", str(port), "--key", KEY,
                         "--replace", "--mappings", str(tmp_path))
         lines = err.splitlines()
         assert lines and len(lines) == len(set(lines)), err
 
 
-def test_a_bug_keeps_its_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_a_bug_keeps_its_traceback(tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Only Routheon's own refusals become one line: any other ValueError is a bug to see whole."""
 
