@@ -117,6 +117,8 @@ def test_rules_that_are_not_only_keys_are_not_read_as_keys() -> None:
     assert rule_keys("PathPrefix(`/`)") is None
     assert rule_keys("Header(`Authorization`, `Bearer a`) && Path(`/x`)") is None
     assert rule_keys("Header(`X-Other`, `Bearer a`)") is None
+    # a guard whose string this reader cannot decode (Go rejects it too): not understood, not a crash
+    assert rule_keys('Header(`Authorization`, `Bearer a`) && !HeaderRegexp(`Authorization`, "\\x")') is None
 
 
 def test_rendered_file_holds_hostile_keys_verbatim(tmp_path: Path) -> None:

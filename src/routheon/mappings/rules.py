@@ -191,7 +191,7 @@ def _guarded_clause(rule: str, position: int) -> tuple[KeyClause, int] | None:
     end, guards = match.end(), []
     while guard := _GUARD.match(rule, end):
         name, value = _go_string(guard.group("name")), _go_string(guard.group("value"))
-        if name is None or name.lower() != AUTH_HEADER.lower():
+        if name is None or value is None or name.lower() != AUTH_HEADER.lower():
             return None
         guards.append(value)
         end = guard.end()
