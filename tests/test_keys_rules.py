@@ -7,6 +7,7 @@ import pytest
 
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, validate_key
 from routheon.mappings.format import MappingSpec, parse_rendered, render_mapping
+from routheon.mappings import rules
 from routheon.mappings.rules import header_rule, rule_keys, single_key_guards
 
 HOSTILE_KEYS = [
@@ -84,7 +85,7 @@ def test_a_guard_matches_every_value_but_its_own_key(key: str) -> None:
     assert missed == []
 
 
-def test_guarded_clauses_read_back_and_a_changed_guard_is_not_understood() -> None:
+def test_guarded_clauses_read_back_and_guards_for_another_key_are_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     key = "sk-guarded-0123456789"
     (clause,) = rule_keys(header_rule([key])) or ()
     assert (clause.key, clause.guarded) == (key, True)
@@ -94,6 +95,13 @@ def test_guarded_clauses_read_back_and_a_changed_guard_is_not_understood() -> No
     assert (plain.key, plain.guarded) == (key, False)
     (edited,) = rule_keys(header_rule([key]).replace(key, "sk-edited-by-hand-0123")) or ()
     assert (edited.key, edited.guarded, edited.stale_guard) == ("sk-edited-by-hand-0123", False, True)
+    longest = "k" * 600
+    windows = rules.single_key_guards(longest)
+    monkeypatch.setattr(rules, "GUARD_LENGTH", 128)  # a later Routheon may cut guards elsewhere
+    assert rules.single_key_guards(longest) != windows
+    (older,) = rule_keys(f"Header(`Authorization`, `Bearer {longest}`)" + "".join(
+        f" && !HeaderRegexp(`Authorization`, `{guard}`)" for guard in windows)) or ()
+    assert (older.guarded, older.stale_guard) == (True, False)
     assert rule_keys(f"Header(`Authorization`, `Bearer {key}`) && !HeaderRegexp(`Authorization`, `.`)") is None
 
 

@@ -17,6 +17,7 @@ import pytest
 from routheon.mappings.check import check_folder, has_errors
 from routheon.mappings.folder import read_folder
 from routheon.mappings.format import MappingSpec, render_mapping
+from routheon.mappings.rules import key_clause
 from samples import SEED_MAPPING
 from support import REPO, VENV_BIN, CliResult, run_routheon
 
@@ -87,6 +88,29 @@ def test_changing_a_mapping_needs_replace_and_keeps_a_private_backup(tmp_path: P
     (backup,) = tmp_path.glob("alpha.yml.bak.*")
     assert "8011" in backup.read_text() and "8099" in (tmp_path / "alpha.yml").read_text()
     assert mode(backup) == 0o640
+
+
+def test_the_same_mapping_in_an_older_format_is_rewritten_without_replace(tmp_path: Path) -> None:
+    """Re-running the same ``mapping add`` after an upgrade brings the file up to date."""
+    spec = MappingSpec("alpha", ("http://127.0.0.1:8011",), (KEY,))
+    unguarded = render_mapping(spec).replace(key_clause(KEY), f"Header(`Authorization`, `Bearer {KEY}`)")
+    (tmp_path / "alpha.yml").write_text(unguarded)
+    (tmp_path / "llama-server-1.yml").write_text(SEED_MAPPING)
+    same = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    assert same.returncode == 0, same.stderr
+    seed = routheon(tmp_path, "mapping", "add", "--service", "llama-server-1", "--port", "8011", "--key", "API_KEY-1")
+    assert seed.returncode == 0, seed.stderr
+    assert (tmp_path / "alpha.yml").read_text() == render_mapping(spec)
+    assert "lets a second Authorization header" not in "\n".join(findings(tmp_path))
+    assert len(list(tmp_path.glob("*.bak.*"))) == 2
+    beta = "sk-beta-0123456789abcdef"
+    (tmp_path / "beta.yml").write_text(render_mapping(MappingSpec("beta", ("http://127.0.0.1:8011",), (beta,))))
+    moved = routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key", beta)
+    assert moved.returncode == 1 and "exists with other content" in moved.stderr  # another URL, another mapping
+    limited = render_mapping(spec).replace("        - 'alpha-request-body'", "        - 'alpha-request-body'\n        - 'limit'")
+    (tmp_path / "alpha.yml").write_text(limited)
+    kept = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
+    assert kept.returncode == 1 and "exists with other content" in kept.stderr  # the operator's own middleware
 
 
 def test_a_key_moves_between_services(tmp_path: Path) -> None:

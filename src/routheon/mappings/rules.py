@@ -81,7 +81,7 @@ def join_clauses(clauses: Sequence[str]) -> str:
     """Clauses that each accept one key, as one rule accepting any of them."""
     if len(clauses) == 1:
         return clauses[0]
-    return _SEPARATOR.join(f"({clause})" if "&&" in clause else clause for clause in clauses)
+    return _SEPARATOR.join(f"({clause})" if _AND_NOT in clause else clause for clause in clauses)
 
 
 def _go_escape(text: str) -> str:
@@ -178,9 +178,11 @@ def _clause(match: re.Match[str]) -> KeyClause | None:
 def _guarded_clause(rule: str, position: int) -> tuple[KeyClause, int] | None:
     """The clause at ``position`` (optionally in parentheses, optionally guarded) and where it ends.
 
-    Guards are read when they are those Routheon writes: for the clause's key (``guarded``),
-    or for another key (``stale_guard``: the key was edited by hand, and every request with it
-    is refused). A clause with other negated tests is not one whose keys can be listed.
+    Guards are read when they have the shape Routheon writes: ``guarded`` when they let the
+    clause's own key through (those written for it, whatever GUARD_LENGTH was then), and
+    ``stale_guard`` when they refuse it (written for another key: the key was edited by hand,
+    and every request with it is refused). A clause with other negated tests is not one whose
+    keys can be listed.
     """
     opened = _OPEN.match(rule, position)
     start = opened.end() if opened else position
@@ -196,16 +198,30 @@ def _guarded_clause(rule: str, position: int) -> tuple[KeyClause, int] | None:
         guards.append(value)
         end = guard.end()
     if guards:
-        own = guards == single_key_guards(clause.key)
-        if clause.regex or not (own or all(guard.startswith(_GUARD_START) for guard in guards)):
+        if clause.regex or not all(guard.startswith(_GUARD_START) for guard in guards):
             return None
-        clause = KeyClause(clause.key, text=rule[start:end].strip(), guarded=own, stale_guard=not own)
+        refused = guards != single_key_guards(clause.key) and _refuses(guards, SCHEME + clause.key)
+        if refused is None:
+            return None
+        clause = KeyClause(clause.key, text=rule[start:end].strip(), guarded=not refused, stale_guard=refused)
     if opened:
         closed = _CLOSE.match(rule, end)
         if closed is None:
             return None
         end = closed.end()
     return clause, end
+
+
+def _refuses(guards: list[str], value: str) -> bool | None:
+    """Whether one of ``guards`` matches ``value``; None when Python cannot read one as Go would.
+
+    The shapes Routheon writes mean the same to Python's ``re`` for a header value (which holds
+    no line break, so ``$`` ends it for both); Go-only syntax fails to compile here.
+    """
+    try:
+        return any(re.match(guard, value) for guard in guards)
+    except re.error:
+        return None
 
 
 def rule_keys(rule: str) -> tuple[KeyClause, ...] | None:

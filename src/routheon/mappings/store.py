@@ -38,6 +38,7 @@ from routheon.mappings.format import (
     parse_rendered,
     fallback_router,
     render_mapping,
+    request_body_middleware,
     validate_service_name,
 )
 from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants, parse_grants, render_grants
@@ -406,6 +407,31 @@ def defines_error_pages(files: Iterable[MappingFile]) -> bool:
     return any(ERRORS_MIDDLEWARE in mapping.middlewares for mapping in files)
 
 
+def _says_the_same(mapping: MappingFile, spec: MappingSpec) -> bool:
+    """Whether ``mapping`` routes what ``spec`` routes, only written in an older format.
+
+    Such as a file of an earlier Routheon (without guards or request-body middleware) or of
+    routheon-server 1.0.x with exact keys: rewriting it changes no one's access, so re-running
+    the same ``mapping add`` after an upgrade rewrites it without ``--replace``. Anything
+    more (other keys, URLs, entry points, middlewares, a rule that is not only keys) needs it.
+    """
+    own = {ERRORS_MIDDLEWARE, request_body_middleware(spec.service)}
+    clauses = [rule_keys(router.rule) for router in mapping.routers]
+    return (
+        all(found is not None and all(clause.literal for clause in found) for found in clauses)
+        and mapping.keys() == list(spec.keys)
+        and mapping.urls == tuple(url.rstrip("/") for url in spec.urls)
+        and {service.name for service in mapping.services} == {spec.service}
+        and all(
+            router.service == spec.service
+            and router.entry_points == (spec.entry_point,)
+            and {name.removesuffix("@file") for name in router.middlewares} <= own
+            for router in mapping.routers
+        )
+        and set(mapping.middlewares) <= own
+    )
+
+
 def add_mapping(
     folder: Path,
     spec: MappingSpec,
@@ -419,8 +445,9 @@ def add_mapping(
 ) -> list[Change]:
     """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file and the grants.
 
-    Overwriting a different file or moving a key needs ``replace``. ``models`` declares the
-    model names the service answers to in the grants file (None leaves them as they are);
+    Overwriting a file that routes something else (``_says_the_same``) or moving a key needs
+    ``replace``. ``models`` declares the model names the service answers to in the grants file
+    (None leaves them as they are);
     ``keep_keys`` gives a ``spec`` without keys the keys ``SERVICE.yml`` routes, read under
     the lock (read before it, a key revoked meanwhile would come back). Each file touched
     keeps its ``backups`` newest backups.
@@ -465,7 +492,9 @@ def add_mapping(
         if target.exists():
             if _read_bytes(target) == data:
                 write = None
-            elif not replace:
+            elif not replace and not any(
+                mapping.path == target and _says_the_same(mapping, spec) for mapping in files
+            ):
                 raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
             elif users := _users_of(files, target, kept=frozenset({spec.service})):
                 raise MappingConflictError(
