@@ -111,6 +111,9 @@ def test_the_same_mapping_in_an_older_format_is_rewritten_without_replace(tmp_pa
     (tmp_path / "alpha.yml").write_text(limited)
     kept = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
     assert kept.returncode == 1 and "exists with other content" in kept.stderr  # the operator's own middleware
+    (tmp_path / "alpha.yml").write_text(render_mapping(spec).replace(KEY, "sk-edited-0123456789abcdef"))
+    edited = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", "sk-edited-0123456789abcdef")
+    assert edited.returncode == 1 and "exists with other content" in edited.stderr  # the key never routed
 
 
 def test_a_key_moves_between_services(tmp_path: Path) -> None:

@@ -220,7 +220,7 @@ def _refuses(guards: list[str], value: str) -> bool | None:
     """
     try:
         return any(re.match(guard, value) for guard in guards)
-    except re.error:
+    except (re.error, RecursionError):
         return None
 
 

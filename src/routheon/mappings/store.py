@@ -411,14 +411,16 @@ def _says_the_same(mapping: MappingFile, spec: MappingSpec) -> bool:
     """Whether ``mapping`` routes what ``spec`` routes, only written in an older format.
 
     Such as a file of an earlier Routheon (without guards or request-body middleware) or of
-    routheon-server 1.0.x with exact keys: rewriting it changes no one's access, so re-running
-    the same ``mapping add`` after an upgrade rewrites it without ``--replace``. Anything
-    more (other keys, URLs, entry points, middlewares, a rule that is not only keys) needs it.
+    routheon-server 1.0.x with exact keys (none edited by hand out of its guard): rewriting it
+    changes no one's access, so re-running the same ``mapping add`` after an upgrade rewrites
+    it without ``--replace``. Anything more (other keys, URLs, entry points, middlewares, a
+    rule that is not only keys) needs it.
     """
     own = {ERRORS_MIDDLEWARE, request_body_middleware(spec.service)}
     clauses = [rule_keys(router.rule) for router in mapping.routers]
     return (
-        all(found is not None and all(clause.literal for clause in found) for found in clauses)
+        all(found is not None for found in clauses)
+        and all(clause.literal and not clause.stale_guard for found in clauses for clause in found or ())
         and mapping.keys() == list(spec.keys)
         and mapping.urls == tuple(url.rstrip("/") for url in spec.urls)
         and {service.name for service in mapping.services} == {spec.service}
