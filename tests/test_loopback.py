@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import yaml
 
-from routheon.loopback import LoopbackTraefik, install_server_mapping, shipped_static_config
+from routheon.loopback import (
+    LOOPBACK,
+    LoopbackTraefik,
+    ephemeral_ports,
+    free_port,
+    install_server_mapping,
+    shipped_static_config,
+)
 from routheon.mappings.folder import read_folder
 from routheon.mappings.format import ENTRY_POINT
 
@@ -43,3 +51,16 @@ def test_sections_it_does_not_know_are_copied_and_other_entry_points_stay_privat
 def test_the_server_mapping_points_at_loopback(tmp_path: Path) -> None:
     install_server_mapping(tmp_path, 19080)
     assert read_folder(tmp_path).backend_urls() == ["http://127.0.0.1:19080"]
+
+
+def test_free_ports_stay_out_of_the_range_outgoing_connections_take() -> None:
+    """An outgoing connection may take a port from bind(0) before the child binds it."""
+    ephemeral = ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert not ports & set(ephemeral) and len(ports) > 1
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        port = taken.getsockname()[1]
+        taken.listen()
+        assert free_port(preferred=port) != port
+        assert free_port(preferred=next(iter(ports))) == next(iter(ports))

@@ -116,6 +116,33 @@ def test_the_same_mapping_in_an_older_format_is_rewritten_without_replace(tmp_pa
     assert edited.returncode == 1 and "exists with other content" in edited.stderr  # the key never routed
 
 
+def test_upgrade_rewrites_older_key_files_in_the_current_format_and_names_the_rest(tmp_path: Path) -> None:
+    alpha = MappingSpec("alpha", ("http://127.0.0.1:8011",), (KEY, "sk-second-0123456789abcdef"))
+    unguarded = render_mapping(alpha)
+    for key in alpha.keys:
+        unguarded = unguarded.replace(key_clause(key), f"Header(`Authorization`, `Bearer {key}`)")
+    (tmp_path / "alpha.yml").write_text(unguarded)
+    (tmp_path / "llama-server-1.yml").write_text(SEED_MAPPING)
+    (tmp_path / "pattern.yml").write_text(SEED_MAPPING.replace("llama-server-1", "pattern").replace("API_KEY-1", "k.y+2$"))
+    beta = render_mapping(MappingSpec("beta", ("http://127.0.0.1:8012",), ("sk-beta-0123456789abcdef",), False))
+    (tmp_path / "beta.yml").write_text(beta)
+    upgraded = routheon(tmp_path, "mapping", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert f"upgraded {tmp_path / 'alpha.yml'} (old content in alpha.yml.bak." in upgraded.stderr
+    assert f"warning: left {tmp_path / 'pattern.yml'} (its rule is a regular expression" in upgraded.stderr
+    assert (tmp_path / "alpha.yml").read_text() == render_mapping(alpha)
+    seed = MappingSpec("llama-server-1", ("http://127.0.0.1:8011",), ("API_KEY-1",))
+    assert (tmp_path / "llama-server-1.yml").read_text() == render_mapping(seed)
+    assert (tmp_path / "beta.yml").read_text() == beta  # current already, without error pages as written
+    assert sorted(path.name.split(".bak.")[0] for path in tmp_path.glob("*.bak.*")) == ["alpha.yml", "llama-server-1.yml"]
+    assert [line for line in findings(tmp_path) if "lets a second Authorization header" in line] == [
+        f"{tmp_path / 'pattern.yml'}:3: warning: router 'pattern' lets a second Authorization header ride along with"
+        " one of its keys (Traefik matches any one value); run `routheon mapping upgrade`"
+    ]
+    again = routheon(tmp_path, "mapping", "upgrade")
+    assert again.returncode == 0 and "nothing to upgrade" in again.stderr
+
+
 def test_a_key_moves_between_services(tmp_path: Path) -> None:
     other = "sk-other-0123456789abcdef"
     routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--key", other)

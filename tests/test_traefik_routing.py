@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from routheon.mappings.format import MappingSpec, render_mapping
 from samples import SEED_MAPPING
 from support import REPO, VENV_BIN
-from traefik_stack import Stack
+from traefik_stack import Backend, Stack
 
 pytestmark = pytest.mark.traefik
 
@@ -161,10 +160,10 @@ def test_streamed_chunks_arrive_as_they_are_sent(stack: Stack) -> None:
     stack.wait_for(lambda: stack.backend_of(ALPHA_KEY) == "stream")
     body = json.dumps({"stream": True, "hold": True, "messages": [{"role": "user", "content": "hi"}]})
     headers = {"Authorization": f"Bearer {ALPHA_KEY}", "Content-Type": "application/json"}
-    assert _held_stream(stack.port, backend.url, body, headers) == ["0 ", "1 ", "2 ", "3 "]
+    assert _held_stream(stack.port, backend, body, headers) == ["0 ", "1 ", "2 ", "3 "]
 
 
-def _held_stream(port: int, backend_url: str, body: str, headers: dict[str, str]) -> list[str]:
+def _held_stream(port: int, backend: Backend, body: str, headers: dict[str, str]) -> list[str]:
     """The contents of one held stream: its first chunk must arrive before the backend is released."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     try:
@@ -174,7 +173,7 @@ def _held_stream(port: int, backend_url: str, body: str, headers: dict[str, str]
         events = (line.strip()[6:] for line in response.fp if line.startswith(b"data: "))
         # The backend sends nothing more until released: a buffering proxy would never pass this.
         first = next(events, None)
-        urllib.request.urlopen(urllib.request.Request(f"{backend_url}/release", method="POST"), timeout=10).close()
+        backend.release()
         if first is None:
             return []
         rest = list(itertools.takewhile(lambda data: data != b"[DONE]", events))

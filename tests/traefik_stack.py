@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import signal
+import urllib.request
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ class Backend:
     def stop(self) -> None:
         """Kill it, as a llama-server crashes: no answer in flight is waited for."""
         self.proc.stop(signal.SIGKILL)
+
+    def release(self) -> None:
+        """Let a held stream (``"hold": true``) send the rest of its chunks."""
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/release", method="POST"), timeout=10).close()
 
 
 @dataclass

@@ -48,6 +48,7 @@ from routheon.mappings.store import (
     read_grants,
     revoke_keys,
     remove_service,
+    upgrade_mappings,
 )
 
 BACKUPS_ENV = "ROUTHEON_BACKUPS"
@@ -355,6 +356,19 @@ def cmd_mapping_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mapping_upgrade(args: argparse.Namespace) -> int:
+    folder = _existing_folder(args.mappings)
+    confirmation = _confirmation(folder, args)
+    changes = upgrade_mappings(folder, backups=_backups(args.backups), confirm=confirmation)
+    status = _report([change for change in changes if change.action != "left"], confirmation)
+    for change in changes:
+        if change.action == "left":
+            log.warning("%s", change)
+    if not any(change.action == "upgraded" for change in changes):
+        log.info("nothing to upgrade in %s: every key file Routheon can rewrite is in the current format", folder)
+    return status
+
+
 def _traefik_judges(folder: Folder, args: argparse.Namespace) -> tuple[Folder, str]:
     """``folder``'s findings with Traefik's own verdict in them (or a warning saying why there is none),
     and the verdict in words."""
@@ -647,6 +661,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each backend (default: 2)")
     _add_traefik_flags(check)
     check.set_defaults(handler=cmd_mapping_check)
+
+    upgrade = mapping_commands.add_parser(
+        "upgrade",
+        help="rewrite key files of earlier versions or of routheon-server 1.0.x in the current format",
+        description=(
+            "Rewrite every key file that routes nothing but its keys to its URLs, as `mapping add` writes it"
+            " today: each key gains its guard against a second Authorization header, the request-body"
+            " middleware and error pages; keys, URLs and entry point stay. Old content is kept as a backup."
+            " Files that say more (other middlewares, rules, services) are named and left as they are."
+        ),
+    )
+    _add_folder_flags(upgrade, writes=True)
+    upgrade.set_defaults(handler=cmd_mapping_upgrade)
 
     pruning = mapping_commands.add_parser(
         "prune",

@@ -16,6 +16,7 @@ installed ``routheon`` runs the demo without a clone.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 from collections.abc import Mapping
@@ -35,6 +36,11 @@ SERVER_MAPPING = "routheon-server.yml"
 PLUGINS_DIR = "plugins-local"
 # the URL in the shipped routheon-server.yml: the compose service name and the default port
 SHIPPED_SERVER_URL = "http://routheon-server:9080"
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+# free_port picks from here up to the ephemeral range, above the ports services usually own
+_LOWEST_PICKED = 20000
+_PICKS = 50
+_PORT_DRAWS = random.SystemRandom()
 
 
 def shipped(relative: str) -> Path:
@@ -61,10 +67,34 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections (and ``bind(0)``)."""
+    try:
+        low, high = (int(part) for part in Path(_EPHEMERAL_RANGE).read_text().split())
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port(preferred: int | None = None) -> int:
-    """``preferred`` when nobody listens on it, else a port the kernel picks."""
+    """``preferred`` when nobody listens on it, else a free port outside the kernel's ephemeral range.
+
+    A port is free only until someone binds it, and the caller's child binds it a moment
+    later. A port from ``bind(0)`` lies in the ephemeral range, where every outgoing connection
+    (a test's client, Traefik's new connection per request) takes its local port too: one took
+    a port in that moment in a CI run with two busy loops ("address already in use" for a test
+    backend, 6 errors in 450 tests). Below that range only programs that bind on purpose pick
+    ports, and a random choice keeps two of them (parallel test workers) apart: drawn from the
+    OS, as a test plugin that seeds ``random`` alike in every worker (pytest-randomly) made two
+    workers draw the same ports, and one test's requests reached the other's backends.
+    """
     if preferred and port_is_free(preferred):
         return preferred
+    ephemeral = ephemeral_ports()
+    below = range(_LOWEST_PICKED, ephemeral.start)
+    for _ in range(_PICKS):
+        if below and port_is_free(port := _PORT_DRAWS.choice(below)):
+            return port
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])

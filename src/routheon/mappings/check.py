@@ -207,21 +207,22 @@ def _key_router_warnings(checked: Checked) -> list[Finding]:
             if ERRORS_MIDDLEWARE not in router.middlewares and not _is_fallback(mapping, router):
                 message = (
                     f"router {router.name!r} does not use {ERRORS_MIDDLEWARE}: a down backend answers"
-                    " plain-text 'Bad Gateway' instead of an OpenAI error (re-run `routheon mapping add`)"
+                    " plain-text 'Bad Gateway' instead of an OpenAI error (run `routheon mapping upgrade`, or"
+                    " `routheon mapping add --replace` without --no-error-pages)"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
             clauses = rule_keys(router.rule) or ()
             if not _is_fallback(mapping, router) and not all(clause.guarded or clause.stale_guard for clause in clauses):
                 message = (
                     f"router {router.name!r} lets a second Authorization header ride along with one of its keys"
-                    " (Traefik matches any one value); re-run `routheon mapping add --replace`"
+                    " (Traefik matches any one value); run `routheon mapping upgrade`"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
             if not readers.intersection(name.removesuffix("@file") for name in router.middlewares):
                 message = (
                     f"router {router.name!r} passes request bodies on as they arrive: under CPU load Traefik"
                     " then cuts one or two streamed answers in a hundred (docs/production.md);"
-                    " re-run `routheon mapping add --replace`"
+                    " run `routheon mapping upgrade`"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
     return findings

@@ -548,6 +548,65 @@ def remove_service(
         return _with_pruning(folder, _apply(steps, confirm, backups), backups)
 
 
+def current_spec(mapping: MappingFile) -> MappingSpec | None:
+    """The spec whose file routes what the key file ``mapping`` routes; None when there is none.
+
+    None for a file that says more than "these keys reach these URLs" (``_says_the_same``) or
+    is not named after its one service; ``error_pages`` is kept off only where Routheon wrote
+    it so (``--no-error-pages``: a request-body middleware and no error pages).
+    """
+    services = {service.name for service in mapping.services}
+    entry_points = {router.entry_points for router in mapping.routers}
+    if len(services) != 1 or len(entry_points) != 1 or mapping.path.name != f"{next(iter(services))}.yml":
+        return None
+    ((entry_point, *more),) = entry_points
+    error_pages = not mapping.body_readers or any(
+        ERRORS_MIDDLEWARE in {name.removesuffix("@file") for name in router.middlewares} for router in mapping.routers
+    )
+    spec = MappingSpec(services.pop(), mapping.urls, tuple(mapping.keys()), error_pages, entry_point)
+    try:
+        spec.validate()
+    except ValueError:
+        return None
+    return spec if not more and _says_the_same(mapping, spec) else None
+
+
+def _why_left(mapping: MappingFile) -> str:
+    clauses = [clause for _, clause in mapping.key_clauses()]
+    if any(not clause.literal for clause in clauses):
+        reason = "its rule is a regular expression that matches more than its keys"
+    elif any(clause.stale_guard for clause in clauses):
+        reason = "a key's guard was written for another key (edited by hand)"
+    else:
+        reason = "it says more than which keys reach which URLs"
+    return f"{reason}; rewrite it with `routheon mapping add --replace`"
+
+
+def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None) -> list[Change]:
+    """Rewrite every key file in an older format as ``routheon mapping add`` writes it today.
+
+    Files of an earlier Routheon or of routheon-server 1.0.x (``current_spec``) gain what they
+    lack (each key's guard, the request-body middleware, error pages), keys and URLs unchanged;
+    the rest are named and left as they are.
+    """
+    with folder_lock(folder):
+        steps: list[_Step] = []
+        left: list[Change] = []
+        for mapping in _parsed_files(folder):
+            if mapping.path.parent != folder or mapping.path.name == GRANTS_FILE or not mapping.key_clauses():
+                continue
+            spec = current_spec(mapping)
+            if spec is None:
+                left.append(Change("left", mapping.path, _why_left(mapping)))
+                continue
+            text = render_mapping(spec)
+            parse_rendered(text, spec, mapping.path)
+            _refuse_unsafe(mapping.path)
+            if _read_bytes(mapping.path) != text.encode("utf-8"):
+                steps.append(_Step(mapping.path, text.encode("utf-8"), "upgraded"))
+        return _with_pruning(folder, _apply(steps, confirm, backups), backups) + left
+
+
 def prune(folder: Path, keep: int = DEFAULT_BACKUPS) -> list[Change]:
     """Delete every mapping file's backups but its ``keep`` newest, now (0 deletes them all)."""
     with folder_lock(folder):
