@@ -5,7 +5,10 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 import yaml
+
+from routheon import loopback
 
 from routheon.loopback import (
     LOOPBACK,
@@ -64,3 +67,18 @@ def test_free_ports_stay_out_of_the_range_outgoing_connections_take() -> None:
         taken.listen()
         assert free_port(preferred=port) != port
         assert free_port(preferred=next(iter(ports))) == next(iter(ports))
+
+
+@pytest.mark.parametrize("ports", ["10000 60999", "15000\t65535", "1024 65535"])
+def test_free_ports_leave_the_range_on_either_side_or_come_from_the_kernel(
+    ports: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range that starts below 20000 leaves no port below it; the ports above it (if any) stay."""
+    (tmp_path / "range").write_text(f"{ports}\n")
+    monkeypatch.setattr(loopback, "_EPHEMERAL_RANGE", str(tmp_path / "range"))
+    ephemeral = ephemeral_ports()
+    assert ephemeral == range(int(ports.split()[0]), int(ports.split()[1]) + 1)
+    drawn = {free_port() for _ in range(20)}
+    assert all(0 < port <= 65535 for port in drawn)
+    if ephemeral.stop <= 65535:
+        assert not drawn & set(ephemeral)

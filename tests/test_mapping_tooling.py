@@ -143,6 +143,40 @@ def test_upgrade_rewrites_older_key_files_in_the_current_format_and_names_the_re
     assert again.returncode == 0 and "nothing to upgrade" in again.stderr
 
 
+def test_upgrade_leaves_every_file_whose_rewrite_would_change_what_reaches_what(tmp_path: Path) -> None:
+    """A rewrite drops what render_mapping does not write and ranks a longer rule first: such files stay."""
+    seed = SEED_MAPPING.replace("llama-server-1", "{name}").replace("API_KEY-1", "{key}")
+    files = {
+        # Traefik attaches a router without entry points to all of them (this once crashed upgrade)
+        "everywhere.yml": seed.replace("      entryPoints:\n        - llama-servers\n", ""),
+        "https.yml": seed.replace("      service: {name}\n", "      service: {name}\n      tls: {{}}\n"),
+        "first.yml": seed.replace("      service: {name}\n", "      service: {name}\n      priority: 9000\n"),
+        "errors.yml": seed + "  middlewares:\n    routheon-errors:\n      headers:\n        customResponseHeaders:\n"
+        "          X-Errors: 'here'\n",
+        "shared.yml": seed.replace("{key}", KEY),
+        "sub/nested.yml": seed,
+        "renamed.yml": seed.replace("{name}", "other"),
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text.format(name=Path(name).stem, key=f"sk-{Path(name).stem}-0123456789abcdef"))
+    taken = render_mapping(MappingSpec("taker", ("http://127.0.0.1:8012",), (KEY, "sk-taker-0123456789abcdef")))
+    (tmp_path / "taker.yml").write_text(taken.replace("        - 'taker-request-body'\n", "        - 'taker-request-body'\n        - 'limit'\n", 1))
+    before = {path: path.read_text() for path in tmp_path.rglob("*.yml")}
+    upgraded = routheon(tmp_path, "mapping", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert {path: path.read_text() for path in tmp_path.rglob("*.yml")} == before
+    left = {line.split()[2]: line for line in upgraded.stderr.splitlines() if line.startswith("warning: left ")}
+    assert sorted(Path(path).relative_to(tmp_path).as_posix() for path in left) == sorted([*files, "taker.yml"])
+    assert "do not all name the same one entry point" in left[str(tmp_path / "everywhere.yml")]
+    assert "(http.routers.https.tls)" in left[str(tmp_path / "https.yml")]
+    assert "also route in" in left[str(tmp_path / "shared.yml")]
+    assert "rename it to other.yml" in left[str(tmp_path / "renamed.yml")]
+    assert "in a subfolder" in left[str(tmp_path / "sub" / "nested.yml")]
+    https = routheon(tmp_path, "mapping", "add", "--service", "https", "--port", "8011", "--key", "sk-https-0123456789abcdef")
+    assert https.returncode == 1 and "exists with other content" in https.stderr  # without tls, HTTPS stops matching
+
+
 def test_a_key_moves_between_services(tmp_path: Path) -> None:
     other = "sk-other-0123456789abcdef"
     routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--key", other)

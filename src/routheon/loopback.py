@@ -37,8 +37,9 @@ PLUGINS_DIR = "plugins-local"
 # the URL in the shipped routheon-server.yml: the compose service name and the default port
 SHIPPED_SERVER_URL = "http://routheon-server:9080"
 _EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
-# free_port picks from here up to the ephemeral range, above the ports services usually own
+# free_port picks from here up, outside the ephemeral range: above the ports services usually own
 _LOWEST_PICKED = 20000
+_HIGHEST_PORT = 65535
 _PICKS = 50
 _PORT_DRAWS = random.SystemRandom()
 
@@ -87,13 +88,16 @@ def free_port(preferred: int | None = None) -> int:
     ports, and a random choice keeps two of them (parallel test workers) apart: drawn from the
     OS, as a test plugin that seeds ``random`` alike in every worker (pytest-randomly) made two
     workers draw the same ports, and one test's requests reached the other's backends.
+    Ports above the range count too: a range set to start below 20000 leaves none below it.
+    Only where the range leaves no port outside it (or none of the draws is free) does the
+    kernel pick.
     """
     if preferred and port_is_free(preferred):
         return preferred
     ephemeral = ephemeral_ports()
-    below = range(_LOWEST_PICKED, ephemeral.start)
-    for _ in range(_PICKS):
-        if below and port_is_free(port := _PORT_DRAWS.choice(below)):
+    outside = [*range(_LOWEST_PICKED, ephemeral.start), *range(max(_LOWEST_PICKED, ephemeral.stop), _HIGHEST_PORT + 1)]
+    for _ in range(_PICKS if outside else 0):
+        if port_is_free(port := _PORT_DRAWS.choice(outside)):
             return port
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))

@@ -512,6 +512,41 @@ def _parse_document(text: str, path: Path) -> MappingFile:
     )
 
 
+# The settings of the key files Routheon and routheon-server 1.0.x write (render_mapping).
+_ROUTER_SETTINGS = ("rule", "service", "entryPoints", "middlewares", "priority")
+_BALANCER_SETTINGS = ("servers", "healthCheck")
+
+
+def unwritten_settings(text: str) -> list[str]:
+    """The settings of a readable mapping file's ``text`` that ``render_mapping`` never writes.
+
+    A rewrite would drop them and with them what they do: a router's ``tls`` (HTTPS requests
+    stop matching), a service's ``serversTransport``, a health check on another path (a
+    backend without ``/health`` reads as down), a certificate, a Go template (Traefik expands
+    it; Routheon reads the text). Middleware definitions are the caller's to judge.
+    """
+    if "{{" in without_template_comments(text):
+        return ["a Go template"]
+    document = _load_first_document(text) or {}
+    http = document.get("http") or {}
+    found = [str(name) for name in document if name != "http"]
+    found += [f"http.{name}" for name in http if name not in ("routers", "services", "middlewares")]
+    for name, router in (http.get("routers") or {}).items():
+        found += [f"http.routers.{name}.{setting}" for setting in router if setting not in _ROUTER_SETTINGS]
+    for name, service in (http.get("services") or {}).items():
+        where = f"http.services.{name}"
+        found += [f"{where}.{setting}" for setting in service if setting != "loadBalancer"]
+        balancer = service.get("loadBalancer") or {}
+        found += [f"{where}.loadBalancer.{setting}" for setting in balancer if setting not in _BALANCER_SETTINGS]
+        servers = balancer.get("servers") or []
+        for server in servers.values() if isinstance(servers, dict) else servers:
+            found += [f"{where}.loadBalancer.servers.{setting}" for setting in server if setting != "url"]
+        health = balancer.get("healthCheck")
+        if health is not None and (not isinstance(health, dict) or health.get("path") != HEALTH_PATH):
+            found.append(f"{where}.loadBalancer.healthCheck.path")
+    return found
+
+
 def _reads_request_body_whole(middleware: Any) -> bool:
     """Whether a middleware is a ``retry`` that reads POST bodies whole before proxying them.
 

@@ -30,6 +30,7 @@ import yaml
 from routheon.mappings.folder import read_folder, read_mapping_text
 from routheon.mappings.format import (
     ERRORS_MIDDLEWARE,
+    FALLBACK_PRIORITY,
     InputError,
     MappingFile,
     MappingFormatError,
@@ -39,6 +40,7 @@ from routheon.mappings.format import (
     fallback_router,
     render_mapping,
     request_body_middleware,
+    unwritten_settings,
     validate_service_name,
 )
 from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants, parse_grants, render_grants
@@ -414,7 +416,9 @@ def _says_the_same(mapping: MappingFile, spec: MappingSpec) -> bool:
     routheon-server 1.0.x with exact keys (none edited by hand out of its guard): rewriting it
     changes no one's access, so re-running the same ``mapping add`` after an upgrade rewrites
     it without ``--replace``. Anything more (other keys, URLs, entry points, middlewares, a
-    rule that is not only keys) needs it.
+    priority, a setting Routheon does not write, a rule that is not only keys) needs it. The
+    file may define no middleware but its request-body reader: the errors middleware is
+    routheon-server.yml's, and a definition of it here may be what other files' routers use.
     """
     own = {ERRORS_MIDDLEWARE, request_body_middleware(spec.service)}
     clauses = [rule_keys(router.rule) for router in mapping.routers]
@@ -428,9 +432,11 @@ def _says_the_same(mapping: MappingFile, spec: MappingSpec) -> bool:
             router.service == spec.service
             and router.entry_points == (spec.entry_point,)
             and {name.removesuffix("@file") for name in router.middlewares} <= own
+            and router.priority in (None, FALLBACK_PRIORITY if router.name == fallback_router(spec.service) else None)
             for router in mapping.routers
         )
-        and set(mapping.middlewares) <= own
+        and set(mapping.middlewares) <= {request_body_middleware(spec.service)} & set(mapping.body_readers)
+        and not unwritten_settings(mapping.text)
     )
 
 
@@ -548,6 +554,23 @@ def remove_service(
         return _with_pruning(folder, _apply(steps, confirm, backups), backups)
 
 
+def _spec_of(mapping: MappingFile) -> MappingSpec:
+    """The spec of the keys, URLs and entry point ``mapping`` routes; InputError saying why there is none."""
+    services = {service.name for service in mapping.services}
+    entry_points = {router.entry_points for router in mapping.routers}
+    if len(services) != 1:
+        raise InputError(f"it defines {len(services)} services, where Routheon writes one per file")
+    if len(entry_points) != 1 or len(next(iter(entry_points))) != 1:
+        raise InputError("its routers do not all name the same one entry point")
+    ((entry_point,),) = entry_points
+    error_pages = not mapping.body_readers or any(
+        ERRORS_MIDDLEWARE in {name.removesuffix("@file") for name in router.middlewares} for router in mapping.routers
+    )
+    spec = MappingSpec(services.pop(), mapping.urls, tuple(mapping.keys()), error_pages, entry_point)
+    spec.validate()
+    return spec
+
+
 def current_spec(mapping: MappingFile) -> MappingSpec | None:
     """The spec whose file routes what the key file ``mapping`` routes; None when there is none.
 
@@ -555,31 +578,62 @@ def current_spec(mapping: MappingFile) -> MappingSpec | None:
     is not named after its one service; ``error_pages`` is kept off only where Routheon wrote
     it so (``--no-error-pages``: a request-body middleware and no error pages).
     """
-    services = {service.name for service in mapping.services}
-    entry_points = {router.entry_points for router in mapping.routers}
-    if len(services) != 1 or len(entry_points) != 1 or mapping.path.name != f"{next(iter(services))}.yml":
-        return None
-    ((entry_point, *more),) = entry_points
-    error_pages = not mapping.body_readers or any(
-        ERRORS_MIDDLEWARE in {name.removesuffix("@file") for name in router.middlewares} for router in mapping.routers
-    )
-    spec = MappingSpec(services.pop(), mapping.urls, tuple(mapping.keys()), error_pages, entry_point)
     try:
-        spec.validate()
+        spec = _spec_of(mapping)
     except ValueError:
         return None
-    return spec if not more and _says_the_same(mapping, spec) else None
+    return spec if mapping.path.name == spec.file_name and _says_the_same(mapping, spec) else None
 
 
 def _why_left(mapping: MappingFile) -> str:
+    """Why ``current_spec`` found no spec for ``mapping``, and what to do instead."""
     clauses = [clause for _, clause in mapping.key_clauses()]
+    settings = unwritten_settings(mapping.text)
     if any(not clause.literal for clause in clauses):
         reason = "its rule is a regular expression that matches more than its keys"
     elif any(clause.stale_guard for clause in clauses):
         reason = "a key's guard was written for another key (edited by hand)"
+    elif settings:
+        reason = f"it holds settings Routheon does not write ({', '.join(settings[:3])}), which a rewrite would drop"
     else:
-        reason = "it says more than which keys reach which URLs"
+        try:
+            spec = _spec_of(mapping)
+        except ValueError as exc:
+            reason = str(exc)
+        else:
+            if mapping.path.name != spec.file_name:
+                return (
+                    f"it is not named after its service: rename it to {spec.file_name} (Traefik goes by what"
+                    " it holds, not by its name), then run `routheon mapping upgrade` again"
+                )
+            reason = "it says more than which keys reach which URLs (a middleware or priority of its own)"
     return f"{reason}; rewrite it with `routheon mapping add --replace`"
+
+
+def _conflict(rendered: MappingFile, files: list[MappingFile]) -> str | None:
+    """What another file routes or defines that ``rendered``, the upgraded file, would clash with.
+
+    A key in two files reaches whichever router Traefik ranks first, by rule length: the
+    guards lengthen the rule, so a rewrite could send the key elsewhere. A name defined twice
+    leaves one of the definitions unused.
+    """
+    for other in files:
+        if other.path == rendered.path:
+            continue
+        if shared := set(rendered.keys()) & set(other.keys()):
+            return (
+                f"{len(shared)} of its keys also route in {other.path}: rewritten, it could take them over;"
+                " keep each key in one file (`routheon mapping add --replace` moves it)"
+            )
+        for section, ours, theirs in (
+            ("router", rendered.routers, other.routers),
+            ("service", rendered.services, other.services),
+        ):
+            if taken := {item.name for item in ours} & {item.name for item in theirs}:
+                return f"{other.path} defines {section} {min(taken)!r}, a name the rewritten file needs"
+        if taken := set(rendered.middlewares) & set(other.middlewares):
+            return f"{other.path} defines middleware {min(taken)!r}, a name the rewritten file needs"
+    return None
 
 
 def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None) -> list[Change]:
@@ -587,20 +641,29 @@ def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: C
 
     Files of an earlier Routheon or of routheon-server 1.0.x (``current_spec``) gain what they
     lack (each key's guard, the request-body middleware, error pages), keys and URLs unchanged;
-    the rest are named and left as they are.
+    the rest are named and left as they are: those that say more, those in subfolders (where
+    Routheon does not write), and those whose rewrite would clash with another file.
     """
     with folder_lock(folder):
         steps: list[_Step] = []
         left: list[Change] = []
-        for mapping in _parsed_files(folder):
-            if mapping.path.parent != folder or mapping.path.name == GRANTS_FILE or not mapping.key_clauses():
+        files = _parsed_files(folder)
+        for mapping in files:
+            if mapping.path.name == GRANTS_FILE or not mapping.key_clauses():
+                continue
+            if mapping.path.parent != folder:
+                reason = f"in a subfolder, where Routheon does not write; move it into {folder} to upgrade it"
+                left.append(Change("left", mapping.path, reason))
                 continue
             spec = current_spec(mapping)
             if spec is None:
                 left.append(Change("left", mapping.path, _why_left(mapping)))
                 continue
             text = render_mapping(spec)
-            parse_rendered(text, spec, mapping.path)
+            reason = _conflict(parse_rendered(text, spec, mapping.path), files)
+            if reason is not None:
+                left.append(Change("left", mapping.path, reason))
+                continue
             _refuse_unsafe(mapping.path)
             if _read_bytes(mapping.path) != text.encode("utf-8"):
                 steps.append(_Step(mapping.path, text.encode("utf-8"), "upgraded"))
