@@ -56,8 +56,12 @@ def test_the_server_mapping_points_at_loopback(tmp_path: Path) -> None:
     assert read_folder(tmp_path).backend_urls() == ["http://127.0.0.1:19080"]
 
 
-def test_free_ports_stay_out_of_the_range_outgoing_connections_take() -> None:
+def test_free_ports_stay_out_of_the_range_outgoing_connections_take(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An outgoing connection may take a port from bind(0) before the child binds it."""
+    (tmp_path / "range").write_text("32768\t60999\n")  # Linux's default, whatever this host says
+    monkeypatch.setattr(loopback, "_EPHEMERAL_RANGE", str(tmp_path / "range"))
     ephemeral = ephemeral_ports()
     ports = {free_port() for _ in range(20)}
     assert not ports & set(ephemeral) and len(ports) > 1

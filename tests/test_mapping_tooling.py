@@ -97,7 +97,7 @@ def test_the_same_mapping_in_an_older_format_is_rewritten_without_replace(tmp_pa
     (tmp_path / "alpha.yml").write_text(unguarded)
     (tmp_path / "llama-server-1.yml").write_text(SEED_MAPPING)
     same = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY)
-    assert same.returncode == 0, same.stderr
+    assert same.returncode == 0 and f"upgraded {tmp_path / 'alpha.yml'} (old content in" in same.stderr
     seed = routheon(tmp_path, "mapping", "add", "--service", "llama-server-1", "--port", "8011", "--key", "API_KEY-1")
     assert seed.returncode == 0, seed.stderr
     assert (tmp_path / "alpha.yml").read_text() == render_mapping(spec)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import http.client
 import signal
-import urllib.request
 import sys
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -668,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Rewrite every key file that routes nothing but its keys to its URLs, as `mapping add` writes it"
             " today: each key gains its guard against a second Authorization header, the request-body"
-            " middleware and error pages; keys, URLs and entry point stay. Old content is kept as a backup."
+            " middleware and error pages (unless it was written with --no-error-pages); keys, URLs and entry"
+            " point stay. Old content is kept as a backup (see --backups)."
             " Files that say more (other middlewares, rules, services, priorities, settings such as tls),"
             " share a key or a name with another file, or lie in a subfolder are named and left as they are."
         ),

@@ -498,11 +498,10 @@ def add_mapping(
         _refuse_unsafe(target)
         write: _Step | None = _Step(target, data, "wrote", backed_up=False)
         if target.exists():
+            same = any(mapping.path == target and _says_the_same(mapping, spec) for mapping in files)
             if _read_bytes(target) == data:
                 write = None
-            elif not replace and not any(
-                mapping.path == target and _says_the_same(mapping, spec) for mapping in files
-            ):
+            elif not replace and not same:
                 raise MappingConflictError(f"{target} exists with other content; pass --replace to replace it")
             elif users := _users_of(files, target, kept=frozenset({spec.service})):
                 raise MappingConflictError(
@@ -510,7 +509,7 @@ def add_mapping(
                     "disable their routers: choose another --service"
                 )
             else:
-                write = _Step(target, data, "replaced")
+                write = _Step(target, data, "upgraded" if same else "replaced")
         # Keys leave their old files before SERVICE.yml is written: a crash (kill -9) between two
         # writes leaves a key routed by no router for a moment, never by two.
         for key in spec.keys:
