@@ -49,6 +49,17 @@ def test_a_key_granted_two_services_may_use_the_models_of_both(folder: Path) -> 
     assert BOTH not in out
 
 
+def test_grants_are_written_before_routheon_server_yml_is_in_the_folder(folder: Path) -> None:
+    """Files arrive in any order: the grants' /v1/models router waits for routheon-server.yml, with a warning."""
+    (folder / "routheon-server.yml").unlink()
+    services()
+    routheon("key", "add", BOTH, "--service", "smol", "--service", "gemma")
+    assert read_grants(folder).models_of(BOTH) == ("SmolLM2", "TinyLlama_Chat", "gemma-3-270m")
+    checked = run_routheon("mapping", "check", "--no-connect")
+    assert checked.returncode == 0, checked.stdout
+    assert "routheon-server.yml is not in the folder, so /v1/models with a granted key" in checked.stdout
+
+
 def test_granting_never_revokes_and_revoking_one_service_keeps_the_other(
     folder: Path,
 ) -> None:

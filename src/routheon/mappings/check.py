@@ -90,7 +90,7 @@ def _rule_findings(path: Path, router: str, rule: str, line: int | None) -> list
         if clause.regex and not clause.literal:
             message = (
                 f"router {router!r}: HeaderRegexp rule reads the key as a regular expression,"
-                " so other keys match it too; rewrite it with `routheon mapping add`"
+                " so other keys match it too; re-create it with `routheon mapping add --replace`"
             )
             findings.append(Finding(path, message, ERROR, line))
         elif clause.stale_guard:
@@ -204,25 +204,31 @@ def _key_router_warnings(checked: Checked) -> list[Finding]:
     for mapping, lines in checked:
         for router in {router for router, _ in mapping.key_clauses()}:
             line = lines.get("http", "routers", router.name)
+            clauses = rule_keys(router.rule) or ()
+            # `mapping upgrade` rewrites exact keys; it leaves a rule that matches more to be re-created
+            fix = (
+                "run `routheon mapping upgrade`"
+                if all(clause.literal and not clause.stale_guard for clause in clauses)
+                else "re-create it with `routheon mapping add --replace`"
+            )
             if ERRORS_MIDDLEWARE not in router.middlewares and not _is_fallback(mapping, router):
                 message = (
                     f"router {router.name!r} does not use {ERRORS_MIDDLEWARE}: a down backend answers"
-                    " plain-text 'Bad Gateway' instead of an OpenAI error (run `routheon mapping upgrade`, or"
+                    f" plain-text 'Bad Gateway' instead of an OpenAI error ({fix}, or"
                     " `routheon mapping add --replace` without --no-error-pages)"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
-            clauses = rule_keys(router.rule) or ()
-            if not _is_fallback(mapping, router) and not all(clause.guarded or clause.stale_guard for clause in clauses):
+            guarded = all(clause.guarded or clause.stale_guard for clause in clauses)
+            if not guarded and not _is_fallback(mapping, router):
                 message = (
                     f"router {router.name!r} lets a second Authorization header ride along with one of its keys"
-                    " (Traefik matches any one value); run `routheon mapping upgrade`"
+                    f" (Traefik matches any one value); {fix}"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
             if not readers.intersection(name.removesuffix("@file") for name in router.middlewares):
                 message = (
                     f"router {router.name!r} passes request bodies on as they arrive: under CPU load Traefik"
-                    " then cuts one or two streamed answers in a hundred (docs/production.md);"
-                    " run `routheon mapping upgrade`"
+                    f" then cuts one or two streamed answers in a hundred (docs/production.md); {fix}"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
     return findings

@@ -42,6 +42,7 @@ from routheon.mappings.grants import (
     MODELS_ROUTER,
     PLUGIN_MODULE,
     PLUGIN_NAME,
+    SERVER_SERVICE,
 )
 from routheon.mappings.rules import rule_keys, selects_by_key
 from routheon.loopback import PLUGINS_DIR, free_port, traefik_dir
@@ -101,7 +102,7 @@ class Verdict:
 def find_traefik(explicit: str | None = None) -> str | None:
     """The traefik binary to ask: ``explicit``, else $ROUTHEON_TRAEFIK, PATH, or beside this Python.
 
-    The last covers ``pip install 'routheon[traefik]'`` in a virtualenv that is not activated.
+    The last covers ``pip install '.[traefik]'`` in a virtualenv that is not activated.
     """
     for candidate in (explicit, os.environ.get(TRAEFIK_ENV)):
         if candidate:
@@ -371,12 +372,18 @@ def _router_findings(folder: Folder, verdict: Verdict) -> list[Finding]:
             and fallback_router(router.name) in enabled
         ):
             continue  # its keys route through the fallback until routheon-server.yml is in
+        grants_router = path.name == GRANTS_FILE and router.name in (GRANTS_ROUTER, MODELS_ROUTER)
+        if (
+            not router.enabled
+            and grants_router
+            and all(f'"{SERVER_SERVICE}@file" does not exist' in error for error in router.errors)
+        ):
+            continue  # /v1/models for granted keys waits for routheon-server.yml; the reader warns about it
         if not router.enabled:
             if not _flagged(folder.findings, router.name):
                 message = f"router {router.name!r}: Traefik disables it ({'; '.join(router.errors)})"
                 findings.append(Finding(path, message))
             continue
-        grants_router = path.name == GRANTS_FILE and router.name in (GRANTS_ROUTER, MODELS_ROUTER)
         if not selects_by_key(router.rule) or grants_router:
             continue  # the grants routers take every Bearer key: the plugin checks them by hash
         routed = rule_keys(router.rule)
