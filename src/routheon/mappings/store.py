@@ -570,22 +570,20 @@ def _spec_of(mapping: MappingFile) -> MappingSpec:
     return spec
 
 
-def current_spec(mapping: MappingFile) -> MappingSpec | None:
-    """The spec whose file routes what the key file ``mapping`` routes; None when there is none.
+def _upgrade_of(mapping: MappingFile) -> MappingSpec | str:
+    """The spec that writes what the key file ``mapping`` routes in the current format, or why
+    there is none and what to do instead.
 
-    None for a file that says more than "these keys reach these URLs" (``_says_the_same``) or
-    is not named after its one service; ``error_pages`` is kept off only where Routheon wrote
-    it so (``--no-error-pages``: a request-body middleware and no error pages).
+    There is one only for a file that says no more than "these keys reach these URLs"
+    (``_says_the_same``) and is named after its one service; ``error_pages`` is kept off only
+    where Routheon wrote it so (``--no-error-pages``: a request-body middleware and no error pages).
     """
     try:
-        spec = _spec_of(mapping)
-    except ValueError:
-        return None
-    return spec if mapping.path.name == spec.file_name and _says_the_same(mapping, spec) else None
-
-
-def _why_left(mapping: MappingFile) -> str:
-    """Why ``current_spec`` found no spec for ``mapping``, and what to do instead."""
+        spec: MappingSpec | None = _spec_of(mapping)
+    except ValueError as exc:
+        spec, unreadable = None, str(exc)
+    if spec is not None and mapping.path.name == spec.file_name and _says_the_same(mapping, spec):
+        return spec
     clauses = [clause for _, clause in mapping.key_clauses()]
     settings = unwritten_settings(mapping.text)
     if any(not clause.literal for clause in clauses):
@@ -594,18 +592,15 @@ def _why_left(mapping: MappingFile) -> str:
         reason = "a key's guard was written for another key (edited by hand)"
     elif settings:
         reason = f"it holds settings Routheon does not write ({', '.join(settings[:3])}), which a rewrite would drop"
+    elif spec is None:
+        reason = unreadable
+    elif mapping.path.name != spec.file_name:
+        return (
+            f"it is not named after its service: rename it to {spec.file_name} (Traefik goes by what"
+            " it holds, not by its name), then run `routheon mapping upgrade` again"
+        )
     else:
-        try:
-            spec = _spec_of(mapping)
-        except ValueError as exc:
-            reason = str(exc)
-        else:
-            if mapping.path.name != spec.file_name:
-                return (
-                    f"it is not named after its service: rename it to {spec.file_name} (Traefik goes by what"
-                    " it holds, not by its name), then run `routheon mapping upgrade` again"
-                )
-            reason = "it says more than which keys reach which URLs (a middleware or priority of its own)"
+        reason = "it says more than which keys reach which URLs (a middleware or priority of its own)"
     return f"{reason}; rewrite it with `routheon mapping add --replace`"
 
 
@@ -638,7 +633,7 @@ def _conflict(rendered: MappingFile, files: list[MappingFile]) -> str | None:
 def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None) -> list[Change]:
     """Rewrite every key file in an older format as ``routheon mapping add`` writes it today.
 
-    Files of an earlier Routheon or of routheon-server 1.0.x (``current_spec``) gain what they
+    Files of an earlier Routheon or of routheon-server 1.0.x (``_upgrade_of``) gain what they
     lack (each key's guard, the request-body middleware, error pages), keys and URLs unchanged;
     the rest are named and left as they are: those that say more, those in subfolders (where
     Routheon does not write), and those whose rewrite would clash with another file.
@@ -654,9 +649,9 @@ def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: C
                 reason = f"in a subfolder, where Routheon does not write; move it into {folder} to upgrade it"
                 left.append(Change("left", mapping.path, reason))
                 continue
-            spec = current_spec(mapping)
-            if spec is None:
-                left.append(Change("left", mapping.path, _why_left(mapping)))
+            spec = _upgrade_of(mapping)
+            if isinstance(spec, str):
+                left.append(Change("left", mapping.path, spec))
                 continue
             text = render_mapping(spec)
             reason = _conflict(parse_rendered(text, spec, mapping.path), files)
