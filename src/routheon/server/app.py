@@ -171,6 +171,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[CATALOG] = ModelCatalog(folder, session, config.mapping_timeout)
     await app[STATS].start()
     await folder.current()  # reports a missing folder or broken files at start-up
+    await app[KEY_MODELS].grants()  # read now, like the folder: a request then opens no file of it
     try:
         yield
     finally:
