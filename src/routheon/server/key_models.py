@@ -2,7 +2,8 @@
 
 Traefik sends ``/v1/models`` with a Bearer key here when no key file routes the key
 (``routheon-grants-models`` in routheon-grants.yml), so a client configured with one key sees
-exactly the models it may name. The file is re-read when its stamp (inode, size, mtime, ctime)
+exactly the models it may name, of the services whose backends answer (the catalog's rule for
+``/v1/models`` without a key). The file is re-read when its stamp (inode, size, mtime, ctime)
 changes: one ``stat`` per request, so a revocation shows on the next request, never a timer.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from routheon.mappings.folder import read_mapping_text
 from routheon.mappings.grants import GRANTS_FILE, Grants, parse_grants
 from routheon.server.discovery import Stamp, file_stamp
+from routheon.server.models import ModelCatalog
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,9 @@ class _Loaded:
 class KeyModels:
     """The grants of one mappings folder, as of the last change to its grants file."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, catalog: ModelCatalog) -> None:
         self.path = folder / GRANTS_FILE
+        self._catalog = catalog
         self._loaded = _Loaded(None, Grants())
         self._lock = asyncio.Lock()
 
@@ -60,11 +63,15 @@ class KeyModels:
         """The models of the key in ``authorization`` (the header's values); None for no granted key.
 
         Exactly one ``Bearer`` value counts, as in Traefik's plugin: with two, which key a
-        backend would read is anybody's guess.
+        backend would read is anybody's guess. A service none of whose backends answers is left
+        out, as ``/v1/models`` without a key leaves it out (one catalog decides for both).
         """
         if len(authorization) != 1 or not authorization[0].startswith(BEARER):
             return None
         key = authorization[0][len(BEARER):]
         grants = await self.grants()
         grant = grants.key(key) if key else None
-        return None if grant is None else grants.models_for(grant)
+        if grant is None:
+            return None
+        answering = (await self._catalog.snapshot()).services
+        return grants.models_for(replace(grant, services=tuple(name for name in grant.services if name in answering)))
