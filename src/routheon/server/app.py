@@ -167,10 +167,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # the timeout itself is applied per backend by the catalog
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None))
     app[FOLDER] = folder
-    app[KEY_MODELS] = KeyModels(config.mappings)
     app[CATALOG] = ModelCatalog(folder, session, config.mapping_timeout)
+    app[KEY_MODELS] = KeyModels(config.mappings, app[CATALOG])
     await app[STATS].start()
     await folder.current()  # reports a missing folder or broken files at start-up
+    await app[KEY_MODELS].grants()  # read now, like the folder: a request then opens no file of it
     try:
         yield
     finally:

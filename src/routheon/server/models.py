@@ -151,16 +151,35 @@ def merge(payloads: Iterable[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The merged answer, serialized once and served to every request until it changes."""
+    """The merged answer, serialized once and served to every request until it changes.
+
+    ``services`` names the services with a backend in it: a granted key's list
+    (``routheon.server.key_models``) leaves out the others, as this list leaves out their models.
+    """
 
     body: bytes
     by_id: Mapping[str, Any] = field(default_factory=dict)
+    services: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, answers: Iterable[BackendAnswer]) -> Snapshot:
-        data, models = merge(answer.payload for answer in answers if answer.payload is not None)
+    def of(cls, answers: Iterable[BackendAnswer], services: Mapping[str, frozenset[str]] | None = None) -> Snapshot:
+        """``services``: each service's backend URLs (``services_of``)."""
+        usable = [answer for answer in answers if answer.payload is not None]
+        data, models = merge(answer.payload for answer in usable)
         body = json.dumps({"object": "list", "data": data, "models": models}).encode()
-        return cls(body, {str(entry["id"]): entry for entry in data})
+        answered = {answer.url for answer in usable}
+        up = frozenset(name for name, urls in (services or {}).items() if not urls.isdisjoint(answered))
+        return cls(body, {str(entry["id"]): entry for entry in data}, up)
+
+
+def services_of(folder: Folder) -> dict[str, frozenset[str]]:
+    """Each service of the folder's usable files, with its backend URLs as ``Folder.backend_urls`` writes them."""
+    services: dict[str, frozenset[str]] = {}
+    for mapping in folder.files:
+        for service in mapping.services:
+            urls = frozenset(url.rstrip("/") for url in service.urls)
+            services[service.name] = services.get(service.name, frozenset()) | urls
+    return services
 
 
 EMPTY = Snapshot.of(())
@@ -191,8 +210,10 @@ class ModelCatalog:
         self._backends: dict[str, _Backend] = {}
         self._snapshot = EMPTY
         self._snapshot_of: tuple[BackendAnswer, ...] = ()
+        self._snapshot_folder: Folder | None = None
         self._folder_seen: Folder | None = None
         self._urls: list[str] = []
+        self._services: dict[str, frozenset[str]] = {}
         self._fresh_until = float("-inf")
 
     async def snapshot(self) -> Snapshot:
@@ -203,6 +224,7 @@ class ModelCatalog:
         if folder is not self._folder_seen:
             self._folder_seen = folder
             self._urls = sorted(folder.backend_urls())  # 1.0.7 visits backends in sorted URL order
+            self._services = services_of(folder)
             for gone in self._backends.keys() - set(self._urls):
                 del self._backends[gone]
         waits = []
@@ -219,8 +241,9 @@ class ModelCatalog:
             # asyncio.wait, unlike gather, leaves the shared refreshes running if we are cancelled
             await asyncio.wait(waits)
         answers = tuple(answer for url in self._urls if (answer := self._backends[url].answer) is not None)
-        if answers != self._snapshot_of:
-            self._snapshot, self._snapshot_of = Snapshot.of(answers), answers
+        if answers != self._snapshot_of or folder is not self._snapshot_folder:
+            self._snapshot = Snapshot.of(answers, self._services)
+            self._snapshot_of, self._snapshot_folder = answers, folder
         if len(answers) == len(self._urls):
             self._fresh_until = min((answer.at for answer in answers), default=float("inf")) + self._ttl
         else:
