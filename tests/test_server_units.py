@@ -195,3 +195,16 @@ def test_an_exception_past_the_middleware_is_an_openai_error(caplog: pytest.LogC
     assert isinstance(response, web.Response) and response.content_type == "application/json"
     assert response.status == 500 and json.loads(response.body)["error"]["type"] == "server_error"
     assert "boom" in caplog.text and "sk-SECRET" not in caplog.text
+
+
+def test_the_grants_files_hop_is_never_asked_for_models(tmp_path: Path) -> None:
+    """The grants file's one service is Traefik's hop entry point: no backend of /v1/models."""
+    from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants, render_grants
+    from routheon.server.discovery import scan_mappings
+    from routheon.server.models import backend_folder
+
+    (tmp_path / GRANTS_FILE).write_text(render_grants(Grants(services=(GrantedService("s1", ("m1",)),))))
+    (tmp_path / "s1.yml").write_text(
+        "http:\n  services:\n    s1:\n      loadBalancer:\n        servers:\n          - url: http://127.0.0.1:8011\n"
+    )
+    assert backend_folder(scan_mappings(tmp_path, ())).backend_urls() == ["http://127.0.0.1:8011"]

@@ -22,12 +22,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
 
 from routheon.mappings.folder import Folder
+from routheon.mappings.grants import GRANTS_FILE
 from routheon.server.discovery import FolderWatch
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,12 @@ class Snapshot:
         return cls(body, {str(entry["id"]): entry for entry in data}, up)
 
 
+def backend_folder(folder: Folder) -> Folder:
+    """``folder`` without the grants file: its one service is Traefik's own hop entry point,
+    which serves no ``/v1/models`` (asking it cost a refused connection and a warning per refresh)."""
+    return replace(folder, files=tuple(mapping for mapping in folder.files if mapping.path.name != GRANTS_FILE))
+
+
 def services_of(folder: Folder) -> dict[str, frozenset[str]]:
     """Each service of the folder's usable files, with its backend URLs as ``Folder.backend_urls`` writes them."""
     services: dict[str, frozenset[str]] = {}
@@ -223,8 +230,9 @@ class ModelCatalog:
             return self._snapshot  # the common case: nothing to look at, nothing to build
         if folder is not self._folder_seen:
             self._folder_seen = folder
-            self._urls = sorted(folder.backend_urls())  # 1.0.7 visits backends in sorted URL order
-            self._services = services_of(folder)
+            backends = backend_folder(folder)
+            self._urls = sorted(backends.backend_urls())  # 1.0.7 visits backends in sorted URL order
+            self._services = services_of(backends)
             for gone in self._backends.keys() - set(self._urls):
                 del self._backends[gone]
         waits = []
