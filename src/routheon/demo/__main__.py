@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, signals: _Signals) -> int:
     if args.prepare:
         return 0
     backends = tuple(
-        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.chat_template, other_names)
+        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.server_args, other_names)
         for n, (key, path, spec, port, other_names) in enumerate(
             zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS, OTHER_NAMES, strict=True), start=1
         )
