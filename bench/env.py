@@ -95,11 +95,11 @@ def litellm() -> Path:
 
 
 def llama_server(wait_s: float = 0.0) -> Path:
-    """The demo's llama-server; waits ``wait_s`` for a build that another process is running."""
+    """The demo's llama-server, checked; waits ``wait_s`` for a build that another process is running."""
     deadline = time.monotonic() + wait_s
-    while (found := llama.installed_binary()) is None:
+    while (found := llama.proven_llama_server(smollm_model(), build_missing=False)) is None:
         if time.monotonic() >= deadline:
-            raise MissingTool(f"no llama-server at {llama.cached_binary()}: run `make demo-assets` once")
+            raise MissingTool(f"no llama-server in {llama.native_config().folder}: run `make demo-assets` once")
         time.sleep(10)
     return found
 

@@ -8,7 +8,8 @@ that receives the first chunk before releasing knows nothing on the way buffered
 
 Run as a process (``python tests/fake_llama.py --port P --name N``) so that a test can stop
 it like a crashed llama-server. It also takes llama-server's own command line (``--alias``
-names it, the model and tuning flags are ignored), so the demo can run it as its llama-server.
+names it, the model and tuning flags are ignored), so the demo can run it as its llama-server
+and it passes the demo's check of a llama-server (``POST /completion``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
         await response.write(b"data: [DONE]\n\n")
         return response
 
+    async def completion(_: web.Request) -> web.Response:
+        """llama-server's own completion endpoint, as Routheon's check of a llama-server calls it."""
+        return web.json_response({"content": f" {name}", "tokens_predicted": 1, "stop": True}, headers=headers)
+
     async def release(_: web.Request) -> web.Response:
         released.set()
         return web.json_response({"released": True}, headers=headers)
@@ -71,6 +76,7 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/completion", completion)
     app.router.add_post("/release", release)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
@@ -79,7 +85,7 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--name", "--alias", dest="name", required=True)
+    parser.add_argument("--name", "--alias", dest="name", default="fake-llama")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--chunk-interval", type=float, default=0.2)

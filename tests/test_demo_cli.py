@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from demo_process import Output, children
-from routheon.demo.llama import installed_binary
 from routheon.demo.models import DEMO_MODELS
 from routheon.loopback import free_port
 from routheon.probe import model_ids
@@ -38,9 +37,9 @@ def _chat(url: str, key: str) -> dict:
     return reply.json()
 
 
-def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    if installed_binary() is None or not all(spec.cached_path().is_file() for spec in DEMO_MODELS):
-        pytest.skip("llama-server or the demo models are missing: run `make demo-assets` first")
+def test_demo_serves_the_seed_requests_and_ctrl_c_stops_everything(tmp_path: Path, llama_server: Path) -> None:
+    if not all(spec.cached_path().is_file() for spec in DEMO_MODELS):
+        pytest.skip("the demo models are missing: run `make demo-assets` first")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # as when a script starts it with `&`: SIGINT arrives ignored, and Ctrl-C must still work

@@ -123,14 +123,16 @@ def test_llama_server_env_var_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
     monkeypatch.setenv("LLAMA_SERVER", str(binary))
-    assert llama.installed_binary() == binary
+    found = llama.user_binary()
+    assert found is not None and found.path == binary
     binary.chmod(0o644)
     with pytest.raises(llama.BuildError, match="not an executable"):
-        llama.installed_binary()
+        llama.user_binary()
 
 
 def test_the_cache_is_keyed_by_version_and_machine(cache: Path) -> None:
-    assert llama.cached_binary().parent.parent.name.startswith(f"llama.cpp-{llama.LLAMA_CPP_VERSION}-")
+    folder = llama.native_config().folder
+    assert folder.name.startswith(f"llama.cpp-{llama.LLAMA_CPP_VERSION}-{llama.machine()}-native-")
 
 
 def test_source_extraction_keeps_only_the_llama_cpp_tree(tmp_path: Path) -> None:

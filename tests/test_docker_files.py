@@ -14,6 +14,7 @@ import pytest
 
 from routheon.demo import cache_root
 from routheon.demo.download import PinnedFile, fetch
+from routheon.demo.models import DEMO_MODELS
 from support import REPO, VENV_BIN
 
 SEED_SERVICES = {"traefik", "llama-server-1", "llama-server-2", "routheon-server"}
@@ -90,6 +91,15 @@ def test_llama_servers_read_mounted_models_and_download_nothing(compose: dict, t
         assert len(model_flags) == 1 and model_flags[0].startswith("--model=/models/")
         assert not any(arg.startswith(("-hf", "--hf-", "--model-url", "-mu")) for arg in service["command"])
         assert "healthcheck" in service
+
+
+def test_llama_servers_get_the_chat_templates_the_demo_gives_their_models(compose: dict) -> None:
+    model_flags = ("--jinja", "--no-jinja", "--chat-template", "--reverse-prompt")
+    for name, spec in zip(("llama-server-1", "llama-server-2"), DEMO_MODELS, strict=True):
+        args = [part for arg in compose["services"][name]["command"] for part in arg.split("=", 1)]
+        flags = [(flag, value) for flag, value in zip(args, [*args[1:], None]) if flag in model_flags]
+        given = [part for flag, value in flags for part in ((flag,) if flag.endswith("jinja") else (flag, value))]
+        assert given == list(spec.server_args), name
 
 
 def test_every_service_mounts_config_read_only(compose: dict) -> None:

