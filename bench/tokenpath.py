@@ -189,7 +189,7 @@ def broken_streams(stk: stack.Stack, routes: list[Route], count: int) -> list[di
 
     A host that runs llama-server on its CPUs is always this busy. Paths take turns request by
     request, so a noisy moment hits all of them alike. This is the measurement behind
-    the key mappings' request-body middleware (docs/production.md, "Streams cut short under load").
+    the key mappings' request-body guard (docs/production.md, "Streams cut short under load").
     """
     burners = [stk.start(f"busy-loop-{n}", [sys.executable, "-c", "while True: pass"]) for n in (1, 2)]
     failures: dict[str, list[str]] = {route.name: [] for route in routes}
@@ -229,18 +229,20 @@ def launch_traefik(stk: stack.Stack, name: str, static: dict, folder: Path, read
     """Traefik on ``static`` moved onto loopback and ``folder``; its base URL and the seconds
     from exec until ``ready(base)`` held (Traefik answers 401/404 before it has read the folder).
 
-    With ``hop_port`` it runs as model routing needs it: Routheon's plugin copied into its own
-    working directory (Traefik loads local plugins from its cwd) and the second entry point on
-    the port the grants file names. Other entry points get a port of their own: two Traefiks
-    must not share one.
+    A static configuration that loads plugins (the shipped one) gets Routheon's plugin copied
+    into Traefik's working directory (Traefik loads local plugins from its cwd): key files'
+    guards and the grants use it. With ``hop_port`` the second entry point listens on the port
+    the grants file names. Other entry points get a port of their own: two Traefiks must not
+    share one.
     """
     port = free_port()
     ports = {ENTRY_POINT: port}
     # its own folder, never inside ``folder``: Traefik reads the mappings folder's subfolders too
     home = stk.workdir / f"{name}-traefik"
     home.mkdir()
-    if hop_port is not None:
+    if "experimental" in static:
         install_plugins(home)
+    if hop_port is not None:
         ports[HOP_ENTRY_POINT] = hop_port
     config = LoopbackTraefik(folder, ports, log_level="ERROR").write(home / "traefik.yml", static)
     base = f"http://127.0.0.1:{port}"

@@ -348,8 +348,8 @@ def test_traefik_starts_without_the_alias_warning_and_drops_aliased_headers(tmp_
         with Stack(tmp_path) as stack:
             url = f"http://127.0.0.1:{echo.server_address[1]}"
             stack.routheon("mapping", "add", "--service", "echo", "--url", url, "--key", KEY)
-            stack.wait_for(lambda: stack.request("/", key=KEY).status == 200)
-            reply = stack.request("/", key=KEY, headers={"X_Real_Ip": "10.0.0.1", "X.Forwarded.For": "10.0.0.2"})
+            stack.wait_for(lambda: stack.request("/health", key=KEY).status == 200)
+            reply = stack.request("/health", key=KEY, headers={"X_Real_Ip": "10.0.0.1", "X.Forwarded.For": "10.0.0.2"})
             assert reply.status == 200
             received = {name.lower() for name in reply.json()}
             assert "x-real-ip" in received and not received & {"x_real_ip", "x.forwarded.for"}

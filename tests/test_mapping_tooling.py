@@ -16,9 +16,10 @@ import pytest
 
 from routheon.mappings.check import check_folder, has_errors
 from routheon.mappings.folder import read_folder
-from routheon.mappings.format import MappingSpec, render_mapping
+from routheon.mappings.format import MAX_REQUEST_BODY_BYTES, MappingSpec, render_mapping
+from routheon.mappings.grants import GrantedService, Grants, render_grants
 from routheon.mappings.rules import key_clause
-from samples import SEED_MAPPING
+from samples import SEED_MAPPING, with_earlier_body_reader
 from support import REPO, VENV_BIN, CliResult, run_routheon
 
 ROUTHEON = str(VENV_BIN / "routheon")
@@ -224,6 +225,8 @@ def test_remove_a_service_or_a_key(tmp_path: Path) -> None:
         (["--service", "../x", "--port", "8011", "--key", KEY], "service name"),
         (["--service", "alpha", "--port", "70000", "--key", KEY], "port"),
         (["--service", "alpha", "--key", KEY], "--port"),
+        (["--service", "alpha", "--port", "8011", "--key", KEY, "--allow-path", "slots"], "must start with '/'"),
+        (["--service", "alpha", "--port", "8011", "--key", KEY, "--allow-path", "/a'b"], "invalid path"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
@@ -231,6 +234,61 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.yml")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_allow_path_opens_more_for_a_files_keys_and_survives_every_rewrite(tmp_path: Path) -> None:
+    second = "sk-second-0123456789abcdef"
+    args = ["mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--key", second]
+    opened = routheon(tmp_path, *args, "--allow-path", "/slots", "--allow-path", "/metrics")
+    assert opened.returncode == 0, opened.stderr
+    assert "allowPaths: '/slots /metrics'" in (tmp_path / "alpha.yml").read_text()
+    again = routheon(tmp_path, *args)  # without --allow-path the file keeps what it opens
+    assert again.returncode == 0 and "unchanged" in again.stderr
+    moved = routheon(tmp_path, "mapping", "add", "--service", "beta", "--port", "8012", "--key", second, "--replace")
+    assert moved.returncode == 0, moved.stderr
+    models = routheon(tmp_path, "mapping", "add", "--service", "alpha", "--port", "8011", "--model", "alpha-model")
+    assert models.returncode == 0, models.stderr
+    opens = {mapping.path.name: mapping.allowed_paths for mapping in read_folder(tmp_path).files}
+    assert opens == {"alpha.yml": ("/slots", "/metrics"), "beta.yml": (), "routheon-grants.yml": ()}
+    args = ["mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--allow-path", "none"]
+    refused = routheon(tmp_path, *args)
+    assert refused.returncode == 1 and "exists with other content" in refused.stderr  # access changes: --replace
+    closed = routheon(tmp_path, *args, "--replace")
+    assert closed.returncode == 0, closed.stderr
+    assert (tmp_path / "alpha.yml").read_text() == render_mapping(MappingSpec("alpha", ("http://127.0.0.1:8011",), (KEY,)))
+
+
+def test_key_routers_without_the_guard_are_named_and_upgrade_gives_them_one(tmp_path: Path) -> None:
+    """1.0.x files and those of the Routheon before the guard reach every path with bodies of any size."""
+    spec = MappingSpec("alpha", ("http://127.0.0.1:8011",), (KEY,))
+    (tmp_path / "alpha.yml").write_text(with_earlier_body_reader(render_mapping(spec), "alpha"))
+    (tmp_path / "llama-server-1.yml").write_text(SEED_MAPPING)
+    unguarded = [line for line in findings(tmp_path) if "reach every path of the backend" in line]
+    assert sorted({line.split(":")[0] for line in unguarded}) == [str(tmp_path / "alpha.yml"), str(tmp_path / "llama-server-1.yml")]
+    assert f"{MAX_REQUEST_BODY_BYTES >> 20} MiB" in unguarded[0] and "run `routheon mapping upgrade`" in unguarded[0]
+    grants = Grants(services=(GrantedService("alpha", ("alpha-model",)),)).grant("sk-granted-0123456789abcdef", ("alpha",))
+    current = render_grants(grants)
+    setting = f"          maxRequestBodyBytes: {MAX_REQUEST_BODY_BYTES}\n"
+    earlier = with_earlier_body_reader(current.replace(setting, "", 1), "routheon-hop")
+    (tmp_path / "routheon-grants.yml").write_text(earlier)
+    upgraded = routheon(tmp_path, "mapping", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert (tmp_path / "alpha.yml").read_text() == render_mapping(spec)
+    assert (tmp_path / "routheon-grants.yml").read_text() == current
+    assert f"upgraded {tmp_path / 'routheon-grants.yml'}" in upgraded.stderr
+    assert not [line for line in findings(tmp_path) if "reach every path of the backend" in line]
+
+
+def test_one_request_body_limit_for_every_key_and_the_plugin_agrees() -> None:
+    """Written into key files, the plugin's grants table and the hop; the plugin's default when unset is the same."""
+    source = (REPO / "traefik" / "plugins-local" / "src" / "routheon" / "modelrouter" / "modelrouter.go").read_text()
+    (default,) = [line.split("=")[1].strip() for line in source.splitlines() if line.startswith("const DefaultMaxRequestBodyBytes")]
+    shift, _, power = default.partition(" << ")
+    assert int(shift) << int(power) == MAX_REQUEST_BODY_BYTES == 64 * 1024 * 1024
+    setting = f"maxRequestBodyBytes: {MAX_REQUEST_BODY_BYTES}"
+    assert render_mapping(MappingSpec("alpha", ("http://127.0.0.1:8011",), (KEY,))).count(setting) == 1
+    grants = Grants(services=(GrantedService("alpha", ("alpha-model",)),)).grant(KEY, ("alpha",))
+    assert render_grants(grants).count(setting) == 2  # the plugin at the entry point and the hop's guard
 
 
 def test_concurrent_adds_keep_every_mapping(tmp_path: Path) -> None:
@@ -428,8 +486,8 @@ def test_check_finds_names_defined_twice_and_dangling_services(tmp_path: Path) -
     )
     text = "\n".join(findings(tmp_path))
     assert "copy.yaml:5: error: router 'alpha' is also defined in alpha.yml" in text
-    assert "copy.yaml:24: error: middleware 'alpha-request-body' is also defined in alpha.yml" in text
-    assert "copy.yaml:32: error: service 'alpha' is also defined in alpha.yml" in text
+    assert "copy.yaml:25: error: middleware 'alpha-request-body' is also defined in alpha.yml" in text
+    assert "copy.yaml:31: error: service 'alpha' is also defined in alpha.yml" in text
     assert "dangling.yml:3: error: router 'dangling': service 'nowhere' is not defined" in text
 
 

@@ -112,11 +112,11 @@ def test_a_key_may_not_use_a_model_of_a_service_it_was_not_granted(routed: Stack
     assert client.chat.completions.create(model="alpha-model", messages=[]).model == "alpha"
 
 
-def test_a_key_with_one_service_reaches_it_on_every_path_without_a_model(routed: Stack) -> None:
-    for path in ("/health", "/props", "/slots", "/metrics"):
+def test_a_key_with_one_service_reaches_its_inference_api_without_a_model(routed: Stack) -> None:
+    for path in ("/health", "/props", "/v1/health"):
         assert routed.backend_of(ALPHA_KEY, path) == "alpha", path
-    assert routed.request("/slots/0?action=erase", key=ALPHA_KEY, method="POST").headers["X-Backend"] == "alpha"
     assert chat(routed, ALPHA_KEY, {"messages": []}).headers["X-Backend"] == "alpha"
+    assert chat(routed, ALPHA_KEY, {"content": "hi"}, "/tokenize").headers["X-Backend"] == "alpha"
     # without declared models, whatever the model: routing as before model routing
     assert chat(routed, ANY_KEY, {"model": "TinyLlama_Chat"}).headers["X-Backend"] == "gamma"
     assert raw_post(routed, b"not json", [("Authorization", f"Bearer {ANY_KEY}")], "/v1/completions")[1] == "gamma"
@@ -139,6 +139,9 @@ def test_v1_models_with_a_granted_key_goes_to_routheon_server(routed: Stack) -> 
         (b'{"model": "alpha-model", "model": "beta-model"}', 200, "beta"),  # the last one, as llama-server
         (b'{"model": "beta-model", "model": "alpha-model"}', 200, "alpha"),
         (b'{"MODEL": "beta-model"}', 400, "model_required"),  # field names are case-sensitive
+        (b'{"model": "alpha-model", "MODEL": "beta-model"}', 200, "alpha"),
+        (b'{"Model": [1], "model": "beta-model", "mOdEl": {"a": 1}}', 200, "beta"),
+        (b"null", 400, "invalid_request_body"),
         (b"not json", 400, "invalid_request_body"),
         (b'["model", "alpha-model"]', 400, "invalid_request_body"),
         (b'{"model": "alpha-model"', 400, "invalid_request_body"),

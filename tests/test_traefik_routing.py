@@ -133,7 +133,7 @@ def test_a_backend_that_answers_too_late_gives_an_openai_504(tmp_path: Path) -> 
     with Stack(tmp_path, response_timeout="1s") as stack:
         backend = stack.start_backend("slow")
         stack.routheon("mapping", "add", "--service", "slow", "--url", backend.url, "--key", ALPHA_KEY)
-        stack.wait_for(lambda: stack.backend_of(ALPHA_KEY, "/quick") == "slow")
+        stack.wait_for(lambda: stack.backend_of(ALPHA_KEY, "/health") == "slow")
         response = stack.request("/v1/completions?sleep=5", key=ALPHA_KEY, method="POST", body={})
         error = assert_openai_error(response, 504, "backend_timeout")
         assert "did not answer in time" in error["message"]

@@ -53,6 +53,8 @@ from routheon.mappings.store import (
 
 BACKUPS_ENV = "ROUTHEON_BACKUPS"
 DEFAULT_HOST = "http://127.0.0.1"
+# `--allow-path none`: no path beyond the inference API (a path always starts with "/")
+NO_PATHS = "none"
 
 log = logging.getLogger("routheon")
 
@@ -232,7 +234,10 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
     if not keys and not args.model:  # with --model, no key is generated: the file keeps the keys it routes
         generated = generate_key()
         keys = [generated]
-    spec = MappingSpec(args.service, _backend_urls(args), tuple(keys), entry_point=args.entry_point)
+    allowed = tuple(path for path in args.allow_path or () if path != NO_PATHS)
+    spec = MappingSpec(
+        args.service, _backend_urls(args), tuple(keys), entry_point=args.entry_point, allowed_paths=allowed
+    )
     models = tuple(args.model) if args.model else None
     try:
         spec.validate()
@@ -257,6 +262,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
         models=models,
         hop_port=_hop_port(args),
         keep_keys=models is not None,
+        keep_paths=args.allow_path is None,
     )
     status = _report(changes, confirmation)
     if without_error_pages and keys:
@@ -635,6 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
         " without --key, no key is generated",
     )
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
+    add.add_argument(
+        "--allow-path",
+        action="append",
+        metavar="PATH",
+        help="let this file's keys reach PATH and everything below it, beyond llama-server's inference API"
+        " (e.g. /slots, /metrics; '/' opens every path); repeat for several; without it the file keeps the"
+        f" paths it opens; '{NO_PATHS}' closes them all. Granted keys (routheon key add) reach the inference API only",
+    )
     _add_folder_flags(add, writes=True)
     add.set_defaults(handler=cmd_mapping_add)
 
@@ -669,8 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Rewrite every key file that routes nothing but its keys to its URLs, as `mapping add` writes it"
             " today: each key gains its guard against a second Authorization header, the request-body"
-            " middleware and error pages (unless it was written with --no-error-pages); keys, URLs and entry"
-            " point stay. Old content is kept as a backup (see --backups)."
+            " guard (the inference API only, bodies up to the limit, read whole) and error pages (unless it"
+            " was written with --no-error-pages); keys, URLs, entry point and opened paths stay. The grants"
+            " file is rewritten in today's format too, its grants unchanged."
+            " Old content is kept as a backup (see --backups)."
             " Files that say more (other middlewares, rules, services, priorities, settings such as tls),"
             " share a key or a name with another file, are not named after their service or lie in a"
             " subfolder are named and left as they are; the command still succeeds (`mapping check` says"

@@ -24,6 +24,7 @@ from routheon.mappings.format import (
     HEALTH_PATH,
     InputError,
     KeyLines,
+    MAX_REQUEST_BODY_BYTES,
     MappingFile,
     Router,
     fallback_router,
@@ -200,6 +201,7 @@ def _is_fallback(mapping: MappingFile, router: Router) -> bool:
 def _key_router_warnings(checked: Checked) -> list[Finding]:
     """Key routers that lack what Routheon-written ones have: error pages, one key per request, whole bodies."""
     readers = {name for mapping, _ in checked for name in mapping.body_readers}
+    guards = {name for mapping, _ in checked for name in mapping.guards}
     findings: list[Finding] = []
     for mapping, lines in checked:
         for router in {router for router, _ in mapping.key_clauses()}:
@@ -225,10 +227,18 @@ def _key_router_warnings(checked: Checked) -> list[Finding]:
                     f" (Traefik matches any one value); {fix}"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
-            if not readers.intersection(name.removesuffix("@file") for name in router.middlewares):
+            used = {name.removesuffix("@file") for name in router.middlewares}
+            if not readers & used:
                 message = (
                     f"router {router.name!r} passes request bodies on as they arrive: under CPU load Traefik"
                     f" then cuts one or two streamed answers in a hundred (docs/production.md); {fix}"
+                )
+                findings.append(Finding(mapping.path, message, WARNING, line))
+            if not guards & used:
+                message = (
+                    f"router {router.name!r} lets its keys reach every path of the backend (/slots, /metrics,"
+                    f" POST /props) with request bodies of any size, where Routheon's guard allows the inference"
+                    f" API only and {MAX_REQUEST_BODY_BYTES >> 20} MiB (docs/production.md); {fix}"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
     return findings

@@ -29,13 +29,29 @@ ERRORS_MIDDLEWARE = "routheon-errors"
 # (Referencing a missing middleware disables a router: there is no optional reference.)
 FALLBACK_SUFFIX = "-without-error-pages"
 FALLBACK_PRIORITY = 4  # above the catch-all (1) and the grants routers (2, 3; grants.py), below any default priority
-# Traefik reads a request's whole body before it proxies the request: otherwise Go's net/http
-# (Traefik's proxy) cuts one or two streamed answers in a hundred under CPU load. Traefik's
-# `retry` middleware is the one that does this without buffering responses (`buffering` with
-# `disableResponseBuffer` cannot be set from files); it never retries: no backend sends 599.
-# The cause and the numbers: docs/production.md, "Streams cut short under load".
+# Each key file's routers go through Routheon's Traefik plugin as a guard (`keysInRule`: their
+# rule matched the key): it keeps keys to llama-server's inference API (403 elsewhere), and
+# reads each request body whole, at most MAX_REQUEST_BODY_BYTES, before Traefik proxies it
+# (413 beyond). Whole bodies, because otherwise Go's net/http (Traefik's proxy) cuts one or two
+# streamed answers in a hundred under CPU load: docs/production.md, "Streams cut short under
+# load". Earlier files used Traefik's `retry` middleware for that, set never to retry; its
+# `maxRequestBodyBytes` is no limit (Traefik 3.7.15 passes a longer body on to llama-server,
+# measured, and its source allocates the limit for every body), and Traefik 3.7 has no entry
+# point setting for one (only `maxHeaderBytes`).
 REQUEST_BODY_SUFFIX = "-request-body"
-NEVER_SENT_STATUS = "599"
+# The one request-body limit, for every key: written into every key file and routheon-grants.yml
+# (the plugin falls back to the same value, DefaultMaxRequestBodyBytes, where none is written).
+# Room for a chat request with a few images in base64. A refused upload costs Traefik at most
+# this much memory; an accepted body is held once per hop (docs/production.md, "Request size
+# and paths", has the measurements).
+MAX_REQUEST_BODY_BYTES = 64 * 1024 * 1024
+# experimental.localPlugins.<PLUGIN_NAME>.moduleName in traefik.yml; the source lives in
+# traefik/plugins-local/src/<PLUGIN_MODULE>/.
+PLUGIN_NAME = "routheon"
+PLUGIN_MODULE = "routheon/modelrouter"
+# Paths a key file opens beyond the inference API (`routheon mapping add --allow-path`).
+_ALLOWED_PATH = re.compile(r"/[A-Za-z0-9._~!$&()*+,;=:@/-]*")
+_MAX_ALLOWED_PATH = 200
 HEALTH_PATH = "/health"
 HEALTH_INTERVAL = "5s"
 HEALTH_TIMEOUT = "3s"
@@ -179,6 +195,10 @@ class MappingFile:
     middlewares: tuple[str, ...] = ()
     # the middlewares above that read whole request bodies before proxying, streams unbuffered
     body_readers: tuple[str, ...] = ()
+    # those of them that also bound bodies and keep keys to the inference API (Routheon's plugin)
+    guards: tuple[str, ...] = ()
+    # the paths those guards open beyond the inference API
+    allowed_paths: tuple[str, ...] = ()
     # what the file was read from, for the checks that need lines and permissions
     text: str = field(default="", repr=False, compare=False)
     mode: int = field(default=0, compare=False)
@@ -209,6 +229,8 @@ class MappingSpec:
     keys: tuple[str, ...]
     error_pages: bool = True
     entry_point: str = ENTRY_POINT
+    # more of llama-server than its inference API, for this file's keys (e.g. "/slots")
+    allowed_paths: tuple[str, ...] = ()
 
     @property
     def file_name(self) -> str:
@@ -227,6 +249,17 @@ class MappingSpec:
             validate_key(key)
         if len(set(self.keys)) != len(self.keys):
             raise InputError("the same API key is given twice")
+        for allowed in self.allowed_paths:
+            validate_allowed_path(allowed)
+
+
+def validate_allowed_path(allowed: str) -> None:
+    """A path a key file may open: it is written into a quoted YAML scalar and read by the plugin."""
+    if not _ALLOWED_PATH.fullmatch(allowed) or len(allowed) > _MAX_ALLOWED_PATH:
+        raise InputError(
+            f"invalid path {allowed!r}: it must start with '/' and hold only the characters of a URL path"
+            f" (at most {_MAX_ALLOWED_PATH})"
+        )
 
 
 def validate_service_name(name: str) -> None:
@@ -292,20 +325,19 @@ def rendered_routers(spec: MappingSpec) -> tuple[tuple[str, tuple[str, ...], int
     )
 
 
-def body_reader_lines(name: str) -> list[str]:
-    """The middleware ``name`` (YAML lines under ``http.middlewares``) that reads request bodies whole.
+def guard_lines(name: str, allowed_paths: tuple[str, ...] = ()) -> list[str]:
+    """The guard middleware ``name`` (YAML lines under ``http.middlewares``) of routers whose rule matched the key.
 
-    A ``retry`` that never retries (it only retries on a status no backend sends): Traefik
-    then reads the body before proxying, which keeps streams whole under load (traefik.yml).
+    Routheon's plugin with ``keysInRule``: the inference API only (and ``allowed_paths``), bodies
+    read whole up to the limit, which keeps streams whole under load (traefik.yml).
     """
     return [
         f"    '{name}':",
-        "      retry:",
-        "        attempts: 2",
-        f"        status: ['{NEVER_SENT_STATUS}']",
-        "        retryNonIdempotentMethod: true",
-        "        disableRetryOnNetworkError: true",
-        "        maxRequestBodyBytes: -1",
+        "      plugin:",
+        f"        {PLUGIN_NAME}:",
+        "          keysInRule: true",
+        f"          maxRequestBodyBytes: {MAX_REQUEST_BODY_BYTES}",
+        *([f"          allowPaths: '{' '.join(allowed_paths)}'"] if allowed_paths else []),
     ]
 
 
@@ -342,8 +374,9 @@ def render_mapping(spec: MappingSpec) -> str:
     if spec.keys:
         lines += [
             "  middlewares:",
-            "    # Reads each request body whole before proxying; never retries (docs/production.md).",
-            *body_reader_lines(request_body_middleware(name)),
+            "    # Keeps keys to the inference API and reads each request body whole, up to the limit,",
+            "    # before proxying (docs/production.md, \"Request size and paths\").",
+            *guard_lines(request_body_middleware(name), spec.allowed_paths),
         ]
     lines += [
         "  services:",
@@ -369,6 +402,8 @@ def parse_rendered(text: str, spec: MappingSpec, path: Path) -> MappingFile:
         or [router.service for router in mapping.routers] != [spec.service] * len(expected)
         or [(router.name, router.middlewares, router.priority) for router in mapping.routers] != list(expected)
         or mapping.body_readers != ((request_body_middleware(spec.service),) if spec.keys else ())
+        or mapping.guards != mapping.body_readers
+        or mapping.allowed_paths != spec.allowed_paths
         or mapping.urls != tuple(url.rstrip("/") for url in spec.urls)
     ):
         raise MappingFormatError("the rendered mapping does not read back as written; nothing was written")
@@ -502,13 +537,17 @@ def _parse_document(text: str, path: Path) -> MappingFile:
         raise MappingFormatError(
             "http.middlewares must be a mapping of middleware names", where=("http", "middlewares")
         )
+    defined = middlewares or {}
+    guards = {str(name): paths for name, body in defined.items() if (paths := _guard_paths(body)) is not None}
     return MappingFile(
         path,
         _parse_routers(http.get("routers")),
         _parse_services(http.get("services")),
-        tuple(str(name) for name in middlewares or ()),
-        tuple(str(name) for name, body in (middlewares or {}).items() if _reads_request_body_whole(body)),
-        text,
+        tuple(str(name) for name in defined),
+        tuple(str(name) for name, body in defined.items() if str(name) in guards or _reads_request_body_whole(body)),
+        tuple(guards),
+        tuple(dict.fromkeys(path for paths in guards.values() for path in paths)),
+        text=text,
     )
 
 
@@ -547,8 +586,18 @@ def unwritten_settings(text: str) -> list[str]:
     return found
 
 
+def _guard_paths(middleware: Any) -> tuple[str, ...] | None:
+    """The paths a guard (Routheon's plugin with ``keysInRule``) opens; None for any other middleware."""
+    plugin = middleware.get("plugin") if isinstance(middleware, dict) else None
+    config = plugin.get(PLUGIN_NAME) if isinstance(plugin, dict) else None
+    if not isinstance(config, dict) or config.get("keysInRule") not in (True, "true"):
+        return None
+    allowed = config.get("allowPaths")
+    return tuple(allowed.split()) if isinstance(allowed, str) else ()
+
+
 def _reads_request_body_whole(middleware: Any) -> bool:
-    """Whether a middleware is a ``retry`` that reads POST bodies whole before proxying them.
+    """Whether a middleware is a ``retry`` (of an earlier Routheon) that reads POST bodies whole before proxying them.
 
     Traefik's retry keeps a copy of the body only when it may retry the request by status code:
     with ``status`` set, at least two attempts and non-idempotent methods allowed.

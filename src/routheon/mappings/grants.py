@@ -28,8 +28,10 @@ from typing import Any
 
 import yaml
 
-from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, FALLBACK_SUFFIX, SAFE_LOADER, body_reader_lines
-from routheon.mappings.format import InputError, validate_service_name
+from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, FALLBACK_SUFFIX, MAX_REQUEST_BODY_BYTES
+from routheon.mappings.format import PLUGIN_MODULE, PLUGIN_NAME  # noqa: F401 - verdict and bench import them from here
+from routheon.mappings.format import SAFE_LOADER, InputError, guard_lines
+from routheon.mappings.format import validate_service_name
 from routheon.mappings.keys import validate_key
 
 GRANTS_FILE = "routheon-grants.yml"
@@ -40,10 +42,6 @@ HOP_PORT = 8081
 HOP_HEADER = "X-Routheon-Service"
 # Set (whatever a client sent) on /v1/models requests routed by a granted key to routheon-server.
 GRANTED_MODELS_HEADER = "X-Routheon-Granted-Models"
-# experimental.localPlugins.<PLUGIN_NAME>.moduleName in traefik.yml; the source lives in
-# traefik/plugins-local/src/<PLUGIN_MODULE>/.
-PLUGIN_NAME = "routheon"
-PLUGIN_MODULE = "routheon/modelrouter"
 GRANTS_ROUTER = "routheon-grants"
 GRANTS_MIDDLEWARE = "routheon-grants"
 MODELS_ROUTER = "routheon-grants-models"
@@ -291,14 +289,17 @@ def render_grants(grants: Grants) -> str:
         "          services: " + "\n".join(_block(service_lines, " " * 12)),
         "          # one line per key: SHA256-HEX LAST-CHARACTERS SERVICE...",
         "          keys: " + "\n".join(_block(key_lines, " " * 12)),
+        "          # requests beyond the inference API get a 403, bodies over this many bytes a 413",
+        f"          maxRequestBodyBytes: {MAX_REQUEST_BODY_BYTES}",
         "    # Tells routheon-server the request came through this router, so it lists the key's models;",
         "    # asked directly (no header, as routheon-server 1.0.x was) it lists every model.",
         f"    '{MODELS_ROUTER}':",
         "      headers:",
         "        customRequestHeaders:",
         f"          {GRANTED_MODELS_HEADER}: 'true'",
-        "    # Reads each request body whole before the second hop proxies it (docs/production.md).",
-        *body_reader_lines(HOP_REQUEST_BODY),
+        "    # Reads each request body whole, up to the limit, before the second hop proxies it",
+        "    # (docs/production.md): the hop is open to every local process.",
+        *guard_lines(HOP_REQUEST_BODY),
         "  services:",
         f"    '{HOP_SERVICE}':",
         "      loadBalancer:",

@@ -436,6 +436,7 @@ def _says_the_same(mapping: MappingFile, spec: MappingSpec) -> bool:
             for router in mapping.routers
         )
         and set(mapping.middlewares) <= {request_body_middleware(spec.service)} & set(mapping.body_readers)
+        and mapping.allowed_paths == spec.allowed_paths
         and not unwritten_settings(mapping.text)
     )
 
@@ -450,6 +451,7 @@ def add_mapping(
     models: tuple[str, ...] | None = None,
     hop_port: int | None = None,
     keep_keys: bool = False,
+    keep_paths: bool = False,
 ) -> list[Change]:
     """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file and the grants.
 
@@ -457,16 +459,18 @@ def add_mapping(
     ``replace``. ``models`` declares the model names the service answers to in the grants file
     (None leaves them as they are);
     ``keep_keys`` gives a ``spec`` without keys the keys ``SERVICE.yml`` routes, read under
-    the lock (read before it, a key revoked meanwhile would come back). Each file touched
-    keeps its ``backups`` newest backups.
+    the lock (read before it, a key revoked meanwhile would come back), and ``keep_paths`` the
+    paths it opens beyond the inference API. Each file touched keeps its ``backups`` newest backups.
     """
     spec.validate()
     target = folder / spec.file_name
     with folder_lock(folder):
         files = _parsed_files(folder)
-        if keep_keys and not spec.keys:
-            routed = next((mapping.keys() for mapping in files if mapping.path == target), [])
-            spec = dataclasses.replace(spec, keys=tuple(routed))
+        existing = next((mapping for mapping in files if mapping.path == target), None)
+        if keep_keys and not spec.keys and existing is not None:
+            spec = dataclasses.replace(spec, keys=tuple(existing.keys()))
+        if keep_paths and existing is not None:
+            spec = dataclasses.replace(spec, allowed_paths=existing.allowed_paths)
         own_names = {spec.service, fallback_router(spec.service)}
         for mapping in files:
             if mapping.path == target:
@@ -565,7 +569,9 @@ def _spec_of(mapping: MappingFile) -> MappingSpec:
     error_pages = not mapping.body_readers or any(
         ERRORS_MIDDLEWARE in {name.removesuffix("@file") for name in router.middlewares} for router in mapping.routers
     )
-    spec = MappingSpec(services.pop(), mapping.urls, tuple(mapping.keys()), error_pages, entry_point)
+    spec = MappingSpec(
+        services.pop(), mapping.urls, tuple(mapping.keys()), error_pages, entry_point, mapping.allowed_paths
+    )
     spec.validate()
     return spec
 
@@ -634,9 +640,11 @@ def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: C
     """Rewrite every key file in an older format as ``routheon mapping add`` writes it today.
 
     Files of an earlier Routheon or of routheon-server 1.0.x (``_upgrade_of``) gain what they
-    lack (each key's guard, the request-body middleware, error pages), keys and URLs unchanged;
+    lack (each key's guard, the request-body guard, error pages), keys and URLs unchanged;
     the rest are named and left as they are: those that say more, those in subfolders (where
-    Routheon does not write), and those whose rewrite would clash with another file.
+    Routheon does not write), and those whose rewrite would clash with another file. The
+    grants file is rewritten with the same grants when today's format differs (the plugin's
+    body limit, the hop's guard).
     """
     with folder_lock(folder):
         steps: list[_Step] = []
@@ -661,6 +669,16 @@ def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: C
             _refuse_unsafe(mapping.path)
             if _read_bytes(mapping.path) != text.encode("utf-8"):
                 steps.append(_Step(mapping.path, text.encode("utf-8"), "upgraded"))
+        grants_path = folder / GRANTS_FILE
+        if grants_path.exists():
+            try:
+                text = render_grants(read_grants(folder))
+            except ValueError as exc:
+                left.append(Change("left", grants_path, f"{exc}; rewrite it with `routheon key add`"))
+            else:
+                _refuse_unsafe(grants_path)
+                if _read_bytes(grants_path) != text.encode("utf-8"):
+                    steps.append(_Step(grants_path, text.encode("utf-8"), "upgraded"))
         return _with_pruning(folder, _apply(steps, confirm, backups), backups) + left
 
 
