@@ -30,7 +30,7 @@ import yaml
 
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, FALLBACK_SUFFIX, MAX_REQUEST_BODY_BYTES
 from routheon.mappings.format import PLUGIN_MODULE, PLUGIN_NAME  # noqa: F401 - verdict and bench import them from here
-from routheon.mappings.format import SAFE_LOADER, InputError, guard_lines
+from routheon.mappings.format import InputError, MappingFormatError, guard_lines, load_first_document
 from routheon.mappings.format import validate_service_name
 from routheon.mappings.keys import validate_key
 
@@ -315,9 +315,10 @@ def render_grants(grants: Grants) -> str:
 
 
 def _load(text: str) -> Any:
+    """The file as Traefik and the plugin read it (the first document, template comments expanded)."""
     try:
-        return yaml.load(text, Loader=SAFE_LOADER)  # noqa: S506 - a safe loader
-    except yaml.YAMLError as exc:
+        return load_first_document(text)
+    except (yaml.YAMLError, MappingFormatError) as exc:
         raise InputError(f"{GRANTS_FILE}: not valid YAML: {' '.join(str(exc).split())}") from None
 
 
