@@ -295,13 +295,34 @@ class _LogReader(threading.Thread):
             if entry.get("version") and not self.version:
                 self.version = str(entry["version"])
             if message == _REJECTED:
-                error = str(entry.get("error", "no reason given"))
+                error = redact(str(entry.get("error", "no reason given")))
                 self.rejected = "; ".join(part.strip() for part in error.splitlines() if part.strip())
                 self.done.set()
             elif message == _RECEIVED and entry.get("providerName") == "file":
                 self.config = entry.get("config") or {}
                 self.done.set()
         self.done.set()
+
+
+# What Traefik says about a file quotes it: a rule it cannot parse whole ("error while parsing
+# rule Header(`Authorization`, `Bearer KEY`) ..."), a regular expression Go cannot compile, a
+# value YAML cannot convert (`cannot unmarshal !!str `...``). Such texts reach routheon-server's
+# /health, which anyone may ask through Traefik without a key, its log and `routheon mapping
+# check`: each is redacted once, here, where it enters Routheon.
+_QUOTED = re.compile(r"`[^`]*`")
+_BEARER = re.compile(r"(?i)(bearer)\s+\S+")
+REDACTED = "(redacted)"
+
+
+def redact(text: str, rules: Iterable[str] = ()) -> str:
+    """``text`` without the rules it quotes, any backquoted string, or a Bearer value.
+
+    Names in double quotes (a router, a middleware, a service: ``"routheon-errors@file" does
+    not exist``) stay: they say what to fix, and a file's keys are never among them.
+    """
+    for rule in sorted({rule for rule in rules if rule}, key=len, reverse=True):
+        text = text.replace(rule, "<rule>")
+    return _BEARER.sub(rf"\1 {REDACTED}", _QUOTED.sub(REDACTED, text))
 
 
 def _rawdata(port: int, timeout: float) -> dict[str, Any]:
@@ -335,7 +356,8 @@ def _router_states(config: dict[str, Any], port: int, deadline: float) -> tuple[
     for name, router in expected.items():
         body = built.get(name, {})
         status = body.get("status", "disabled")
-        errors = tuple(str(error) for error in body.get("error") or ())
+        rules = (str(router.get("rule", "")), str(body.get("rule", "")))
+        errors = tuple(redact(str(error), rules) for error in body.get("error") or ())
         if not body:
             errors = errors or ("no entry point of this router exists",)
         states.append(
@@ -371,7 +393,7 @@ def _run(traefik: str, workdir: Path, entry_points: tuple[str, ...], timeout: fl
         if reader.rejected is not None:
             return Verdict(reader.version, False, reader.rejected, seconds=time.monotonic() - started)
         if reader.config is None:
-            tail = "\n".join(reader.tail[-5:])
+            tail = redact("\n".join(reader.tail[-5:]))
             said = f":\n{tail}" if tail else ", printing nothing"
             raise VerdictUnavailable(f"Traefik stopped before reading the folder (exit {process.returncode}){said}")
         routers = _router_states(reader.config, port, deadline)
