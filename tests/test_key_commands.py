@@ -196,6 +196,41 @@ def test_a_static_configuration_without_the_hop_leaves_the_port_as_it_is(
     assert read_grants(folder).hop_port == 9999
 
 
+@pytest.mark.parametrize("address", ["':27181'", "'0.0.0.0:27181'", "'[::]:27181'", "'hop.example:27181'"])
+def test_a_hop_beyond_loopback_is_refused_by_writes_and_check(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory, address: str
+) -> None:
+    """The hop routes by a header any client can send: on every interface, no key is needed."""
+    config = tmp_path_factory.mktemp("etc") / "traefik.yml"
+    config.write_text(f"entryPoints:\n  llama-servers:\n    address: ':8080'\n  routheon-hop:\n    address: {address}\n")
+    services()
+    before = (folder / GRANTS_FILE).read_bytes()
+    result = run_routheon("key", "add", BOTH, "--service", "smol", "--traefik-config", str(config))
+    assert result.returncode == 1 and "beyond loopback" in result.stderr and "127.0.0.1:27181" in result.stderr
+    assert (folder / GRANTS_FILE).read_bytes() == before
+    check = run_routheon("mapping", "check", "--traefik", "none", "--traefik-config", str(config))
+    assert check.returncode == 1 and "beyond loopback" in check.stdout
+
+
+def test_check_reports_grants_that_name_another_hop_than_traefiks(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    etc = tmp_path_factory.mktemp("etc")
+    config = etc / "traefik.yml"
+    config.write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n  routheon-hop: {address: '127.0.0.1:27181'}\n")
+    services()
+    routheon("key", "add", BOTH, "--service", "smol")  # no --traefik-config: the grants say 8081
+    check = run_routheon("mapping", "check", "--traefik", "none", "--traefik-config", str(config))
+    assert check.returncode == 1
+    assert "127.0.0.1:8081" in check.stdout and "port 27181" in check.stdout and "mapping upgrade" in check.stdout
+    routheon("mapping", "upgrade", "--traefik", "none", "--traefik-config", str(config))
+    assert read_grants(folder).hop_port == 27181
+    assert run_routheon("mapping", "check", "--traefik", "none", "--traefik-config", str(config)).returncode == 0
+    (etc / "nohop.yml").write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n")
+    check = run_routheon("mapping", "check", "--traefik", "none", "--traefik-config", str(etc / "nohop.yml"))
+    assert check.returncode == 1 and "defines no entry point routheon-hop" in check.stdout
+
+
 # Hand-edited key files that Traefik applies and `mapping check` passes: Traefik reads only the
 # first YAML document and expands a template comment to nothing. The store used to re-read them
 # with yaml.safe_load (ComposerError, ParserError tracebacks): the key stayed routed.

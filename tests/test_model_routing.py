@@ -287,3 +287,24 @@ def test_openai_sdk_reaches_a_real_llama_server_by_model_name(tmp_path: Path, ll
             assert refused.value.code == "model_not_found"
         finally:
             llama.stop()
+
+
+def test_health_proves_the_hop_routes_and_names_one_that_does_not(tmp_path: Path) -> None:
+    """Grants written for another traefik.yml send granted keys to whatever holds that port."""
+    with Stack(tmp_path) as stack:
+        alpha = stack.start_backend("alpha")
+        write_service(stack, "alpha", alpha.url)
+        write_grants(stack, Grants(services=SERVICES[:1]).grant(ALPHA_KEY, ("alpha",)))
+
+        def hop() -> dict:
+            return request(f"{stack.server_url}/health").json()["hop"]
+
+        stack.wait_for(lambda: hop()["state"] == "ok", what="the hop proven")
+        assert hop()["url"] == f"http://127.0.0.1:{stack.hop_port}/health"
+        assert request(f"{stack.server_url}/health").json()["status"] == "ok"
+        nobody = free_port()
+        (stack.mappings / GRANTS_FILE).write_text(
+            render_grants(Grants(services=SERVICES[:1], hop_port=nobody).grant(ALPHA_KEY, ("alpha",)))
+        )
+        stack.wait_for(lambda: hop()["state"] == "unreachable", what="the wrong hop named")
+        assert request(f"{stack.server_url}/health").json()["status"] == "degraded"

@@ -33,7 +33,7 @@ from routheon.mappings.folder import (
     Folder,
     read_folder,
 )
-from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants
+from routheon.mappings.grants import GRANTS_FILE, HOP_ENTRY_POINT, GrantedService, Grants
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, InputError, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
@@ -426,7 +426,7 @@ def cmd_mapping_prune(args: argparse.Namespace) -> int:
 def cmd_mapping_upgrade(args: argparse.Namespace) -> int:
     folder = _existing_folder(args.mappings)
     confirmation = _confirmation(folder, args)
-    changes = upgrade_mappings(folder, backups=_backups(args.backups), confirm=confirmation)
+    changes = upgrade_mappings(folder, backups=_backups(args.backups), confirm=confirmation, hop_port=_hop_port(args))
     status = _report([change for change in changes if change.action != "left"], confirmation)
     for change in changes:
         if change.action == "left":
@@ -464,11 +464,43 @@ def _traefik_judges(folder: Folder, args: argparse.Namespace) -> tuple[Folder, s
     return judged(folder, verdict), verdict.describe() if verdict.applied else f"Traefik {verdict.version} rejects it"
 
 
+def _hop_findings(folder: Path, args: argparse.Namespace) -> tuple[Finding, ...]:
+    """Whether the grants file sends granted keys to the routheon-hop of Traefik's static file.
+
+    Grants written without the right --traefik-config named 127.0.0.1:8081 whatever Traefik
+    listened on: granted traffic then went to whatever else held that port (another Traefik's
+    hop, which trusts the header naming the service), and the folder still checked ok.
+    """
+    config = _traefik_config(args)
+    if config is None:
+        return ()
+    try:
+        port = hop_port_of(config)
+    except VerdictUnavailable as exc:
+        return (Finding(config, str(exc)),)
+    grants_path = folder / GRANTS_FILE
+    if not grants_path.is_file():
+        return ()
+    try:
+        hop = read_grants(folder).hop_port
+    except (OSError, ValueError):
+        return ()  # the folder's own findings say what is wrong with the file
+    fix = f"run `routheon mapping upgrade --traefik-config {config}`"
+    if port is None:
+        return (Finding(grants_path, f"{config} defines no entry point {HOP_ENTRY_POINT}: granted keys' requests go to"
+                        f" 127.0.0.1:{hop}, where this Traefik does not listen (docs/model-routing.md)"),)
+    if port != hop:
+        return (Finding(grants_path, f"sends granted keys' requests to 127.0.0.1:{hop}, but {config}'s {HOP_ENTRY_POINT}"
+                        f" listens on port {port}: whatever holds port {hop} gets them; {fix}"),)
+    return ()
+
+
 def cmd_mapping_check(args: argparse.Namespace) -> int:
     folder = inspect_folder(args.mappings, connect=args.connect, timeout=args.timeout)
     said = ""
     if folder.exists:
         folder, said = _traefik_judges(folder, args)
+        folder = replace(folder, findings=(*folder.findings, *_hop_findings(folder.path, args)))
     for finding in folder.findings:
         print(finding)
     errors, warnings = len(folder.errors), len(folder.warnings)

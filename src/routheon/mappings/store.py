@@ -637,7 +637,9 @@ def _conflict(rendered: MappingFile, files: list[MappingFile]) -> str | None:
     return None
 
 
-def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None) -> list[Change]:
+def upgrade_mappings(
+    folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None, hop_port: int | None = None
+) -> list[Change]:
     """Rewrite every key file in an older format as ``routheon mapping add`` writes it today.
 
     Files of an earlier Routheon or of routheon-server 1.0.x (``_upgrade_of``) gain what they
@@ -645,7 +647,7 @@ def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: C
     the rest are named and left as they are: those that say more, those in subfolders (where
     Routheon does not write), and those whose rewrite would clash with another file. The
     grants file is rewritten with the same grants when today's format differs (the plugin's
-    body limit, the hop's guard).
+    body limit, the hop's guard), or to name ``hop_port`` (Traefik's routheon-hop) when known.
     """
     with folder_lock(folder):
         steps: list[_Step] = []
@@ -673,7 +675,7 @@ def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: C
         grants_path = folder / GRANTS_FILE
         if grants_path.exists():
             try:
-                text = render_grants(read_grants(folder))
+                text = render_grants(_on_hop_port(read_grants(folder), hop_port))
             except ValueError as exc:
                 left.append(Change("left", grants_path, f"{exc}; rewrite it with `routheon key add`"))
             else:

@@ -16,6 +16,7 @@ It takes a fraction of a second for a normal folder and is bounded by a timeout 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -147,15 +148,38 @@ def entry_points_of(static_config: Path | None) -> tuple[str, ...]:
     return tuple(str(name) for name in _entry_points(static_config)) or (ENTRY_POINT,)
 
 
+class UnsafeHop(VerdictUnavailable):
+    """The static file's routheon-hop entry point listens beyond loopback."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def hop_port_of(static_config: Path | None) -> int | None:
     """The port of the ``routheon-hop`` entry point in a Traefik static file; None when it has none.
 
     The grants file names it, so the plugin's requests come back to that entry point. A file
-    without it says nothing about the port: the grants file keeps the one it has.
+    without it says nothing about the port: the grants file keeps the one it has. UnsafeHop
+    when it listens beyond loopback (``":8081"`` is every interface): its routers trust the
+    header that names the service, so whoever reaches it uses any service without a key.
     """
     settings = _entry_points(static_config).get(HOP_ENTRY_POINT)
     address = settings.get("address") if isinstance(settings, dict) else None
-    port = str(address).rpartition(":")[2] if address else ""
+    if not address:
+        return None
+    host, _, port = str(address).rpartition(":")
+    if not _is_loopback(host):
+        raise UnsafeHop(
+            f"{static_config}: the entry point {HOP_ENTRY_POINT} listens on {str(address)!r}, beyond loopback:"
+            " it routes by a header any client can send, so anyone reaching it could use every service"
+            f" without a key; give it \"127.0.0.1:{port or '8081'}\""
+        )
     return int(port) if port.isdigit() and 0 < int(port) < 65536 else None
 
 

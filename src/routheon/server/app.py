@@ -27,6 +27,7 @@ from routheon.mappings.verdict import (
 from routheon.server import errors
 from routheon.server.config import ServerConfig
 from routheon.server.discovery import FolderWatch
+from routheon.server.hop import HopProbe
 from routheon.server.key_models import KeyModels
 from routheon.server.models import TTL, ModelCatalog
 from routheon.server.stats import StatsConfig, StatsService
@@ -38,6 +39,7 @@ FOLDER = web.AppKey("folder", FolderWatch)
 CATALOG = web.AppKey("catalog", ModelCatalog)
 STATS = web.AppKey("stats", StatsService)
 KEY_MODELS = web.AppKey("key_models", KeyModels)
+HOP = web.AppKey("hop", HopProbe)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -132,9 +134,10 @@ async def health(request: web.Request) -> web.Response:
     answer names files, lines and reasons, never a key or a rule.
     """
     folder = await request.app[FOLDER].current()
+    hop = request.app[HOP].state()
     return _json(
         {
-            "status": "ok" if folder.exists and not folder.errors else "degraded",
+            "status": "ok" if folder.exists and not folder.errors and not hop.broken else "degraded",
             "version": __version__,
             "mappings": {
                 "folder": str(folder.path),
@@ -144,6 +147,8 @@ async def health(request: web.Request) -> web.Response:
                 "warnings": [_problem_json(problem, folder.path) for problem in folder.warnings],
                 "traefik": dataclasses.asdict(request.app[FOLDER].verdict),
             },
+            # granted keys' second hop through Traefik (routheon.server.hop), asked end to end
+            "hop": dataclasses.asdict(hop),
         }
     )
 
@@ -178,9 +183,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await app[STATS].start()
     await folder.current()  # reports a missing folder or broken files at start-up
     await app[KEY_MODELS].grants()  # read now, like the folder: a request then opens no file of it
+    app[HOP] = HopProbe(app[KEY_MODELS], session)
+    app[HOP].state()  # the first answer is on its way when /health is first asked
     try:
         yield
     finally:
+        await app[HOP].close()
         await app[STATS].stop()
         await session.close()
 
