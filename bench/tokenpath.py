@@ -8,8 +8,11 @@ Four paths to the same backends, measured the same way:
 - traefik-bare: Traefik with one plain router per key and nothing else (same backend
   connections as traefik.yml), to tell Traefik's own cost from that of Routheon's routers and
   middlewares;
-- traefik-reuse: as traefik, but with Traefik's default connection reuse (requests/s against
-  the instant backend only: with llama-server's streams it fails, see traefik.yml);
+- traefik-reuse: as traefik, without traefik.yml's ``serversTransport`` section. Published runs
+  up to 2026-12-03 had traefik.yml open a new connection per request, and this path measured
+  what reuse gains; traefik.yml now reuses connections itself (the plugin replays what a
+  closing llama-server loses, docs/production.md), so both paths run the same configuration
+  until the bench is redone for issue 21's goals;
 - traefik-models: the same traefik.yml with Routheon's plugin and its second hop, and a grants
   file (``routheon-grants.yml``) granting one key both backends: the request's ``model`` picks
   the backend (docs/model-routing.md);

@@ -2,7 +2,8 @@
 
 Every answer names the backend (``X-Backend`` header and the model id), so a test can tell
 where Traefik sent a request. Streaming answers send their chunks ``--chunk-interval``
-seconds apart and stamp each with the time it was sent. A streaming request with
+seconds apart and stamp each with the time it was sent; with ``--close-after-stream`` the
+connection is closed after each streamed answer, keep-alive promised, as llama-server does. A streaming request with
 ``"hold": true`` sends its first chunk, then waits for a ``POST /release`` before the rest: a test
 that receives the first chunk before releasing knows nothing on the way buffered it.
 
@@ -22,9 +23,20 @@ import time
 from aiohttp import web
 
 
-def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
+def build_app(name: str, chunks: int, chunk_interval: float, close_after_stream: bool = False) -> web.Application:
     headers = {"X-Backend": name}
     released = asyncio.Event()
+    peers: set[object] = set()  # the client ends of the connections requests came on
+
+    @web.middleware
+    async def count(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if request.transport is not None:
+            peers.add(request.transport.get_extra_info("peername"))
+        return await handler(request)
+
+    async def connections(_: web.Request) -> web.Response:
+        """How many connections requests came on (a proxy that reuses them opens few)."""
+        return web.json_response({"connections": len(peers)}, headers=headers)
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"}, headers=headers)
@@ -57,6 +69,10 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
             }
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
+        if close_after_stream and request.transport is not None:
+            # as llama-server (cpp-httplib) does: keep-alive promised, the connection closed
+            await response.write_eof()
+            request.transport.close()
         return response
 
     async def completion(_: web.Request) -> web.Response:
@@ -72,8 +88,9 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
         await asyncio.sleep(float(request.query.get("sleep", 0)))
         return web.json_response({"backend": name, "path": request.path}, headers=headers)
 
-    app = web.Application()
+    app = web.Application(middlewares=[count])
     app.router.add_get("/health", health)
+    app.router.add_get("/connections", connections)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/completion", completion)
@@ -89,9 +106,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--chunk-interval", type=float, default=0.2)
+    parser.add_argument(
+        "--close-after-stream", action="store_true", help="close the connection after each streamed answer"
+    )
     args, _llama_server_flags = parser.parse_known_args()
     web.run_app(
-        build_app(args.name, args.chunks, args.chunk_interval),
+        build_app(args.name, args.chunks, args.chunk_interval, args.close_after_stream),
         host=args.host,
         port=args.port,
         print=None,

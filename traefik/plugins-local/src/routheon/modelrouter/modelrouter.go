@@ -205,8 +205,7 @@ func (m *ModelRouter) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 		return
 	}
 	if m.keysInRule {
-		setBody(req, pieces)
-		m.next.ServeHTTP(rw, req)
+		m.serveReplaying(rw, req, pieces) // in front of llama-server: replay.go
 		return
 	}
 	// One service without declared models: today's behaviour, whatever the body says.
