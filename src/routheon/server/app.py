@@ -134,7 +134,7 @@ async def health(request: web.Request) -> web.Response:
     answer names files, lines and reasons, never a key or a rule.
     """
     folder = await request.app[FOLDER].current()
-    hop = request.app[HOP].state()
+    hop = await request.app[HOP].current()
     return _json(
         {
             "status": "ok" if folder.exists and not folder.errors and not hop.broken else "degraded",

@@ -57,6 +57,17 @@ class HopProbe:
             self._asking = asyncio.create_task(self._ask())
         return self._state
 
+    async def current(self) -> HopState:
+        """``state()``, but a broken one is asked again first: routheon-server usually starts
+        before Traefik, and its first probe finds nothing listening yet. A refused connection
+        answers at once; a hop that accepts and hangs costs at most ``TIMEOUT``."""
+        if self._state.broken or self._state.state == "checking":
+            if self._asking is None:
+                self._asked_at = time.monotonic()
+                self._asking = asyncio.create_task(self._ask())
+            await asyncio.shield(self._asking)
+        return self.state()
+
     async def close(self) -> None:
         if self._asking is not None:
             self._asking.cancel()
