@@ -42,6 +42,7 @@ from routheon.mappings.verdict import (
     DEFAULT_TRAEFIK_CONFIG,
     TRAEFIK_ENV,
     VerdictUnavailable,
+    abandon,
     ask_traefik,
     entry_points_of,
     find_traefik,
@@ -876,16 +877,23 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 @contextlib.contextmanager
 def _exit_cleanly_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the command as an error would: ``finally`` blocks then stop the
-    Traefik judging the folder and remove the private copies of the folder, which hold keys (a
-    new key among them). Killed by the default action, the command left them in /tmp.
+    """SIGTERM and SIGHUP end the command at once, without writing anything more, after stopping
+    the Traefik judging the folder and removing the private copies of the folder, which hold
+    keys (a new key among them). Killed by the default action, the command left them in /tmp.
+
+    The handler ends the process itself (``os._exit``) rather than raising SystemExit: an
+    exception raised from a handler is lost when the signal arrives inside code that ignores
+    exceptions (logging's at-fork hook, while Traefik was being started), and the command
+    then went on. A write stopped halfway is as safe as one killed: each file is replaced
+    whole (an atomic rename), and the folder's lock goes with the process.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set handlers; such a caller handles signals itself
         return
 
     def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
+        abandon()
+        os._exit(128 + signum)
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -262,20 +262,41 @@ def _sweep_left_copies(tmp: Path) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
+# What this process holds while Traefik judges a folder, for ``abandon``.
+_LIVE_WORKDIRS: set[Path] = set()
+_LIVE_TRAEFIKS: set[int] = set()
+
+
 @contextlib.contextmanager
 def private_workdir(kind: str) -> Iterator[Path]:
     """A folder only this user can enter, for a copy of the mappings folder (it holds keys).
 
-    Removed when the block ends, on an error too; the routheon command turns SIGTERM and SIGHUP
-    into an exit that gets here. What a ``kill -9`` leaves is removed by the next routheon
+    Removed when the block ends, on an error too, and by ``abandon`` when the routheon command
+    is stopped by SIGTERM or SIGHUP. What a ``kill -9`` leaves is removed by the next routheon
     command or verdict of routheon-server (the name carries this process's id).
     """
     tmp = Path(tempfile.gettempdir())
     _sweep_left_copies(tmp)
     workdir = Path(tempfile.mkdtemp(prefix=f"routheon-{kind}-{os.getpid()}-", dir=tmp))  # mode 0700
+    _LIVE_WORKDIRS.add(workdir)
     try:
         yield workdir
     finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _LIVE_WORKDIRS.discard(workdir)
+
+
+def abandon() -> None:
+    """Stop every Traefik this process started to judge a folder and remove every private copy.
+
+    For a signal handler that ends the process at once: an exception raised from a handler can
+    be lost (one that arrived while ``subprocess`` forked Traefik was raised inside logging's
+    at-fork hook, which ignores it, and the command then waited the whole --traefik-timeout).
+    """
+    for pid in list(_LIVE_TRAEFIKS):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for workdir in list(_LIVE_WORKDIRS):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -409,6 +430,8 @@ def _run(traefik: str, workdir: Path, entry_points: tuple[str, ...], timeout: fl
     except StartError as exc:
         reason = exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else None
         raise VerdictUnavailable(f"cannot run {traefik}: {reason or exc}") from None
+    if process.pid is not None:
+        _LIVE_TRAEFIKS.add(process.pid)
     try:
         reader = _LogReader(process.stdout)
         reader.start()
@@ -425,6 +448,7 @@ def _run(traefik: str, workdir: Path, entry_points: tuple[str, ...], timeout: fl
     finally:
         # at once: this Traefik serves nobody, and its graceful stop waits 10 s for connections
         process.stop(signal.SIGKILL)
+        _LIVE_TRAEFIKS.discard(process.pid or 0)
 
 
 def ask_traefik(
