@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,23 @@ def test_round_trip_and_lookups() -> None:
     assert document["http"]["routers"]["routheon-grants"]["priority"] == 2
 
 
+def test_the_usage_folder_round_trips_and_none_means_no_accounting() -> None:
+    grants = replace(sample(), usage_dir="/var/lib/it's usage")
+    text = render_grants(grants)
+    assert parse_grants(text) == grants
+    config = yaml.safe_load(text)["http"]["middlewares"]["routheon-grants"]["plugin"]["routheon"]
+    assert config["usage"] == "/var/lib/it's usage"
+    assert parse_grants(render_grants(sample())).usage_dir is None
+    # a file written before usage accounting has no such field
+    assert parse_grants(render_grants(sample()).replace("          usage: ''\n", "")) == sample()
+
+
+@pytest.mark.parametrize("folder", ["relative/usage", "", "/var/{{.}}/usage", "/var/usage\n"])
+def test_usage_folders_the_plugin_would_refuse_are_refused(folder: str) -> None:
+    with pytest.raises(ValueError, match="usage folder"):
+        render_grants(replace(sample(), usage_dir=folder))
+
+
 def test_revoke_one_service_then_all() -> None:
     grants = sample().revoke(KEY, ("alpha",))
     assert grants.key(KEY) == KeyGrant(key_hash(KEY), "cdef", ("beta",))
@@ -66,6 +84,8 @@ def test_revoke_one_service_then_all() -> None:
         (lambda text: text.replace(" cdef ", " cd{{ "), "invalid hint"),
         (lambda text: text.replace("cdef alpha beta", "cdef alpha gamma"), "'gamma' is not declared"),
         (lambda text: text + "  [", "not valid YAML"),
+        (lambda text: text.replace("usage: ''", "usage: [1]"), "usage must be a folder"),
+        (lambda text: text.replace("usage: ''", "usage: 'var/usage'"), "absolute path"),
     ],
 )
 def test_bad_files_are_refused_with_a_reason(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -96,7 +116,7 @@ def write_folder(folder: Path, grants_text: str) -> None:
 @pytest.mark.traefik
 def test_check_and_traefik_accept_a_folder_with_grants(tmp_path: Path) -> None:
     folder = tmp_path / "mappings"
-    write_folder(folder, render_grants(sample()))
+    write_folder(folder, render_grants(replace(sample(), usage_dir=str(tmp_path / "usage"))))
     inspected = inspect_folder(folder)
     assert inspected.findings == ()
     verdict = ask_traefik(folder, traefik=str(VENV_BIN / "traefik"))
@@ -106,6 +126,7 @@ def test_check_and_traefik_accept_a_folder_with_grants(tmp_path: Path) -> None:
     # the hop is Traefik itself, not a backend to probe
     connected = inspect_folder(folder, connect=True, timeout=0.5)
     assert not any("routheon-hop" in finding.message for finding in connected.findings)
+    assert not (tmp_path / "usage").exists()  # the plugin makes its folder when it has a record to write
 
 
 @pytest.mark.traefik

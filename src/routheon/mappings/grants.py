@@ -11,7 +11,9 @@ One key, many models (docs/model-routing.md). Routheon writes a single Traefik d
   reads 10,000 keys in 0.05 s instead of the 2.4 s a YAML mapping of them takes (PyYAML);
 - per service, a router on a second, loopback-only entry point (``routheon-hop``) that sends
   requests carrying that header to the service (defined in the service's own NAME.yml);
-- a router sending ``/v1/models`` with a key to routheon-server, which lists the key's models.
+- a router sending ``/v1/models`` with a key to routheon-server, which lists the key's models;
+- the folder the plugin writes one usage record per request of a key into (``usage``,
+  docs/usage.md); none: no accounting.
 
 Keys are stored as the sha256 of the key (hex) and its last characters, for listings: the
 file gives no key away, and a key can hold no character that would break the file.
@@ -65,6 +67,9 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 # Hints are shown in listings and written into a file Traefik expands as a Go template.
 _HINT_CHAR = re.compile(r"[A-Za-z0-9._~+/=-]")
 MAX_MODEL_NAME = 256
+# The folder usage records go to when the command that writes the grants names none.
+DEFAULT_USAGE = "/var/lib/routheon/usage"
+USAGE_ENV = "ROUTHEON_USAGE"
 
 
 def key_hash(key: str) -> str:
@@ -83,6 +88,14 @@ def validate_model_name(model: str) -> None:
         raise InputError(f"invalid model name {model!r}: 1 to {MAX_MODEL_NAME} characters")
     if any(char.isspace() or not char.isprintable() for char in model) or "{{" in model or "}}" in model:
         raise InputError(f"invalid model name {model!r}: no whitespace, control characters, '{{{{' or '}}}}'")
+
+
+def validate_usage_dir(folder: str) -> None:
+    """The plugin wants an absolute path; the file is a Go template, so no template delimiters."""
+    if not folder.startswith("/"):
+        raise InputError(f"usage folder {folder!r}: give an absolute path")
+    if any(not char.isprintable() for char in folder) or "{{" in folder or "}}" in folder:
+        raise InputError(f"usage folder {folder!r}: no control characters, '{{{{' or '}}}}'")
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,8 @@ class Grants:
     keys: tuple[KeyGrant, ...] = ()
     hop_port: int = HOP_PORT
     entry_point: str = field(default=ENTRY_POINT)
+    # where Traefik writes usage records (docs/usage.md); None: no accounting
+    usage_dir: str | None = None
 
     def service(self, name: str) -> GrantedService | None:
         return next((service for service in self.services if service.name == name), None)
@@ -205,6 +220,8 @@ class Grants:
         """Raise InputError naming the first thing the plugin would refuse."""
         if not 1 <= self.hop_port <= 65535:
             raise InputError(f"invalid hop port {self.hop_port}")
+        if self.usage_dir is not None:
+            validate_usage_dir(self.usage_dir)
         names = [service.name for service in self.services]
         if len(set(names)) != len(names):
             raise InputError("a service is declared twice")
@@ -229,6 +246,11 @@ def _block(lines: list[str], indent: str) -> list[str]:
     if not lines:
         return ["''"]
     return ["|", *(indent + line for line in lines)]
+
+
+def _quoted(text: str) -> str:
+    """A single-quoted YAML scalar (a quote inside is doubled)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def render_grants(grants: Grants) -> str:
@@ -291,6 +313,8 @@ def render_grants(grants: Grants) -> str:
         "          services: " + "\n".join(_block(service_lines, " " * 12)),
         "          # one line per key: SHA256-HEX LAST-CHARACTERS SERVICE...",
         "          keys: " + "\n".join(_block(key_lines, " " * 12)),
+        "          # one JSON line per request of a key goes to a file in this folder ('': none)",
+        "          usage: " + _quoted(grants.usage_dir or ""),
         "    # Tells routheon-server the request came through this router, so it lists the key's models;",
         "    # asked directly (no header, as routheon-server 1.0.x was) it lists every model.",
         f"    '{MODELS_ROUTER}':",
@@ -357,6 +381,9 @@ def parse_grants(text: str) -> Grants:
     entry_points = router.get("entryPoints") if isinstance(router, dict) else None
     if not isinstance(entry_points, list) or len(entry_points) != 1 or not isinstance(entry_points[0], str):
         raise InputError(f"{GRANTS_FILE}: router {GRANTS_ROUTER!r} must name one entry point")
-    grants = Grants(tuple(services), tuple(keys), int(match.group(1)), entry_points[0])
+    usage = config.get("usage") or None
+    if usage is not None and not isinstance(usage, str):
+        raise InputError(f"{GRANTS_FILE}: the plugin's usage must be a folder (text)")
+    grants = Grants(tuple(services), tuple(keys), int(match.group(1)), entry_points[0], usage)
     grants.validate()
     return grants
