@@ -6,10 +6,26 @@ Helpers that are plain functions live in ``support.py`` (HTTP requests), ``serve
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 from server_helpers import Backends, running_backends
+
+from routheon.mappings.grants import USAGE_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def usage_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Grants files the ``routheon`` command writes in tests name a temporary usage folder, not
+    /var/lib/routheon/usage (a Traefik of a test would write its records there)."""
+    saved = os.environ.get(USAGE_ENV)
+    os.environ[USAGE_ENV] = str(tmp_path_factory.mktemp("usage"))
+    yield
+    if saved is None:
+        del os.environ[USAGE_ENV]
+    else:
+        os.environ[USAGE_ENV] = saved
 
 
 @pytest.fixture(scope="session")

@@ -194,3 +194,32 @@ def test_a_static_configuration_without_the_hop_leaves_the_port_as_it_is(
     routheon("mapping", "add", "--service", "smol", "--port", "8011", "--model", "A", "--traefik-config", str(etc / "hop.yml"))
     routheon("key", "add", BOTH, "--service", "smol", "--traefik-config", str(etc / "nohop.yml"))
     assert read_grants(folder).hop_port == 9999
+
+
+def test_the_usage_folder_is_given_once_and_kept(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new grants file gets $ROUTHEON_USAGE (else /var/lib/routheon/usage); later commands keep
+    its folder unless --usage says otherwise ('none': no accounting)."""
+    monkeypatch.delenv("ROUTHEON_USAGE")
+    services()
+    assert read_grants(folder).usage_dir == "/var/lib/routheon/usage"
+    routheon("key", "add", BOTH, "--service", "smol", "--usage", "/srv/usage")
+    assert read_grants(folder).usage_dir == "/srv/usage"
+    monkeypatch.setenv("ROUTHEON_USAGE", "/elsewhere")
+    routheon("key", "add", OLD, "--service", "gemma")
+    routheon("mapping", "add", "--service", "gemma", "--port", "8012", "--model", "gemma-3-270m", "--model", "g3")
+    assert read_grants(folder).usage_dir == "/srv/usage"
+    routheon("key", "remove", OLD, "--usage", "none")
+    assert read_grants(folder).usage_dir is None
+    routheon("mapping", "remove", "--service", "gemma", "--usage", "/srv/usage-2")
+    assert read_grants(folder).usage_dir == "/srv/usage-2"
+    (folder / GRANTS_FILE).unlink()
+    routheon("key", "add", BOTH, "--service", "smol")
+    assert read_grants(folder).usage_dir == "/elsewhere"
+
+
+def test_a_relative_usage_folder_is_refused_before_anything_is_written(folder: Path) -> None:
+    services()
+    before = (folder / GRANTS_FILE).read_text()
+    result = run_routheon("key", "add", BOTH, "--service", "smol", "--usage", "usage")
+    assert result.returncode == 1 and "usage folder 'usage': give an absolute path" in result.stderr
+    assert (folder / GRANTS_FILE).read_text() == before

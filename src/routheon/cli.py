@@ -21,7 +21,14 @@ from routheon import __version__
 from routheon.mappings.check import inspect_folder
 from routheon.mappings.confirm import ChangeRefused, Confirmation, Judge
 from routheon.mappings.folder import DEFAULT_MAPPINGS, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
-from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants
+from routheon.mappings.grants import (
+    DEFAULT_USAGE,
+    GRANTS_FILE,
+    USAGE_ENV,
+    GrantedService,
+    Grants,
+    validate_usage_dir,
+)
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, InputError, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
@@ -196,6 +203,20 @@ def _hop_port(args: argparse.Namespace) -> int | None:
         raise CommandError(str(exc)) from None
 
 
+def _usage_dir(args: argparse.Namespace, folder: Path) -> str | None:
+    """The usage folder for the grants file: --usage when given ('' for none), else the default
+    ($ROUTHEON_USAGE, else DEFAULT_USAGE) for a grants file yet to be written; None keeps the
+    folder an existing grants file names (or its lack of one)."""
+    if args.usage is None:
+        if (folder / GRANTS_FILE).exists():
+            return None
+        return os.environ.get(USAGE_ENV) or DEFAULT_USAGE
+    if args.usage == "none":
+        return ""
+    validate_usage_dir(args.usage)
+    return args.usage
+
+
 def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
     """How a write command confirms its change before writing it (see routheon.mappings.confirm)."""
     binary = _traefik_binary(args)
@@ -256,6 +277,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
         confirm=confirmation,
         models=models,
         hop_port=_hop_port(args),
+        usage_dir=_usage_dir(args, folder),
         keep_keys=models is not None,
     )
     status = _report(changes, confirmation)
@@ -336,10 +358,22 @@ def cmd_mapping_remove(args: argparse.Namespace) -> int:
     try:
         if args.service:
             changes = remove_service(
-                folder, args.service, backups=backups, confirm=confirmation, hop_port=_hop_port(args)
+                folder,
+                args.service,
+                backups=backups,
+                confirm=confirmation,
+                hop_port=_hop_port(args),
+                usage_dir=_usage_dir(args, folder),
             )
         else:
-            changes = revoke_keys(folder, keys, backups=backups, confirm=confirmation, hop_port=_hop_port(args))
+            changes = revoke_keys(
+                folder,
+                keys,
+                backups=backups,
+                confirm=confirmation,
+                hop_port=_hop_port(args),
+                usage_dir=_usage_dir(args, folder),
+            )
     except (FileNotFoundError, LookupError) as exc:
         raise CommandError(str(exc).strip("'\"")) from None
     return _report(changes, confirmation)
@@ -433,7 +467,13 @@ def cmd_key_add(args: argparse.Namespace) -> int:
     confirmation = _confirmation(folder, args)
     try:
         changes = grant_keys(
-            folder, keys, args.service, backups=_backups(args.backups), confirm=confirmation, hop_port=_hop_port(args)
+            folder,
+            keys,
+            args.service,
+            backups=_backups(args.backups),
+            confirm=confirmation,
+            hop_port=_hop_port(args),
+            usage_dir=_usage_dir(args, folder),
         )
     except LookupError as exc:
         raise CommandError(str(exc).strip("'\"")) from None
@@ -454,7 +494,13 @@ def cmd_key_remove(args: argparse.Namespace) -> int:
     services = tuple(args.service) if args.service else None
     try:
         changes = revoke_keys(
-            folder, keys, services, backups=_backups(args.backups), confirm=confirmation, hop_port=_hop_port(args)
+            folder,
+            keys,
+            services,
+            backups=_backups(args.backups),
+            confirm=confirmation,
+            hop_port=_hop_port(args),
+            usage_dir=_usage_dir(args, folder),
         )
     except LookupError as exc:
         raise CommandError(str(exc).strip("'\"")) from None
@@ -570,6 +616,17 @@ def _add_traefik_flags(parser: argparse.ArgumentParser, writes: bool = False) ->
     )
 
 
+def _add_usage_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--usage",
+        metavar="DIR",
+        help="the folder Traefik writes one usage record per request of a granted key into"
+        " (docs/usage.md), or 'none' for no accounting; it must be writable by Traefik's user."
+        f" A new grants file gets ${USAGE_ENV} if set, else {DEFAULT_USAGE}; an existing one keeps"
+        " its folder unless this is given",
+    )
+
+
 def _add_key_flags(parser: argparse.ArgumentParser, action: str) -> None:
     parser.add_argument(
         "--key", action="append", metavar="KEY", help=f"an API key to {action}; repeat for several keys"
@@ -635,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
         " without --key, no key is generated",
     )
     add.add_argument("--entry-point", default=ENTRY_POINT, help=f"Traefik entry point (default: {ENTRY_POINT})")
+    _add_usage_flag(add)
     _add_folder_flags(add, writes=True)
     add.set_defaults(handler=cmd_mapping_add)
 
@@ -647,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remove.add_argument("--service", help="retire SERVICE.yml")
     _add_key_flags(remove, "stop routing")
+    _add_usage_flag(remove)
     _add_folder_flags(remove, writes=True)
     remove.set_defaults(handler=cmd_mapping_remove)
 
@@ -721,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--key-file", metavar="FILE", help="read keys from FILE, one per line ('-' for stdin)"
         )
+        _add_usage_flag(command)
         _add_folder_flags(command, writes=True)
         command.set_defaults(handler=handler)
     key_list = key_commands.add_parser("list", help="show every key (masked) with its services and models")

@@ -449,6 +449,7 @@ def add_mapping(
     confirm: Confirm | None = None,
     models: tuple[str, ...] | None = None,
     hop_port: int | None = None,
+    usage_dir: str | None = None,
     keep_keys: bool = False,
 ) -> list[Change]:
     """Write ``spec`` as ``SERVICE.yml``, moving its keys out of any other file and the grants.
@@ -478,7 +479,7 @@ def add_mapping(
                     "remove it or choose another --service"
                 )
         before = read_grants(folder)
-        grants = _on_hop_port(before, hop_port)
+        grants = _configured(before, hop_port, usage_dir)
         elsewhere = sorted(
             {
                 mapping.path.name
@@ -532,6 +533,7 @@ def remove_service(
     backups: int = DEFAULT_BACKUPS,
     confirm: Confirm | None = None,
     hop_port: int | None = None,
+    usage_dir: str | None = None,
 ) -> list[Change]:
     """Retire ``SERVICE.yml``: its content goes to a backup, its keys stop routing, its grants go."""
     validate_service_name(service)  # never a path: "../x" must not reach a file outside the folder
@@ -548,7 +550,7 @@ def remove_service(
                 "and their keys would stop working: change those files first"
             )
         before = read_grants(folder)
-        after = _without_service(_on_hop_port(before, hop_port), service)
+        after = _without_service(_configured(before, hop_port, usage_dir), service)
         steps = [*_grants_step(folder, before, after), _Step(target, None, "removed")]
         return _with_pruning(folder, _apply(steps, confirm, backups), backups)
 
@@ -705,9 +707,14 @@ def _key_routes(files: Iterable[MappingFile]) -> dict[str, set[str]]:
     return routes
 
 
-def _on_hop_port(grants: Grants, hop_port: int | None) -> Grants:
-    """``grants`` naming ``hop_port`` (Traefik's routheon-hop entry point), when it is known."""
-    return grants if hop_port is None else replace(grants, hop_port=hop_port)
+def _configured(grants: Grants, hop_port: int | None, usage_dir: str | None) -> Grants:
+    """``grants`` naming ``hop_port`` (Traefik's routheon-hop entry point) when it is known, and
+    ``usage_dir`` as the usage folder when given (``""``: no accounting; None keeps the file's)."""
+    if hop_port is not None:
+        grants = replace(grants, hop_port=hop_port)
+    if usage_dir is not None:
+        grants = replace(grants, usage_dir=usage_dir or None)
+    return grants
 
 
 def _declared(grants: Grants) -> frozenset[str]:
@@ -730,6 +737,7 @@ def grant_keys(
     backups: int = DEFAULT_BACKUPS,
     confirm: Confirm | None = None,
     hop_port: int | None = None,
+    usage_dir: str | None = None,
 ) -> list[Change]:
     """Grant ``services`` to each key on top of what it has; nothing else is revoked.
 
@@ -749,7 +757,7 @@ def grant_keys(
                 f" (routheon mapping add --service {missing[0]} --url URL --model NAME)"
             )
         before = read_grants(folder)
-        grants = _on_hop_port(before, hop_port)
+        grants = _configured(before, hop_port, usage_dir)
         routes = _key_routes(files)
         moved: set[str] = set()
         for key in keys:
@@ -780,6 +788,7 @@ def revoke_keys(
     backups: int = DEFAULT_BACKUPS,
     confirm: Confirm | None = None,
     hop_port: int | None = None,
+    usage_dir: str | None = None,
 ) -> list[Change]:
     """Take ``services`` (all when None) from each key, in the grants and in key files alike."""
     keys = set(keys)
@@ -787,7 +796,7 @@ def revoke_keys(
     with folder_lock(folder):
         files = _parsed_files(folder)
         before = read_grants(folder)
-        grants = _on_hop_port(before, hop_port)
+        grants = _configured(before, hop_port, usage_dir)
         routes = _key_routes(files)
         unknown = [key for key in keys if key not in routes and grants.key(key) is None]
         if unknown:
