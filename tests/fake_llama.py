@@ -9,6 +9,13 @@ that receives the first chunk before releasing knows nothing on the way buffered
 Run as a process (``python tests/fake_llama.py --port P --name N``) so that a test can stop
 it like a crashed llama-server. It also takes llama-server's own command line (``--alias``
 names it, the model and tuning flags are ignored), so the demo can run it as its llama-server.
+
+Token counts are made up but known to tests (``usage_of``): the prompt's characters, one
+completion token per chunk. As llama-server does, a stream carries its usage event
+(``"choices": []``) only when asked (``stream_options.include_usage``); ``/v1/embeddings`` counts
+prompt tokens only, and llama.cpp's own ``/completion`` answers ``tokens_evaluated`` and
+``tokens_predicted``. A body's ``"fault"`` makes a bad backend: ``garbage`` (a broken usage
+object), ``no_usage``, or ``huge`` (megabytes of text around the usage).
 """
 
 from __future__ import annotations
@@ -17,8 +24,31 @@ import argparse
 import asyncio
 import json
 import time
+from typing import Any
 
 from aiohttp import web
+
+HUGE = 4 * 1024 * 1024
+
+
+def usage_of(body: dict[str, Any], chunks: int) -> dict[str, int]:
+    """The usage this backend reports for a request: its prompt's characters, ``chunks`` tokens."""
+    prompt = body.get("messages", body.get("prompt", body.get("input", "")))
+    prompt_tokens = len(json.dumps(prompt))
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": chunks, "total_tokens": prompt_tokens + chunks}
+
+
+def with_fault(answer: dict[str, Any], fault: str | None) -> bytes:
+    """``answer`` as JSON, or broken the way the request asked."""
+    if fault == "no_usage":
+        answer.pop("usage", None)
+    elif fault == "huge":
+        answer["filler"] = "x" * HUGE
+        answer["more"] = "y" * HUGE
+    text = json.dumps(answer)
+    if fault == "garbage":
+        text = text.replace('"usage": {', '"usage": {"prompt_tokens": [[[', 1)
+    return text.encode()
 
 
 def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
@@ -34,12 +64,13 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        usage = usage_of(body, chunks)
         if not body.get("stream"):
             message = {"role": "assistant", "content": f"hello from {name}"}
-            return web.json_response(
-                {"object": "chat.completion", "model": name, "choices": [{"index": 0, "message": message}]},
-                headers=headers,
-            )
+            answer = {"object": "chat.completion", "model": name, "choices": [{"index": 0, "message": message}],
+                      "usage": usage}
+            return web.Response(body=with_fault(answer, body.get("fault")), headers=headers,
+                                content_type="application/json")
         response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await response.prepare(request)
         for index in range(chunks):
@@ -55,7 +86,32 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
                 "choices": [{"index": 0, "delta": {"content": f"{index} "}}],
             }
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if (body.get("stream_options") or {}).get("include_usage"):
+            last = {"object": "chat.completion.chunk", "model": name, "choices": [], "usage": usage}
+            await response.write(b"data: " + with_fault(last, body.get("fault")) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        usage = usage_of(body, 0)
+        answer = {"object": "list", "model": name, "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+                  "usage": {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]}}
+        return web.json_response(answer, headers=headers)
+
+    async def completion(request: web.Request) -> web.StreamResponse:
+        """llama.cpp's own endpoint: counts as tokens_evaluated / tokens_predicted, no usage."""
+        body = await request.json()
+        usage = usage_of(body, chunks)
+        final = {"content": "" if body.get("stream") else "hello", "stop": True, "model": name,
+                 "tokens_evaluated": usage["prompt_tokens"], "tokens_predicted": usage["completion_tokens"]}
+        if not body.get("stream"):
+            return web.json_response(final, headers=headers)
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(chunks):
+            await response.write(f"data: {json.dumps({'content': f'{index} ', 'stop': False})}\n\n".encode())
+        await response.write(f"data: {json.dumps(final)}\n\n".encode())
         return response
 
     async def release(_: web.Request) -> web.Response:
@@ -71,6 +127,8 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/completion", completion)
     app.router.add_post("/release", release)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app

@@ -118,19 +118,33 @@ class Stack:
                 self.workdir / "routheon-server.log",
             )
         install_plugins(self.workdir)
+        self._start_traefik()
+        # both start at once; each fails the wait with its own log if it exits
+        if self.server is not None:
+            self.server.wait_http(f"{self.server_url}/health", timeout=20)
+        self._wait_for_traefik()
+        return self
+
+    def _start_traefik(self) -> None:
         self.traefik = start_child(
             "traefik",
             [str(VENV_BIN / "traefik"), f"--configFile={self._static_config()}"],
             self.workdir / "traefik.log",
             cwd=self.workdir,  # where Traefik looks for plugins-local/
         )
-        # both start at once; each fails the wait with its own log if it exits
-        if self.server is not None:
-            self.server.wait_http(f"{self.server_url}/health", timeout=20)
+
+    def _wait_for_traefik(self) -> None:
+        assert self.traefik is not None
         self.traefik.wait_http(self.url, timeout=20, any_status=True)
         if self.with_server:
             self.wait_for(lambda: self.request("/", key="no-such-key").status == 401)
-        return self
+
+    def restart_traefik(self, sig: int = signal.SIGTERM) -> None:
+        """Stop Traefik with ``sig`` (SIGTERM: its graceful stop) and start it again, same files and ports."""
+        assert self.traefik is not None
+        self.traefik.stop(sig)
+        self._start_traefik()
+        self._wait_for_traefik()
 
     def stop(self) -> None:
         for backend in self.backends:
