@@ -79,6 +79,11 @@ class StackConfig:
         return self.workdir / "mappings"
 
     @property
+    def usage(self) -> Path:
+        """Where the demo's Traefik writes a usage record per request of a granted key."""
+        return self.workdir / "usage"
+
+    @property
     def entry_url(self) -> str:
         return f"http://{LOOPBACK}:{self.entry_port}"
 
@@ -177,11 +182,13 @@ class Stack:
         install_server_mapping(mappings, self.config.server_port)
 
     def _routheon(self, *args: str) -> None:
-        """``routheon ARGS`` on the demo's folder, judged by the demo's own Traefik configuration."""
+        """``routheon ARGS`` (a command that writes) on the demo's folder, judged by the demo's own
+        Traefik configuration; granted keys' usage goes to the demo's own folder."""
         cfg = self.config
         argv = [
             tool("routheon"), "--quiet", *args,
             "--mappings", str(cfg.mappings),
+            "--usage", str(cfg.usage.resolve()),
             "--traefik-config", str(cfg.workdir / STATIC_CONFIG),
         ]
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
