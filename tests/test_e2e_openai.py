@@ -7,6 +7,7 @@ free loopback ports. ``make test`` builds or finds llama-server and the model fi
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -89,6 +90,15 @@ def test_one_key_chats_and_streams_with_both_models_by_name(stack: Stack) -> Non
     with pytest.raises(openai.NotFoundError) as refused:
         shared.chat.completions.create(model="gpt-4o", messages=PROMPT, max_tokens=8)
     assert refused.value.code == "model_not_found"
+    # the demo's Traefik counts them in the demo's own usage folder (a moment after each request)
+    shared_hash = hashlib.sha256(SHARED_KEY.encode()).hexdigest()
+    wanted = {(name, stream, "ok") for name in (ALIAS_1, "TinyLlama_Chat", ALIAS_2) for stream in (False, True)}
+
+    def counted() -> set[tuple[str, bool, str]]:
+        lines = [line for path in stack.config.usage.glob("*.jsonl") for line in path.read_text().splitlines()]
+        return {(r["model"], r["stream"], r["outcome"]) for r in map(json.loads, lines) if r["key"] == shared_hash}
+
+    assert eventually(lambda: counted() >= wanted, timeout=5), counted()
 
 
 def test_without_a_key_the_list_holds_both(stack: Stack) -> None:

@@ -15,19 +15,23 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import openai
 import pytest
 
 from fake_llama import usage_of
-from support import request
+from routheon.demo.llama import installed_binary
+from routheon.demo.models import SMOLLM2
 from routheon.loopback import free_port
 from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants, key_hash, render_grants
 from routheon.mappings.format import MappingSpec, render_mapping
+from routheon.supervisor import start_child
+from support import request
 from traefik_stack import Backend, Stack
 
 pytestmark = pytest.mark.traefik
@@ -40,6 +44,7 @@ FIELDS = [
     "prompt_tokens", "completion_tokens", "outcome",
 ]
 MESSAGES = [{"role": "user", "content": "Count the tokens."}]
+T = TypeVar("T")
 
 
 def write_service(stack: Stack, name: str, url: str) -> None:
@@ -303,3 +308,76 @@ def test_a_usage_folder_that_cannot_be_written_costs_no_request(tmp_path: Path) 
         stack.wait_for(lambda: "usage records lost" in (tmp_path / "traefik.log").read_text(), what="the complaint")
         time.sleep(0.5)
         assert (tmp_path / "traefik.log").read_text().count("usage records lost") == 1  # once a minute at most
+
+
+@pytest.mark.llama
+def test_records_equal_a_real_llama_servers_usage_through_the_openai_sdk(tmp_path: Path) -> None:
+    """SmolLM2 for chat and completions, a second llama-server of it for embeddings (--embeddings
+    makes llama-server an embeddings-only server). Greedy decoding without the prompt cache
+    makes two runs of a request generate the same tokens: the stream that did not ask for usage
+    is compared with its twin that did."""
+    binary, model = installed_binary(), SMOLLM2.cached_path()
+    if binary is None or not model.is_file():
+        pytest.skip("llama-server or the SmolLM2 model is missing: run `make demo-assets` first")
+    with Stack(tmp_path) as stack:
+        ports = {"smol": free_port(), "embed": free_port()}
+        flags = {"smol": ["-n", "12"], "embed": ["--embeddings", "--pooling", "mean"]}
+        llamas = [
+            start_child(f"llama-{name}", [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                          "-c", "1024", "--parallel", "1", *flags[name]], tmp_path / f"llama-{name}.log")
+            for name, port in ports.items()
+        ]
+        try:
+            for llama, port in zip(llamas, ports.values(), strict=True):
+                llama.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
+                write_service(stack, llama.name.removeprefix("llama-"), f"http://127.0.0.1:{port}")
+            services = (GrantedService("smol", ("smollm2",)), GrantedService("embed", ("smollm2-embed",)))
+            grants = Grants(services=services, hop_port=stack.hop_port, usage_dir=str(tmp_path / "usage"))
+            write_grants(stack, grants.grant(KEY, ("smol", "embed")))
+            warm_up = {"model": "smollm2", "messages": MESSAGES, "max_tokens": 1}
+            stack.wait_for(lambda: chat(stack, KEY, warm_up).status == 200, timeout=60)
+            sdk = client(stack, KEY)
+            greedy = {"temperature": 0, "max_tokens": 12, "extra_body": {"cache_prompt": False}}
+            folder = tmp_path / "usage"
+
+            def counted(send: Callable[[], T]) -> tuple[T, dict]:
+                """What ``send`` returned, and the record of its request (one client: the next one)."""
+                before = len(records(folder))
+                result = send()
+                stack.wait_for(lambda: len(records(folder)) > before, what="the record")
+                return result, records(folder)[before]
+
+            plain, record = counted(lambda: sdk.chat.completions.create(model="smollm2", messages=MESSAGES, **greedy))
+            assert tokens(record) == (plain.usage.prompt_tokens, plain.usage.completion_tokens)
+
+            asked, record = counted(lambda: list(sdk.chat.completions.create(
+                model="smollm2", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **greedy)))
+            usage_chunks = [chunk for chunk in asked if chunk.usage is not None]
+            assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+            usage = usage_chunks[0].usage
+            assert tokens(record) == (usage.prompt_tokens, usage.completion_tokens)
+
+            unasked, record = counted(lambda: list(sdk.chat.completions.create(
+                model="smollm2", messages=MESSAGES, stream=True, **greedy)))
+            assert unasked and all(chunk.choices and chunk.usage is None for chunk in unasked)
+            assert "".join(c.choices[0].delta.content or "" for c in unasked) == "".join(
+                c.choices[0].delta.content or "" for c in asked if c.choices)
+            assert tokens(record) == (usage.prompt_tokens, usage.completion_tokens)
+
+            completion, record = counted(lambda: sdk.completions.create(model="smollm2", prompt="The sea is", **greedy))
+            assert tokens(record) == (completion.usage.prompt_tokens, completion.usage.completion_tokens)
+
+            native, record = counted(lambda: chat(stack, KEY, {"model": "smollm2", "prompt": "The sea is",
+                                                              "n_predict": 6}, "/completion").json())
+            assert tokens(record) == (native["tokens_evaluated"], native["tokens_predicted"])
+            streamed, record = counted(lambda: chat(stack, KEY, {"model": "smollm2", "prompt": "The sea is",
+                                                                "n_predict": 6, "stream": True}, "/completion").body)
+            final = json.loads(streamed.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
+            assert final["stop"] and tokens(record) == (final["tokens_evaluated"], final["tokens_predicted"])
+
+            embedded, record = counted(lambda: sdk.embeddings.create(model="smollm2-embed", input="The sea is blue."))
+            assert tokens(record) == (embedded.usage.prompt_tokens, 0) and embedded.usage.prompt_tokens > 0
+            assert all(record["outcome"] == "ok" for record in records(folder)[-7:])
+        finally:
+            for llama in llamas:
+                llama.stop()
