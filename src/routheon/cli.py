@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
@@ -50,6 +51,12 @@ from routheon.mappings.store import (
     remove_service,
     upgrade_mappings,
 )
+from routheon.usage import DEFAULT_USAGE, USAGE_ENV
+from routheon.usage.aggregate import Usage, matches
+from routheon.usage.records import RecordReader
+from routheon.usage.report import as_json as usage_json
+from routheon.usage.report import table as usage_table
+from routheon.usage.when import TimeRange, WhenError, parse_when
 
 BACKUPS_ENV = "ROUTHEON_BACKUPS"
 DEFAULT_HOST = "http://127.0.0.1"
@@ -492,6 +499,46 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    span = TimeRange(args.since, args.until)
+    if span.empty:
+        print("routheon usage: error: --since is not before --until: the range holds no time", file=sys.stderr)
+        return 2
+    folder = Path(args.usage)
+    if not folder.is_dir():
+        if folder.exists():
+            raise CommandError(f"the usage folder {folder} is not a folder")
+        log.info(
+            "no usage recorded yet: %s does not exist. Traefik's plugin creates it and writes a record per"
+            " request of a granted key there (docs/usage.md); pass --usage DIR for another folder",
+            folder,
+        )
+        if args.json:
+            print("[]")
+        return 0
+    reader = RecordReader(folder)
+    usage = Usage(by_day=args.by == "day")
+    try:
+        for record in reader.records(span, final=True):
+            if span.contains(record.time) and (args.name is None or matches(record, args.name)):
+                usage.add(record)
+    except OSError as exc:
+        raise CommandError(f"cannot read the usage folder {folder}: {exc.strerror or exc}") from None
+    for name, why in sorted(reader.problems.items()):
+        log.warning("%s: %s: skipped", folder / name, why)
+    for name, skipped in sorted(reader.skipped.items()):
+        log.warning("%s: %s", folder / name, skipped.describe())
+    rows = usage.rows()
+    if args.json:
+        print(usage_json(rows))
+    elif rows:
+        print(usage_table(rows, usage.total, usage.by_day))
+    if not rows:
+        whose = f" for {args.name}" if args.name is not None else ""
+        log.info("no requests recorded in %s%s%s", folder, whose, span.describe())
+    return 0
+
+
 def _add_mappings_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mappings",
@@ -505,6 +552,21 @@ def _count(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of backups (0 or more)")
     return int(text)
+
+
+def _when(text: str, end: bool) -> datetime:
+    try:
+        return parse_when(text, end=end)
+    except WhenError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _since(text: str) -> datetime:
+    return _when(text, end=False)
+
+
+def _until(text: str) -> datetime:
+    return _when(text, end=True)
 
 
 def _add_backups_flag(parser: argparse.ArgumentParser, flag: str = "--backups") -> None:
@@ -726,6 +788,50 @@ def build_parser() -> argparse.ArgumentParser:
     key_list = key_commands.add_parser("list", help="show every key (masked) with its services and models")
     _add_folder_flags(key_list)
     key_list.set_defaults(handler=cmd_key_list)
+
+    usage = commands.add_parser(
+        "usage",
+        help="requests and tokens per key and model, from the records Traefik's plugin writes",
+        description=(
+            "Sum the usage records in the usage folder per key and model: requests, errors (status 400"
+            " or more, the plugin's own refusals included), prompt and completion tokens as each"
+            " backend's answer reported them, and requests whose answer reported no usage (tokens"
+            " unknown, not counted as zero). A key is shown by its name (routheon key add --name), else"
+            " by its last characters (…abcd); keys that share a name share a row. Lines that are not"
+            " records (a file cut off by a crash, garbage) are skipped and reported on stderr."
+        ),
+        epilog=(
+            "WHEN is a date (2026-12-08), a date and time (2026-12-08T14:30, UTC unless an offset such as"
+            " Z or +01:00 follows) or 'today'. A date covers its whole day on either side: --since"
+            " 2026-12-01 --until 2026-12-07 is the first seven days of December."
+        ),
+    )
+    usage.add_argument(
+        "--usage",
+        default=os.environ.get(USAGE_ENV) or DEFAULT_USAGE,
+        metavar="DIR",
+        help=f"the folder the plugin writes its records to (default: ${USAGE_ENV} if set, else {DEFAULT_USAGE})",
+    )
+    usage.add_argument(
+        "--since", type=_since, metavar="WHEN", help="count requests that ended at or after WHEN (default: all)"
+    )
+    usage.add_argument(
+        "--until", type=_until, metavar="WHEN", help="count requests that ended before WHEN, or on the day WHEN names"
+    )
+    usage.add_argument(
+        "--name", metavar="NAME", help="only the key with this name, or the key ending in HINT given as …HINT or ...HINT"
+    )
+    usage.add_argument("--by", choices=("day",), help="a row per UTC day as well")
+    usage.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list of rows: name, key (masked), model, requests, errors, prompt_tokens,"
+        " completion_tokens, unknown_usage (and day with --by day)",
+    )
+    usage.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors and the usage"
+    )
+    usage.set_defaults(handler=cmd_usage)
     for command in (*mapping_commands.choices.values(), *key_commands.choices.values()):
         # -q also after the command's name, for every command (a list here forgot new ones)
         command.add_argument(
