@@ -93,6 +93,8 @@ class InProcess:
 class Server:
     base: str
     proc: Child | InProcess
+    # where /metrics is served (None: not by this server)
+    metrics: str | None = None
 
 
 # Starts the program named by its arguments with the open-files limit given first (a
@@ -118,6 +120,12 @@ def running_server(
     """
     port = free_port()
     argv = [str(binary), "--host", "127.0.0.1", "--port", str(port), *args]
+    metrics = None
+    if binary == SERVER_BIN and "--metrics-port" not in args:  # 1.0.7 has no /metrics
+        # a free port, not the default 9180 that every server of a parallel run would ask for
+        metrics_port = free_port()
+        argv += ["--metrics-port", str(metrics_port)]
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     if max_files is not None:
         argv = [sys.executable, "-c", _WITH_FILE_LIMIT, str(max_files), *argv]
     proc = start_child("routheon-server", argv, tmp / f"server-{port}.log", env)
@@ -125,7 +133,7 @@ def running_server(
     try:
         # the original has no /health; any HTTP answer (a 404 included) means it listens
         proc.wait_http(f"{base}/health", timeout=20, any_status=True)
-        yield Server(base, proc)
+        yield Server(base, proc, metrics)
     finally:
         proc.stop()
 
@@ -153,11 +161,15 @@ def _captured_log(level: str) -> Iterator[io.StringIO]:
 def serving(args: Sequence[str]) -> Iterator[Server]:
     """routheon-server in this process, on an event loop of its own thread, until the block ends.
 
+    ``/metrics`` is served on a port of its own, whatever ``--metrics-port`` says.
+
     The same flags, app, connection handler and log lines as the command (``listening`` is
     what ``routheon-server`` runs), without the second it takes to start a process.
     """
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    metrics_sock = socket.create_server(("127.0.0.1", 0))
+    metrics = f"http://127.0.0.1:{metrics_sock.getsockname()[1]}/metrics"
     config = parse_args(["--host", "127.0.0.1", "--port", str(port), *args])
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="routheon-server", daemon=True)
@@ -165,7 +177,7 @@ def serving(args: Sequence[str]) -> Iterator[Server]:
     started = threading.Event()
 
     async def serve(stats_config: StatsConfig | None) -> None:
-        async with listening(config, stats_config, sock):
+        async with listening(config, stats_config, sock, metrics_sock):
             started.set()
             await stop.wait()
 
@@ -177,7 +189,7 @@ def serving(args: Sequence[str]) -> Iterator[Server]:
             assert eventually(lambda: started.is_set() or running.done(), timeout=20), "the server did not start"
             if running.done():
                 running.result()  # raises what stopped it
-            yield Server(f"http://127.0.0.1:{port}", InProcess(lines))
+            yield Server(f"http://127.0.0.1:{port}", InProcess(lines), metrics)
         finally:
             loop.call_soon_threadsafe(stop.set)
             running.result(timeout=30)

@@ -74,6 +74,7 @@ class Stack:
     port: int = field(default_factory=free_port)
     server_port: int = field(default_factory=free_port)
     hop_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     server: Child | None = None
     traefik: Child | None = None
     backends: list[Backend] = field(default_factory=list)
@@ -113,6 +114,7 @@ class Stack:
                     str(VENV_BIN / "routheon-server"),
                     "--mappings", str(self.mappings),
                     "--port", str(self.server_port),
+                    "--metrics-port", str(self.metrics_port),
                     "--log-level", "INFO",
                 ],
                 self.workdir / "routheon-server.log",

@@ -19,10 +19,13 @@ from typing import NoReturn
 
 from routheon import __version__
 from routheon.mappings.folder import DEFAULT_MAPPINGS, MAPPINGS_ENV
+from routheon.usage import DEFAULT_USAGE, USAGE_ENV
 
 PROG = "routheon-server"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9080
+# /metrics, on a port of its own that no mapping routes to (docs/usage.md); 0 turns it off
+DEFAULT_METRICS_PORT = 9180
 DEFAULT_SKIP = "routheon-server.yml"
 DEFAULT_MAPPING_TIMEOUT = 2.0
 # How long a connection may go without a complete request before it is closed. Without a
@@ -53,6 +56,8 @@ class ServerConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     # the traefik binary that judges the folder for /health: None finds one, "none" turns it off
     traefik: str | None = None
+    metrics_port: int = DEFAULT_METRICS_PORT
+    usage: Path = Path(DEFAULT_USAGE)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +75,10 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, not {port}")
     return port
+
+
+def _metrics_port(text: str) -> int:
+    return 0 if text.strip() == "0" else _port(text)
 
 
 def _timeout(text: str) -> float:
@@ -172,13 +181,35 @@ def build_parser() -> argparse.ArgumentParser:
         " the folder's files change (default: $ROUTHEON_TRAEFIK, else traefik on PATH or beside this"
         " Python; 'none': no verdict)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_metrics_port,
+        default=DEFAULT_METRICS_PORT,
+        metavar="PORT",
+        help="serve GET /metrics (Prometheus text: usage per key, backends up, the folder's verdict, this"
+        " server's requests) on this port of --host, apart from --port so that Traefik never routes it"
+        " to clients; 0 turns it off. A port already taken is logged as an error and the server runs"
+        " without /metrics (not in 1.0.6/1.0.7; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--usage",
+        type=Path,
+        default=Path(os.environ.get(USAGE_ENV) or DEFAULT_USAGE),
+        metavar="DIR",
+        help="the folder Traefik's plugin writes usage records to, summed for /metrics; a folder that"
+        f" does not exist yet counts nothing (default: ${USAGE_ENV} if set, as for routheon usage, else"
+        f" {DEFAULT_USAGE})",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     """Parse a command line; on a bad value print one line to stderr and exit 2."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.metrics_port == args.port:
+        parser.error(f"--metrics-port {args.port} is --port too: give /metrics a port of its own, or 0 to turn it off")
     return ServerConfig(
         mappings=args.mappings,
         host=args.host,
@@ -189,4 +220,6 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         stats_config_file=args.stats_config_file,
         log_level=args.log_level,
         traefik=args.traefik,
+        metrics_port=args.metrics_port,
+        usage=args.usage,
     )

@@ -227,6 +227,11 @@ class ModelCatalog:
             self._fresh_until = float("-inf")
         return self._snapshot
 
+    def answer(self, url: str) -> BackendAnswer | None:
+        """What the backend at ``url`` said when last asked (None: never asked); for /metrics."""
+        backend = self._backends.get(url)
+        return backend.answer if backend is not None else None
+
     def _start_refresh(self, url: str, backend: _Backend) -> asyncio.Task[BackendAnswer]:
         if backend.refresh is None:
             backend.refresh = asyncio.create_task(self._refresh(url, backend), name=f"models {url}")
