@@ -40,6 +40,8 @@ def assert_one_line_error(result: CliResult, *words: str) -> None:
         (["--mapping-timeout", "nan"], ["--mapping-timeout"]),
         (["--idle-timeout", "0"], ["--idle-timeout"]),
         (["--skip-mapping", "(unclosed"], ["--skip-mapping"]),
+        (["--metrics-port", "70000"], ["--metrics-port", "70000"]),
+        (["--port", "9999", "--metrics-port", "9999"], ["--metrics-port 9999 is --port too"]),
         (["--no-such-flag"], ["--no-such-flag"]),
     ],
 )

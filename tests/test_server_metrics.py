@@ -158,12 +158,10 @@ def test_metrics_port_zero_turns_it_off_and_a_taken_port_does_not_stop_the_serve
             assert eventually(lambda: f"cannot listen on 127.0.0.1:{port} for /metrics" in server.proc.log())
 
 
-def test_metrics_port_must_differ_from_the_port(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--port", "9999", "--metrics-port", "9999"])
-    assert exit_info.value.code == 2
-    assert "--metrics-port 9999 is --port too" in capsys.readouterr().err
-    assert parse_args([]).metrics_port == 9180
+def test_metrics_port_defaults_to_9180_on_the_same_host() -> None:
+    config = parse_args(["--host", "::1"])
+    assert (config.host, config.metrics_port) == ("::1", 9180)
+    assert parse_args(["--metrics-port", "0"]).metrics_port == 0
 
 
 @pytest.mark.traefik

@@ -130,31 +130,35 @@ class UsageCounters:
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            requests, tokens, skipped = dict(self._requests), dict(self._tokens), dict(self._skipped)
-        by_code = CounterMetricFamily(
+            requests, tokens = dict(self._requests), dict(self._tokens)
+            skipped = {(reason,): count for reason, count in self._skipped.items()}
+        yield _counters(
             "routheon_key_requests",
             "Requests of each API key (name, or …last characters) per model and HTTP status sent"
             " to the client (0: the client left before a status), from the usage records",
-            labels=("name", "model", "code"),
+            ("name", "model", "code"),
+            requests,
         )
-        for labels, value in sorted(requests.items()):
-            by_code.add_metric(labels, value)
-        by_type = CounterMetricFamily(
+        yield _counters(
             "routheon_key_tokens",
             "Tokens of each API key per model as the backends' answers reported them (type: prompt or"
             " completion); requests whose answer reported none add nothing",
-            labels=("name", "model", "type"),
+            ("name", "model", "type"),
+            tokens,
         )
-        for labels, value in sorted(tokens.items()):
-            by_type.add_metric(labels, value)
-        lines = CounterMetricFamily(
+        yield _counters(
             "routheon_usage_lines_skipped",
             "Lines of the usage record files that are not records (reason: garbage or too_long)",
-            labels=("reason",),
+            ("reason",),
+            skipped,
         )
-        for reason, value in skipped.items():
-            lines.add_metric((reason,), value)
-        yield from (by_code, by_type, lines)
+
+
+def _counters(name: str, documentation: str, labels: tuple[str, ...], values: dict[tuple[str, ...], int]) -> Metric:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for label_values, value in sorted(values.items()):
+        family.add_metric(label_values, value)
+    return family
 
 
 class FolderState:
