@@ -7,6 +7,7 @@ requests made before a key was named count under its masked key.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -33,6 +34,15 @@ class Totals:
             self.unknown_usage += 1
         self.prompt_tokens += record.prompt_tokens or 0
         self.completion_tokens += record.completion_tokens or 0
+
+    @classmethod
+    def of(cls, parts: Iterable[Totals]) -> Totals:
+        """The sum of ``parts``."""
+        total = cls()
+        for part in parts:
+            for name, value in vars(part).items():
+                setattr(total, name, getattr(total, name) + value)
+        return total
 
     def json(self) -> dict[str, int]:
         return {
@@ -78,7 +88,6 @@ class Usage:
     """Rows per key and model (and day with ``by_day``), and their total."""
 
     by_day: bool = False
-    total: Totals = field(default_factory=Totals)
     _rows: dict[tuple[date | None, str, str], Row] = field(default_factory=dict, init=False, repr=False)
 
     def add(self, record: Record) -> None:
@@ -89,7 +98,10 @@ class Usage:
             row = self._rows[(day, who, record.model)] = Row(who, record.name, record.model, day)
         row.hints.add(record.hint)
         row.totals.add(record)
-        self.total.add(record)
+
+    @property
+    def total(self) -> Totals:
+        return Totals.of(row.totals for row in self._rows.values())
 
     def rows(self) -> list[Row]:
         """Oldest day first, then by key and model."""
