@@ -238,3 +238,17 @@ def test_ranges_are_half_open_and_know_which_days_they_may_hold() -> None:
     assert [span.may_hold(datetime(2026, 12, day).date()) for day in (7, 8, 9, 10)] == [False, True, True, False]
     assert TimeRange(parse_when("2026-12-09"), parse_when("2026-12-08", end=True)).empty
     assert not TimeRange(parse_when("2026-12-08"), parse_when("2026-12-08", end=True)).empty
+
+
+def test_a_file_that_did_not_change_is_not_opened_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """routheon-server looks at a year of files every second it is scraped: only grown ones are read."""
+    append(tmp_path, "2026-12-07.1.jsonl", record(prompt=1))
+    grows = append(tmp_path, DAY, record(prompt=2))
+    reader = RecordReader(tmp_path)
+    assert len(list(reader.records())) == 2
+    opened: list[str] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *args: opened.append(Path(path).name) or real_open(path, *args))
+    append(tmp_path, DAY, record(prompt=3))
+    assert [r.prompt_tokens for r in reader.records()] == [3]
+    assert opened == [grows.name]

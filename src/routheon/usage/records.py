@@ -160,6 +160,7 @@ class Skipped:
 class _FileState:
     inode: int
     offset: int = 0
+    size: int = 0  # at the last read: a file of the same inode and size is not opened again
     skipping: bool = False  # inside a line over MAX_LINE: drop what comes up to its newline
 
 
@@ -187,13 +188,16 @@ class RecordReader:
         if not self.folder.is_dir():
             self._files.clear()
             return
-        names = sorted(self._listed(span))
-        for gone in self._files.keys() - set(names):
+        listed = dict(self._listed(span))
+        for gone in self._files.keys() - listed.keys():
             del self._files[gone]
-        for name in names:
-            yield from self._read(name, final)
+        for name, (inode, size) in sorted(listed.items()):
+            state = self._files.get(name)
+            if state is None or (state.inode, state.size) != (inode, size):
+                yield from self._read(name, final)
 
-    def _listed(self, span: TimeRange | None) -> Iterator[str]:
+    def _listed(self, span: TimeRange | None) -> Iterator[tuple[str, tuple[int, int]]]:
+        """The record files' names, with their inode and size (from lstat: no file is opened)."""
         with os.scandir(self.folder) as entries:
             for entry in entries:
                 match = FILE_NAME.fullmatch(entry.name)
@@ -207,7 +211,11 @@ class RecordReader:
                 except ValueError:
                     day = None  # a name that is no date: read it, its records say when they are
                 if span is None or day is None or span.may_hold(day):
-                    yield entry.name
+                    try:
+                        status = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted meanwhile
+                    yield entry.name, (status.st_ino, status.st_size)
 
     def _problem(self, name: str, why: str) -> None:
         if self.problems.get(name) != why:
@@ -230,6 +238,7 @@ class RecordReader:
             if state is None or state.inode != status.st_ino or status.st_size < state.offset:
                 # new, replaced, or cut shorter: what it holds now has not been counted
                 state = self._files[name] = _FileState(status.st_ino)
+            state.size = status.st_size
             yield from self._lines(fd, name, state, status.st_size, final)
         finally:
             os.close(fd)
