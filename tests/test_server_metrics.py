@@ -4,6 +4,7 @@ verdict and the server's own requests, on a port of its own that Traefik never r
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections import Counter
 from pathlib import Path
@@ -180,3 +181,34 @@ def test_traefik_never_routes_metrics_to_a_client(tmp_path: Path) -> None:
             assert b"routheon_" not in answer.body
         samples = scrape(f"http://127.0.0.1:{stack.metrics_port}/metrics")  # where it is served
         assert samples[("routheon_backend_up", (("service", "alpha"),))] == 1
+
+
+
+def test_an_unreadable_usage_folder_is_said_once_and_keeps_the_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    append(tmp_path, "2026-12-08.1.jsonl", record("alice"))
+    now = [0.0]
+    counters = UsageCounters(tmp_path, clock=lambda: now[0])
+
+    def requests() -> dict[tuple[str, ...], float]:
+        return {
+            tuple(sample.labels.values()): sample.value
+            for family in counters.collect()
+            if family.name == "routheon_key_requests"
+            for sample in family.samples
+        }
+
+    asyncio.run(counters.refresh())
+    assert requests() == {("alice", "m1", "200"): 1}
+
+    def refused(path: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "scandir", refused)  # root reads any folder: the refusal is simulated
+    for _ in range(3):
+        now[0] += 1.0
+        asyncio.run(counters.refresh())
+    said = [r.getMessage() for r in caplog.records if "cannot read the usage folder" in r.getMessage()]
+    assert said == [f"cannot read the usage folder {tmp_path}: Permission denied; usage counters stay as they are"]
+    assert requests() == {("alice", "m1", "200"): 1}

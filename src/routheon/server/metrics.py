@@ -76,6 +76,7 @@ class UsageCounters:
         self._reading: asyncio.Task[None] | None = None
         self._started = float("-inf")
         self._said_missing = False
+        self._said_error = ""
 
     async def refresh(self) -> None:
         """Read what the files gained, unless that was begun less than ``MIN_REFRESH`` s ago."""
@@ -89,8 +90,12 @@ class UsageCounters:
     async def _read(self) -> None:
         try:
             await asyncio.to_thread(self._read_new)
+            self._said_error = ""
         except OSError as exc:
-            log.warning("cannot read the usage folder %s: %s", self.folder, exc.strerror or exc)
+            error = f"cannot read the usage folder {self.folder}: {exc.strerror or exc}"
+            if error != self._said_error:  # once, not at every scrape
+                log.warning("%s; usage counters stay as they are", error)
+            self._said_error = error
         except Exception:  # a bug here must not take /metrics down for good
             log.exception("reading the usage records in %s failed", self.folder)
         finally:
