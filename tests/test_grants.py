@@ -50,6 +50,12 @@ def test_round_trip_and_lookups() -> None:
     assert document["http"]["routers"]["routheon-grants"]["priority"] == 2
 
 
+def test_the_grants_are_read_as_traefik_reads_them() -> None:
+    """The first document only, a template comment expanded: a second document used to refuse the file."""
+    text = render_grants(sample())
+    assert parse_grants("{{/* by hand */}}\n" + text + "---\nhttp: [not, read]\n") == sample()
+
+
 def test_revoke_one_service_then_all() -> None:
     grants = sample().revoke(KEY, ("alpha",))
     assert grants.key(KEY) == KeyGrant(key_hash(KEY), "cdef", ("beta",))

@@ -194,3 +194,31 @@ def test_a_static_configuration_without_the_hop_leaves_the_port_as_it_is(
     routheon("mapping", "add", "--service", "smol", "--port", "8011", "--model", "A", "--traefik-config", str(etc / "hop.yml"))
     routheon("key", "add", BOTH, "--service", "smol", "--traefik-config", str(etc / "nohop.yml"))
     assert read_grants(folder).hop_port == 9999
+
+
+# Hand-edited key files that Traefik applies and `mapping check` passes: Traefik reads only the
+# first YAML document and expands a template comment to nothing. The store used to re-read them
+# with yaml.safe_load (ComposerError, ParserError tracebacks): the key stayed routed.
+HAND_EDITS = {
+    "second document": lambda text: text + "---\nhttp:\n  routers: [not, what, traefik, reads]\n",
+    "template comment": lambda text: "{{/* edited by hand */}}\n" + text,
+}
+
+
+@pytest.mark.parametrize("command", ["mapping remove --key", "key add"])
+@pytest.mark.parametrize("edit", HAND_EDITS, ids=list(HAND_EDITS))
+def test_a_key_leaves_a_hand_edited_file_that_check_passes(folder: Path, command: str, edit: str) -> None:
+    services()
+    routheon("mapping", "add", "--service", "gemma", "--port", "8012", "--key", OLD, "--key", BOTH, "--replace")
+    gemma = folder / "gemma.yml"
+    gemma.write_text(HAND_EDITS[edit](gemma.read_text()))
+    checked = run_routheon("mapping", "check", "--no-connect")
+    assert checked.returncode == 0 and "applies this folder" in checked.stderr, checked.stdout + checked.stderr
+    if command == "key add":
+        routheon("key", "add", OLD, "--service", "smol")
+        assert read_grants(folder).key(OLD).services == ("gemma", "smol")
+    else:
+        routheon("mapping", "remove", "--key", OLD)
+        assert read_grants(folder).key(OLD) is None
+    (left,) = [mapping for mapping in read_folder(folder).files if mapping.path == gemma]
+    assert left.keys() == [BOTH]

@@ -463,7 +463,11 @@ def without_template_comments(text: str) -> str:
     return _TEMPLATE_COMMENT.sub(lambda match: "\n" * match.group().count("\n"), text)
 
 
-def _load_first_document(text: str) -> Any:
+def load_first_document(text: str) -> Any:
+    """The first YAML document of a mapping file's ``text`` as Traefik reads it: template comments
+    expanded, later documents ignored, alias bombs refused (MappingFormatError); YAMLError when it
+    does not parse. Every reader of a mapping file goes through it, so none disagrees with
+    ``mapping check`` about what a file says."""
     root = first_document(without_template_comments(text))
     if root is None:
         return None
@@ -476,7 +480,7 @@ def _load_first_document(text: str) -> Any:
 
 def _parse_document(text: str, path: Path) -> MappingFile:
     try:
-        document = _load_first_document(text)
+        document = load_first_document(text)
     except RecursionError:
         raise MappingFormatError("not a Traefik mapping: nested too deeply to read") from None
     except yaml.reader.ReaderError as exc:
@@ -527,7 +531,7 @@ def unwritten_settings(text: str) -> list[str]:
     """
     if "{{" in without_template_comments(text):
         return ["a Go template"]
-    document = _load_first_document(text) or {}
+    document = load_first_document(text) or {}
     http = document.get("http") or {}
     found = [str(name) for name in document if name != "http"]
     found += [f"http.{name}" for name in http if name not in ("routers", "services", "middlewares")]

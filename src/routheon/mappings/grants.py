@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, FALLBACK_SUFFIX, SAFE_LOADER, body_reader_lines
-from routheon.mappings.format import InputError, validate_service_name
+from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, FALLBACK_SUFFIX, body_reader_lines
+from routheon.mappings.format import InputError, MappingFormatError, load_first_document, validate_service_name
 from routheon.mappings.keys import validate_key
 
 GRANTS_FILE = "routheon-grants.yml"
@@ -314,9 +314,10 @@ def render_grants(grants: Grants) -> str:
 
 
 def _load(text: str) -> Any:
+    """The file as Traefik and the plugin read it (the first document, template comments expanded)."""
     try:
-        return yaml.load(text, Loader=SAFE_LOADER)  # noqa: S506 - a safe loader
-    except yaml.YAMLError as exc:
+        return load_first_document(text)
+    except (yaml.YAMLError, MappingFormatError) as exc:
         raise InputError(f"{GRANTS_FILE}: not valid YAML: {' '.join(str(exc).split())}") from None
 
 

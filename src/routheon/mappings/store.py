@@ -38,6 +38,7 @@ from routheon.mappings.format import (
     parse_mapping,
     parse_rendered,
     fallback_router,
+    load_first_document,
     render_mapping,
     request_body_middleware,
     unwritten_settings,
@@ -269,7 +270,7 @@ def _without_keys(
     the file's own request-body middleware); clauses that stay are kept as written, 1.0.x-format
     ones included.
     """
-    document = yaml.safe_load(read_mapping_text(path)[0])
+    document = load_first_document(read_mapping_text(path)[0])
     http = document["http"]
     routers: dict[str, Any] = http.get("routers") or {}
     for name in list(routers):
