@@ -84,3 +84,13 @@ def test_an_installed_package_finds_its_files_without_a_clone(tmp_path: Path) ->
                             capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(site / "routheon" / "traefik"), str(site / "routheon" / "stats-config.yml")]
+
+
+def test_the_production_docs_start_llama_server_from_a_model_file() -> None:
+    """`--hf-repo` needs the internet and a llama-server built with curl; the pinned build has no curl."""
+    docs = (REPO / "docs" / "production.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```\w*\n(.*?)```", docs, re.S)
+    starts = [block for block in blocks if re.search(r"llama-server\s+(\\\n\s*)?--", block)]
+    assert len(starts) >= 2
+    for block in starts:
+        assert "--hf-repo" not in block and re.search(r"--model /\S+\.gguf", block), block
