@@ -196,6 +196,24 @@ def test_the_environment_names_the_folder_unless_the_flag_does(
     assert (from_flag / "beta.yml").is_file() and not (from_env / "beta.yml").exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY], ["mapping", "list"], ["key", "list"]],
+)
+def test_an_empty_environment_variable_is_refused_like_an_empty_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """ROUTHEON_MAPPINGS= in a unit file fell back to the default folder, and `mapping add` created it."""
+    default = tmp_path / "etc-traefik-mappings"
+    default.mkdir()
+    monkeypatch.setattr(cli, "DEFAULT_MAPPINGS", str(default))
+    monkeypatch.setenv("ROUTHEON_MAPPINGS", "")
+    code, out, err = run(*command)
+    assert code == 1 and out == ""
+    assert err == "routheon: error: $ROUTHEON_MAPPINGS is set but empty (an unset variable?): set it to the mappings folder, or unset it for " + str(default) + "\n"
+    assert list(default.iterdir()) == []
+
+
 def test_help_names_the_environment_variables() -> None:
     for command in (["mapping", "add"], ["mapping", "list"], ["mapping", "remove"], ["mapping", "check"],
                     ["mapping", "prune"]):
@@ -239,6 +257,13 @@ def test_script_writes_into_the_environments_folder_unless_told_otherwise(tmp_pa
     assert result.returncode == 0, result.stderr
     assert (from_flag / "beta.yml").is_file() and not (from_env / "beta.yml").exists()
     assert "ROUTHEON_MAPPINGS" in script("--help", env=env).stdout
+
+
+def test_script_refuses_an_empty_environment_variable(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ROUTHEON_MAPPINGS": "", "ROUTHEON_BIN": "/bin/echo"}
+    result = script("--port", "8011", "--service", "alpha", "--api_key", KEY, env=env)
+    assert result.returncode != 0 and "ROUTHEON_MAPPINGS set to nothing" in result.stderr
+    assert result.stdout == ""  # routheon (here echo) was never called
 
 
 def test_script_without_routheon_says_how_to_install_it(tmp_path: Path) -> None:
@@ -314,6 +339,43 @@ def test_without_traefik_the_reader_judges_and_says_so(tmp_path: Path) -> None:
     code, _, err = run("mapping", "remove", "--key", KEY, "--traefik", "none", "--mappings", str(tmp_path))
     assert code == 1 and "nothing was written" in err and "broken.yml" in err
     assert (tmp_path / "alpha.yml").exists()
+
+
+@pytest.mark.parametrize("timeout", ["nan", "-1", "0", "inf", "soon"])
+def test_the_verdicts_timeout_is_refused_unless_it_is_a_wait(tmp_path: Path, timeout: str) -> None:
+    """nan and -1 made the verdict fail at once, and the write went ahead judged by the reader alone."""
+    code, _, err = run(
+        "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY,
+        f"--traefik-timeout={timeout}", "--mappings", str(tmp_path),
+    )
+    assert code == 2 and f"argument --traefik-timeout: '{timeout}'" in err
+    assert not (tmp_path / "alpha.yml").exists()
+
+
+@pytest.mark.parametrize("traefik", ["/bin/false", "/no/such/traefik"])
+def test_a_write_traefik_could_not_judge_says_so_even_when_quiet(tmp_path: Path, traefik: str) -> None:
+    code, _, err = run("-q", "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY,
+                       "--traefik", traefik, "--mappings", str(tmp_path))
+    assert code == 0 and (tmp_path / "alpha.yml").exists()
+    assert err.count("Traefik's verdict is missing") == 1 and "only Routheon's reader judged this change" in err
+    assert ("printing nothing" if traefik == "/bin/false" else "No such file") in err, err
+
+
+def test_a_missing_traefik_binary_is_said_even_when_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(cli, "find_traefik", lambda explicit=None: None)  # none beside this Python either
+    code, _, err = run("-q", "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY,
+                       "--mappings", str(tmp_path))
+    assert code == 0 and "warning: no traefik binary found" in err
+
+
+@pytest.mark.parametrize("command", [["mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY],
+                                     ["mapping", "check", "--no-connect"], ["key", "list"]])
+def test_a_traefik_config_that_is_not_there_is_an_error(tmp_path: Path, command: list[str]) -> None:
+    """It was read as "no file": other entry points judged the folder, the grants kept another hop port."""
+    code, _, err = run(*command, "--traefik-config", str(tmp_path / "traefik.yml"), "--mappings", str(tmp_path))
+    assert code == 1 and f"--traefik-config {tmp_path / 'traefik.yml'}: no such file" in err
+    assert not (tmp_path / "alpha.yml").exists()
 
 
 def test_list_names_keys_traefik_routes_that_it_cannot_show(tmp_path: Path) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -17,6 +20,7 @@ from routheon.mappings.check import check_folder
 from routheon.mappings.folder import read_folder
 from routheon.mappings.format import MappingSpec
 from routheon.mappings.store import add_mapping
+from routheon.supervisor import eventually
 from support import REPO, VENV_BIN, CliResult, run_routheon
 
 MOVED = "sk-moved-0123456789abcdef"
@@ -223,6 +227,21 @@ def test_key_files_with_crlf_and_stdin_still_work(tmp_path: Path) -> None:
     one_error_line(refused, "cannot read keys from stdin: not UTF-8 text (byte 1)")
 
 
+@pytest.mark.parametrize("key_file", ["/dev/zero", "-"])
+def test_an_endless_key_file_is_refused_not_read_until_memory_runs_out(tmp_path: Path, key_file: str) -> None:
+    """`--key-file /dev/zero` (or stdin from it) read until MemoryError; the address space is capped
+    here so that such a reader fails in seconds instead of taking the host's memory."""
+    with open("/dev/zero", "rb") as zeros:
+        result = subprocess.run(
+            [ROUTHEON, "mapping", "add", "--service", "alpha", "--port", "8011", "--key-file", key_file,
+             "--mappings", str(tmp_path)],
+            capture_output=True, text=True, stdin=zeros, timeout=60,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)),
+        )
+    one_error_line(result, "cannot read keys from", "more than 16 MiB, not a file of keys")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_adds_creating_the_folder_at_once_both_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from routheon import cli
 
@@ -358,3 +377,60 @@ def test_traefik_starts_without_the_alias_warning_and_drops_aliased_headers(tmp_
         assert "aliasHeadersStrategy" not in log
     finally:
         echo.shutdown()
+
+
+# --- the private copies a write has Traefik judge ---------------------------------------------------
+
+
+def judging_forever(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """`mapping add` of KEY in a process of its own, held while "Traefik" (a sleep) judges the change.
+
+    Its temporary folder is ``tmp_path/tmp``; returned once the copy with the new key is there.
+    """
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    traefik = tmp_path / "traefik"
+    traefik.write_text("#!/bin/sh\nexec sleep 120\n")
+    traefik.chmod(0o755)
+    process = subprocess.Popen(
+        [ROUTHEON, "mapping", "add", "--service", "alpha", "--port", "8011", "--key", KEY, "--traefik", str(traefik),
+         "--traefik-timeout", "120", "--mappings", str(tmp_path / "mappings")],
+        env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    assert eventually(lambda: any(KEY in path.read_text() for path in tmp.glob("routheon-verdict-*/mappings/*.yml")))
+    return process, tmp
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_write_stopped_by_a_signal_leaves_no_copy_of_the_keys(tmp_path: Path, sig: signal.Signals) -> None:
+    process, tmp = judging_forever(tmp_path)
+    try:
+        copies = [*tmp.iterdir(), *tmp.glob("*/mappings"), *tmp.glob("*/mappings/**/*")]
+        assert len(copies) > 4
+        for path in copies:  # while they are there, only their owner reads them
+            if path.is_dir():
+                assert path.stat().st_mode & 0o777 == 0o700, path
+            elif path.suffix == ".yml":
+                assert path.stat().st_mode & 0o777 == 0o600, path
+        process.send_signal(sig)
+        assert process.wait(timeout=30) == 128 + sig
+    finally:
+        process.kill()
+    assert list(tmp.iterdir()) == []
+    assert not (tmp_path / "mappings" / "alpha.yml").exists()
+
+
+def test_the_copies_of_a_killed_write_go_with_the_next_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    process, tmp = judging_forever(tmp_path)
+    process.kill()  # kill -9: no handler runs
+    process.wait(timeout=30)
+    left = sorted(path.name for path in tmp.iterdir())
+    assert [name.split("-")[:3] for name in left] == [
+        ["routheon", "change", str(process.pid)], ["routheon", "verdict", str(process.pid)]
+    ]
+    ours = tmp / f"routheon-verdict-{os.getpid()}-x"  # a live process's copy stays
+    ours.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    (tmp_path / "other").mkdir()
+    assert routheon(tmp_path / "other", "mapping", "check", "--no-connect").returncode == 0
+    assert list(tmp.iterdir()) == [ours]

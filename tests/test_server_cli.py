@@ -121,3 +121,19 @@ def test_the_mappings_folder_comes_from_the_environment_like_for_the_routheon_co
     monkeypatch.setenv("ROUTHEON_MAPPINGS", str(tmp_path))
     assert parse_args([]).mappings == tmp_path
     assert parse_args(["--mappings", "/elsewhere"]).mappings == Path("/elsewhere")
+
+
+@pytest.mark.parametrize(("variable", "args"), [("", []), (None, ["--mappings", ""])], ids=["variable", "flag"])
+def test_an_empty_mappings_folder_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str | None, args: list[str]
+) -> None:
+    """Empty is an unset variable: it meant /etc/traefik/mappings (the variable) or the current folder (the flag)."""
+    if variable is None:
+        monkeypatch.delenv("ROUTHEON_MAPPINGS", raising=False)
+    else:
+        monkeypatch.setenv("ROUTHEON_MAPPINGS", variable)
+    with socket.socket() as taken:  # had it started, it would have stopped here, not served
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = start(*args, "--port", str(taken.getsockname()[1]))
+    assert_one_line_error(result, "argument --mappings: empty (an unset variable?")

@@ -228,3 +228,16 @@ def test_health_carries_traefiks_own_verdict(tmp_path: Path, folder: Path) -> No
         assert answer["status"] == "degraded"
         assert "field not found, node: rateLimiter" in answer["mappings"]["traefik"]["reason"]
         assert any("rejects the whole folder" in problem["message"] for problem in answer["mappings"]["problems"])
+
+
+def test_routheon_traefik_none_turns_the_verdict_off_as_the_flag_does(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to look for a binary named 'none': /health said "unavailable: cannot run none"."""
+    write_router(folder, "a", key_rule("KEY-a"))
+    monkeypatch.setenv("ROUTHEON_TRAEFIK", "none")
+    with serving(["--mappings", str(folder)]) as server:
+        answer = health(server)
+        assert answer["mappings"]["traefik"] == {"state": "off", "version": "", "reason": ""}
+        assert answer["status"] == "ok" and answer["mappings"]["warnings"] != []
+        assert "traefik" not in server.proc.log().lower()

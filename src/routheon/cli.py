@@ -8,19 +8,31 @@ create-mapping.sh (which calls it) and routheon-server agree on one file format.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
 from routheon import __version__
-from routheon.mappings.check import inspect_folder
+from routheon.mappings.check import MAX_TIMEOUT, inspect_folder
 from routheon.mappings.confirm import ChangeRefused, Confirmation, Judge
-from routheon.mappings.folder import DEFAULT_MAPPINGS, MAPPINGS_ENV, WARNING, Finding, Folder, read_folder
+from routheon.mappings.folder import (
+    DEFAULT_MAPPINGS,
+    MAPPINGS_ENV,
+    MAX_MAPPING_BYTES,
+    WARNING,
+    Finding,
+    Folder,
+    read_folder,
+)
 from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, InputError, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
@@ -35,6 +47,8 @@ from routheon.mappings.verdict import (
     find_traefik,
     hop_port_of,
     judged,
+    remove_private_copies,
+    traefik_off,
 )
 from routheon.mappings.store import (
     DEFAULT_BACKUPS,
@@ -53,6 +67,10 @@ from routheon.mappings.store import (
 
 BACKUPS_ENV = "ROUTHEON_BACKUPS"
 DEFAULT_HOST = "http://127.0.0.1"
+# The most a key file may hold: the grants file's own limit (MAX_MAPPING_BYTES, ~150,000 keys)
+# takes fewer keys than that. --key-file /dev/zero used to read until MemoryError.
+MAX_KEY_FILE_BYTES = MAX_MAPPING_BYTES
+QUIET_HELP = "print only errors, generated keys, and a write that Traefik could not judge"
 
 log = logging.getLogger("routheon")
 
@@ -78,9 +96,17 @@ def _read_key_file(name: str) -> list[str]:
     """
     shown = "stdin" if name == "-" else name
     try:
-        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        if name == "-":
+            data = sys.stdin.buffer.read(MAX_KEY_FILE_BYTES + 1)
+        else:
+            with open(name, "rb") as handle:
+                data = handle.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise CommandError(f"cannot read keys from {shown}: {exc.strerror}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise CommandError(
+            f"cannot read keys from {shown}: more than {MAX_KEY_FILE_BYTES // 2**20} MiB, not a file of keys"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -144,8 +170,6 @@ def _folder_to_write(name: str) -> Path:
     The seed's create-mapping.sh created it too, so a llama-server unit that chains it keeps
     working on a fresh host.
     """
-    if not name:
-        raise CommandError("--mappings is empty (an unset variable?): give the mappings folder")
     folder = Path(name)
     if not folder.is_dir():
         try:
@@ -158,6 +182,26 @@ def _folder_to_write(name: str) -> Path:
         else:
             log.info("created the mappings folder %s (mode 0750)", folder)
     return folder
+
+
+def _mappings_folder(flag: str | None) -> str:
+    """The folder the command works on: --mappings, else $ROUTHEON_MAPPINGS, else the default.
+
+    Empty is an unset variable in a unit file or script, never a folder: taken as the current
+    folder it would be read or written, taken as unset (``${VAR:-default}``) it would create
+    /etc/traefik/mappings where nobody asked for it.
+    """
+    if flag is None:
+        value = os.environ.get(MAPPINGS_ENV)
+        if value == "":
+            raise CommandError(
+                f"${MAPPINGS_ENV} is set but empty (an unset variable?): set it to the mappings folder,"
+                f" or unset it for {DEFAULT_MAPPINGS}"
+            )
+        return value or DEFAULT_MAPPINGS
+    if not flag:
+        raise CommandError("--mappings is empty (an unset variable?): give the mappings folder")
+    return flag
 
 
 def _backups(flag: int | None) -> int:
@@ -173,16 +217,26 @@ def _backups(flag: int | None) -> int:
 
 
 def _skips_traefik(args: argparse.Namespace) -> bool:
-    return (args.traefik or os.environ.get(TRAEFIK_ENV)) == "none"
+    return traefik_off(args.traefik)
 
 
 def _traefik_binary(args: argparse.Namespace) -> str | None:
     """The traefik binary that judges the folder; None for --traefik none (or $ROUTHEON_TRAEFIK=none)."""
-    return None if _skips_traefik(args) else find_traefik(args.traefik)
+    return find_traefik(args.traefik)
 
 
 def _traefik_config(args: argparse.Namespace) -> Path | None:
-    return Path(args.traefik_config) if args.traefik_config else None
+    """Traefik's static file: the flag, else /etc/traefik/traefik.yml when it exists (the flag's default).
+
+    A file named but missing is an error: read as "no file", it silently judged the folder
+    with other entry points, and left routheon-grants.yml on another hop port than Traefik's.
+    """
+    if not args.traefik_config:
+        return None
+    config = Path(args.traefik_config)
+    if not config.is_file():
+        raise CommandError(f"--traefik-config {config}: no such file (Traefik's static configuration, its traefik.yml)")
+    return config
 
 
 def _hop_port(args: argparse.Namespace) -> int | None:
@@ -198,14 +252,22 @@ def _hop_port(args: argparse.Namespace) -> int | None:
 
 def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
     """How a write command confirms its change before writing it (see routheon.mappings.confirm)."""
+    said: set[str] = set()
+
+    def unjudged(reason: str) -> None:
+        """Said even under -q, once: a write Traefik did not judge may be one it rejects."""
+        if reason not in said:
+            said.add(reason)
+            print(
+                f"warning: {reason}: only Routheon's reader judged this change, and it may accept what Traefik rejects",
+                file=sys.stderr,
+            )
+
     binary = _traefik_binary(args)
     if binary is None and not _skips_traefik(args):
-        log.warning(
-            "no traefik binary found (pip install '.[traefik]' from a clone of Routheon, or --traefik PATH):"
-            " only Routheon's reader judges this change, and it may accept what Traefik rejects"
-        )
+        unjudged("no traefik binary found (pip install '.[traefik]' from a clone of Routheon, or --traefik PATH)")
     config = _traefik_config(args)
-    judge = Judge(binary, entry_points_of(config), args.traefik_timeout, static_config=config)
+    judge = Judge(binary, entry_points_of(config), args.traefik_timeout, static_config=config, unjudged=unjudged)
     return Confirmation(folder, judge, force=args.force)
 
 
@@ -495,7 +557,6 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 def _add_mappings_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mappings",
-        default=os.environ.get(MAPPINGS_ENV) or DEFAULT_MAPPINGS,
         metavar="DIR",
         help=f"Traefik's file-provider folder (default: ${MAPPINGS_ENV} if set, else {DEFAULT_MAPPINGS})",
     )
@@ -505,6 +566,18 @@ def _count(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of backups (0 or more)")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    """A timeout Traefik's verdict can wait for: nan or -1 made the verdict fail at once, and the
+    write went ahead judged by Routheon's reader alone."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"{text!r}: give more than 0 and at most {MAX_TIMEOUT:g} seconds")
+    return seconds
 
 
 def _add_backups_flag(parser: argparse.ArgumentParser, flag: str = "--backups") -> None:
@@ -563,7 +636,7 @@ def _add_traefik_flags(parser: argparse.ArgumentParser, writes: bool = False) ->
     )
     group.add_argument(
         "--traefik-timeout",
-        type=float,
+        type=_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"how long Traefik may take to read the folder (default: {DEFAULT_TIMEOUT:g})",
@@ -592,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and generated keys")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mapping = commands.add_parser("mapping", help="add, list, remove, check, upgrade and prune mappings")
@@ -729,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (*mapping_commands.choices.values(), *key_commands.choices.values()):
         # -q also after the command's name, for every command (a list here forgot new ones)
         command.add_argument(
-            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors and generated keys"
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP
         )
     return parser
 
@@ -754,12 +827,46 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """logging.StreamHandler sets a stream of its own; this handler has none to keep."""
 
 
+@contextlib.contextmanager
+def _exit_cleanly_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP remove the private copies of the folder (they hold keys, a new key
+    among them) before the command ends; the default action left them in /tmp. The Traefik
+    judging them dies with this process (supervisor.start_child).
+
+    The handler ends the process itself: an exception raised from it is lost when the signal
+    arrives while Python runs a fork handler (starting Traefik), and the command then waited
+    out its whole --traefik-timeout.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; such a caller handles signals itself
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        remove_private_copies()
+        print(f"routheon: error: stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _exit_cleanly_on_signals():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if not any(isinstance(handler, _StderrHandler) for handler in log.handlers):
         log.addHandler(_StderrHandler())
     log.setLevel(logging.ERROR if args.quiet else logging.INFO)
     try:
+        if "mappings" in args:
+            args.mappings = _mappings_folder(args.mappings)
         return args.handler(args)
     # the project's own refusals are one line; anything else is a bug and keeps its traceback
     except (

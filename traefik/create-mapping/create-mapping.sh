@@ -38,7 +38,8 @@ port=""
 service=""
 api_key=""
 have_key=0
-mappings="${ROUTHEON_MAPPINGS:-/etc/traefik/mappings}"
+# set but empty is an unset variable in a unit file: refused below, never /etc/traefik/mappings
+mappings="${ROUTHEON_MAPPINGS-/etc/traefik/mappings}"
 host="http://127.0.0.1"
 
 while [ "$#" -gt 0 ]; do
@@ -80,7 +81,7 @@ done
 case "$api_key" in
     *$'\n'* | *$'\r'*) die "--api_key holds a line break; give one key on one line" ;;
 esac
-[ -n "$mappings" ] || die "--mappings is empty (an unset variable?)"
+[ -n "$mappings" ] || die "--mappings is empty (an unset variable? ROUTHEON_MAPPINGS set to nothing counts too)"
 
 if [ -n "${ROUTHEON_BIN:-}" ]; then
     routheon="$ROUTHEON_BIN"

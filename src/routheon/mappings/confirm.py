@@ -15,8 +15,7 @@ where not), and then:
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from routheon.mappings.verdict import (
     ask_traefik,
     copy_folder,
     judged,
+    private_workdir,
 )
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,12 @@ class Judge:
     timeout: float = DEFAULT_TIMEOUT
     # Traefik's static file: Routheon's plugin is looked for beside it (verdict.find_plugins)
     static_config: Path | None = None
+    # told why Traefik could not judge a change, which Routheon's reader alone then judges
+    unjudged: Callable[[str], None] = field(default=lambda reason: log.warning("%s", reason), compare=False)
 
     def __call__(self, folder: Path, changes: Changes = {}) -> Folder:
         """``folder`` as it would be after ``changes``, with its findings, paths as in ``folder``."""
-        workdir = Path(tempfile.mkdtemp(prefix="routheon-change-"))
-        try:
+        with private_workdir("change") as workdir:
             copy = workdir / "mappings"
             copy.mkdir(mode=0o700)
             try:
@@ -77,12 +78,10 @@ class Judge:
                         static_config=self.static_config,
                     )
                 except VerdictUnavailable as exc:
-                    log.warning("Traefik's verdict is missing (%s); only Routheon's reader judged the change", exc)
+                    self.unjudged(f"Traefik's verdict is missing ({exc})")
                 else:
                     planned = judged(planned, verdict)
             return _moved(planned, copy, folder)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _moved(planned: Folder, copy: Path, folder: Path) -> Folder:

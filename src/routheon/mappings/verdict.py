@@ -15,9 +15,11 @@ It takes a fraction of a second for a normal folder and is bounded by a timeout 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -26,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ from routheon.supervisor import StartError, start_child
 log = logging.getLogger(__name__)
 
 TRAEFIK_ENV = "ROUTHEON_TRAEFIK"
+# --traefik none, or $ROUTHEON_TRAEFIK=none without the flag: no verdict is asked
+TRAEFIK_OFF = "none"
 DEFAULT_TRAEFIK_CONFIG = "/etc/traefik/traefik.yml"
 DEFAULT_TIMEOUT = 20.0
 _COPY_NAME = "mappings"
@@ -99,11 +103,23 @@ class Verdict:
         )
 
 
+def traefik_off(explicit: str | None = None) -> bool:
+    """Whether Traefik's verdict is turned off: the flag says 'none', or $ROUTHEON_TRAEFIK does and no flag is given.
+
+    One answer for the routheon command and routheon-server: the variable used to turn the
+    verdict off for the command only, and routheon-server tried to run a binary named 'none'.
+    """
+    return (explicit or os.environ.get(TRAEFIK_ENV)) == TRAEFIK_OFF
+
+
 def find_traefik(explicit: str | None = None) -> str | None:
     """The traefik binary to ask: ``explicit``, else $ROUTHEON_TRAEFIK, PATH, or beside this Python.
 
-    The last covers ``pip install '.[traefik]'`` in a virtualenv that is not activated.
+    The last covers ``pip install '.[traefik]'`` in a virtualenv that is not activated. None
+    when there is none, or when the verdict is off (``traefik_off``).
     """
+    if traefik_off(explicit):
+        return None
     for candidate in (explicit, os.environ.get(TRAEFIK_ENV)):
         if candidate:
             return candidate
@@ -183,7 +199,72 @@ def copy_folder(folder: Path, target: Path, changes: Changes = {}) -> None:
             continue
         destination = target / relative
         destination.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        destination.write_bytes(data)
+        with open(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            handle.write(data)
+
+
+# routheon-verdict-PID-RANDOM: the process that made it, so the next run can tell it was left behind
+_PRIVATE_NAME = re.compile(r"routheon-(?:verdict|change)-(?P<pid>\d+)-[^/]+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _sweep_left_copies(tmp: Path) -> None:
+    """Remove the private copies a killed routheon process left in ``tmp``: they hold keys.
+
+    Only this user's folders named after a process that is gone; a pid taken again by another
+    process keeps its folder until that one ends too.
+    """
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return
+    for entry in entries:
+        match = _PRIVATE_NAME.fullmatch(entry.name)
+        try:
+            mine = entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+        except OSError:
+            continue
+        if match and mine and not _alive(int(match["pid"])):
+            log.debug("removing %s, left by a routheon process that was killed", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+# the private copies that exist now, for remove_private_copies
+_WORKDIRS: set[Path] = set()
+
+
+@contextlib.contextmanager
+def private_workdir(kind: str) -> Iterator[Path]:
+    """A folder only this user can enter, for a copy of the mappings folder (it holds keys).
+
+    Removed when the block ends, on an error too, and by ``remove_private_copies`` (the
+    routheon command's SIGTERM and SIGHUP handler). What a ``kill -9`` leaves is removed by the
+    next routheon command or verdict of routheon-server (the name carries this process's id).
+    """
+    tmp = Path(tempfile.gettempdir())
+    _sweep_left_copies(tmp)
+    workdir = Path(tempfile.mkdtemp(prefix=f"routheon-{kind}-{os.getpid()}-", dir=tmp))  # mode 0700
+    _WORKDIRS.add(workdir)
+    try:
+        yield workdir
+    finally:
+        _WORKDIRS.discard(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def remove_private_copies() -> None:
+    """Remove every private copy this process holds now, for a process about to end at once."""
+    for workdir in list(_WORKDIRS):
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _static_config(directory: Path, entry_points: Iterable[str], api_port: int, plugin: bool) -> dict[str, Any]:
@@ -303,7 +384,8 @@ def _run(traefik: str, workdir: Path, entry_points: tuple[str, ...], timeout: fl
             return Verdict(reader.version, False, reader.rejected, seconds=time.monotonic() - started)
         if reader.config is None:
             tail = "\n".join(reader.tail[-5:])
-            raise VerdictUnavailable(f"Traefik stopped before reading the folder (exit {process.returncode}):\n{tail}")
+            said = f":\n{tail}" if tail else ", printing nothing"
+            raise VerdictUnavailable(f"Traefik stopped before reading the folder (exit {process.returncode}){said}")
         routers = _router_states(reader.config, port, deadline)
         return Verdict(reader.version, True, routers=routers, seconds=time.monotonic() - started)
     finally:
@@ -326,8 +408,7 @@ def ask_traefik(
     ``find_plugins``. Raises VerdictUnavailable when Traefik cannot be asked; the copy (it
     holds keys) is private and removed in every case.
     """
-    workdir = Path(tempfile.mkdtemp(prefix="routheon-verdict-"))
-    try:
+    with private_workdir("verdict") as workdir:
         copy = workdir / _COPY_NAME
         copy.mkdir(mode=0o700)
         plugins = find_plugins(static_config)
@@ -347,8 +428,6 @@ def ask_traefik(
             log.debug("Traefik did not start (%s); trying once more on another port", first)
             verdict = _run(traefik, workdir, entry_points, timeout)
         return replace(verdict, reason=verdict.reason.replace(str(copy), str(folder)))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _python_routers(folder: Folder) -> dict[str, tuple[Path, Router]]:

@@ -17,7 +17,13 @@ from routheon import __version__
 from routheon.mappings.folder import Finding
 from routheon.mappings.grants import GRANTED_MODELS_HEADER
 from routheon.mappings.format import ENTRY_POINT
-from routheon.mappings.verdict import DEFAULT_TRAEFIK_CONFIG, VerdictUnavailable, entry_points_of, find_traefik
+from routheon.mappings.verdict import (
+    DEFAULT_TRAEFIK_CONFIG,
+    VerdictUnavailable,
+    entry_points_of,
+    find_traefik,
+    traefik_off,
+)
 from routheon.server import errors
 from routheon.server.config import ServerConfig
 from routheon.server.discovery import FolderWatch
@@ -154,13 +160,13 @@ async def error_page(request: web.Request) -> web.Response:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Start what the handlers share (HTTP client, folder scan, CPU sampler); stop it after."""
     config = app[CONFIG]
-    traefik = None if config.traefik == "none" else find_traefik(config.traefik)
+    traefik = find_traefik(config.traefik)
     try:
         entry_points = entry_points_of(Path(DEFAULT_TRAEFIK_CONFIG))
     except VerdictUnavailable as exc:
         log.warning("%s; judging the folder with the entry point %s", exc, ENTRY_POINT)
         entry_points = (ENTRY_POINT,)
-    if traefik is None and config.traefik != "none":
+    if traefik is None and not traefik_off(config.traefik):
         log.warning("no traefik binary found: /health reports what Routheon's reader finds, without Traefik's verdict")
     folder = FolderWatch(config.mappings, config.skip_mapping, max_age=TTL, traefik=traefik, entry_points=entry_points)
     # no pool limit: a queue for a free connection would eat into the per-backend timeout;

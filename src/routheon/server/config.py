@@ -82,6 +82,15 @@ def _timeout(text: str) -> float:
     return seconds
 
 
+def _folder(text: str) -> Path:
+    """A folder name; empty is an unset variable (of the flag or $ROUTHEON_MAPPINGS), never the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            f"empty (an unset variable? ${MAPPINGS_ENV} set to nothing counts too): give the mappings folder"
+        )
+    return Path(text)
+
+
 def _regex(text: str) -> re.Pattern[str]:
     try:
         return re.compile(text)
@@ -107,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mappings",
-        type=Path,
-        default=Path(os.environ.get(MAPPINGS_ENV) or DEFAULT_MAPPINGS),
+        type=_folder,
+        default=os.environ.get(MAPPINGS_ENV, DEFAULT_MAPPINGS),  # a string: argparse checks it with _folder
         help="folder of Traefik mapping files (*.yml, *.yaml) whose services are the backends; "
         "changes are picked up without a restart, a folder that does not exist yet is waited for "
         f"(default: ${MAPPINGS_ENV} if set, as for the routheon command, else {DEFAULT_MAPPINGS})",
