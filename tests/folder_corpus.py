@@ -29,6 +29,13 @@ def _router(name: str, rule: str, extra: str = "") -> str:
     )
 
 
+# Broken hand-written files with a key in them: Traefik's error texts quote keys, rules and
+# URLs (measured with 3.7.15: a v2-style rule's error quotes it twice); no output of Routheon
+# may show them (tests/test_redaction.py greps every one for this key's tail).
+LEAK = "sk-leak-0123456789abcdef"
+LEAK_TAIL = "0123456789abcdef"
+_LEAK_RULE = f"Header(`Authorization`, `Bearer {LEAK}`)"
+
 ALIASES = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(6)
 )
@@ -71,6 +78,23 @@ CASES = (
     Case("router with a missing middleware", "nomw.yml", _router("nomw", "PathPrefix(`/nomw`)", "      middlewares: [absent]\n"), True),
     Case("servers written as a map", "map.yml", _router("map", "PathPrefix(`/map`)").replace(
         "          - url: http://127.0.0.1:8013\n", "          first:\n            url: http://127.0.0.1:8013\n"), True),
+    # keys in broken files (LEAK): rejected folders
+    Case("broken YAML holding a key", "esc.yml", _router("esc", _LEAK_RULE).replace("'", '"').replace(LEAK, LEAK + "\\q"), False),
+    Case("a key where a number belongs", "num.yml", _router("num", _LEAK_RULE, f"      priority: Bearer {LEAK}\n"), False),
+    Case("a key where a field name belongs", "field.yml", _router("field", _LEAK_RULE, f"      {LEAK}: 1\n"), False),
+    Case("a key where a duration belongs", "dur.yml", _router("dur", _LEAK_RULE).replace(
+        "        servers:", f"        healthCheck:\n          path: /health\n          interval: {LEAK}\n        servers:"), False),
+    Case("a template error in a key rule", "tplkey.yml", _router("tplkey", f"Header(`Authorization`, `Bearer {LEAK}{{{{ .Missing }}}}`)"), False),
+    Case("a template function on a key", "tplfn.yml", _router("tplfn", f'Header(`Authorization`, `Bearer {{{{ "{LEAK}" | nofunc }}}}`)'), False),
+    Case("a broken TOML key rule", "leak.toml", f"[http.routers.t]\nrule = Header(`Authorization`, `Bearer {LEAK}`)\n", False),
+    # keys in broken files (LEAK): Traefik applies the folder and disables the router
+    Case("Traefik v2 HeadersRegexp", "v2.yml", _router("v2", f"HeadersRegexp(`Authorization`, `^Bearer {LEAK}$`)"), True),
+    Case("bad regular expression with a key", "re.yml", _router("re", f"HeaderRegexp(`Authorization`, `^Bearer {LEAK}(`)"), True),
+    Case("unknown matcher with a key", "hedaer.yml", _router("hedaer", f"Hedaer(`Authorization`, `Bearer {LEAK}`)"), True),
+    Case("a key rule without its header name", "half.yml", _router("half", f"Header(`Bearer {LEAK}`)"), True),
+    Case("an unclosed key rule", "open.yml", _router("open", f"Header(`Authorization`, `Bearer {LEAK}`"), True),
+    Case("a key in a broken backend URL", "url.yml", _router("url", _LEAK_RULE).replace(
+        "http://127.0.0.1:8013", f"http://user:{LEAK}@[::1"), True),
     Case("key clause joined with a path test", "and.yml", _router("and", "Header(`Authorization`, `Bearer sk-and-00000000000`) && PathPrefix(`/v1`)"),
          True, ("sk-and-00000000000",), unmanaged=True),
 )

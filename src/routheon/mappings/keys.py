@@ -84,3 +84,49 @@ _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 def mask_url(url: str, mask: str = "***@") -> str:
     """``url`` with its credentials (``user:password@``) replaced by ``mask``: a password is a key too."""
     return _USERINFO.sub(lambda match: match.group(1) + mask, url)
+
+
+REDACTED = "<redacted>"
+# Values Traefik's error texts quote: "Bearer KEY" anywhere, a rule's raw strings (`...`, a key
+# or a regular expression holding one), Go's double-quoted strings that are not plain names
+# ("Bearer KEY", a URL; a name such as "routheon-errors@file" or "nofunc" says what is wrong
+# and stays), and the credentials of a URL.
+_BEARER_VALUE = re.compile(r"(?i)\b(Bearer)\s+[^\s`'\"]+")
+_RAW_STRING = re.compile(r"`[^`]*`")
+_GO_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_NAME = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._@-]{0,99})?")
+_USERINFO_IN_TEXT = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@`'\"]*@")
+# A word shorter than this is not taken out everywhere it occurs ("Bearer x" would redact every x);
+# the patterns above still take it out where it follows Bearer or is quoted.
+_MIN_SECRET = 6
+
+
+def secrets_in(text: str) -> set[str]:
+    """The values ``text`` (a mapping file) sends as ``Bearer``: the keys it routes, also in a broken file.
+
+    Traefik's errors may quote such a key without its ``Bearer`` (a key pasted where a name, a
+    number or a duration belongs): ``redact`` takes these out wherever they occur.
+    """
+    found: set[str] = set()
+    for match in re.finditer(r"(?i)\bBearer\s+([^\s`'\"]+)", text):
+        token = match.group(1)
+        found |= {token, token.rstrip("$)"), token.replace("\\", "").rstrip("$)")}
+    return {secret for secret in found if len(secret) >= _MIN_SECRET}
+
+
+def redact(text: str, secrets: set[str] | frozenset[str] = frozenset()) -> str:
+    """``text`` (an error Traefik wrote) without keys, rules or credentials, still saying what is wrong.
+
+    ``secrets`` are taken out first, longest first: the routers' rules (Traefik quotes a rule it
+    cannot parse whole, twice) and the keys of the folder (``secrets_in``). Then every Bearer
+    value, raw string, non-name Go string and URL credential: what an error quotes from a file
+    that Routheon could not read at all. Routheon shows these texts on /health, which anyone may
+    ask without a key, and in its logs and command output.
+    """
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, REDACTED)
+    text = _USERINFO_IN_TEXT.sub(r"\1***@", text)
+    text = _BEARER_VALUE.sub(rf"\1 {REDACTED}", text)
+    text = _RAW_STRING.sub(f"`{REDACTED}`", text)
+    return _GO_STRING.sub(lambda match: match.group() if _NAME.fullmatch(match.group(1)) else f'"{REDACTED}"', text)

@@ -46,6 +46,7 @@ from routheon.mappings.grants import (
     PLUGIN_NAME,
     SERVER_SERVICE,
 )
+from routheon.mappings.keys import redact, secrets_in
 from routheon.mappings.rules import rule_keys, selects_by_key
 from routheon.loopback import PLUGINS_DIR, free_port, traefik_dir
 from routheon.supervisor import StartError, start_child
@@ -183,8 +184,8 @@ class Unreadable(Exception):
     """A file Traefik could not read either: the folder is rejected without asking."""
 
 
-def copy_folder(folder: Path, target: Path, changes: Changes = {}) -> None:
-    """Copy the files Traefik reads from ``folder`` into ``target``, with ``changes`` applied.
+def copy_folder(folder: Path, target: Path, changes: Changes = {}) -> list[bytes]:
+    """Copy the files Traefik reads from ``folder`` into ``target``, with ``changes`` applied; their contents.
 
     ``changes`` maps paths inside ``folder`` to their new content, or None for a removal: the
     state a write command is about to create, checked before it is written.
@@ -201,6 +202,7 @@ def copy_folder(folder: Path, target: Path, changes: Changes = {}) -> None:
         destination.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             handle.write(data)
+    return [data for data in contents.values() if data is not None]
 
 
 # routheon-verdict-PID-RANDOM: the process that made it, so the next run can tell it was left behind
@@ -415,19 +417,42 @@ def ask_traefik(
         if plugins is not None:
             shutil.copytree(plugins, workdir / PLUGINS_DIR)
         try:
-            copy_folder(folder, copy, changes)
+            contents = copy_folder(folder, copy, changes)
         except Unreadable as exc:
             return Verdict("", False, str(exc))
         except FileNotFoundError:
             raise VerdictUnavailable(f"the mappings folder {folder} does not exist") from None
+        secrets = set().union(*(secrets_in(data.decode("utf-8", "replace")) for data in contents))
         try:
-            verdict = _run(traefik, workdir, entry_points, timeout)
-        except VerdictUnavailable as first:
-            if "exit" not in str(first):
-                raise
-            log.debug("Traefik did not start (%s); trying once more on another port", first)
-            verdict = _run(traefik, workdir, entry_points, timeout)
-        return replace(verdict, reason=verdict.reason.replace(str(copy), str(folder)))
+            try:
+                verdict = _run(traefik, workdir, entry_points, timeout)
+            except VerdictUnavailable as first:
+                if "exit" not in str(first):
+                    raise
+                log.debug("Traefik did not start; trying once more on another port")
+                verdict = _run(traefik, workdir, entry_points, timeout)
+        except VerdictUnavailable as exc:
+            raise VerdictUnavailable(_told(str(exc), secrets, copy, folder)) from None
+        return _redacted(verdict, secrets, copy, folder)
+
+
+def _told(text: str, secrets: set[str], copy: Path, folder: Path) -> str:
+    """What Traefik wrote, as Routheon may show it: about ``folder`` (not the copy), without keys or rules."""
+    return redact(text.replace(str(copy), str(folder)), secrets)
+
+
+def _redacted(verdict: Verdict, secrets: set[str], copy: Path, folder: Path) -> Verdict:
+    """``verdict`` with every text Traefik wrote in it ``_told``: the one way Traefik's words enter Routheon.
+
+    A rule is taken out whole wherever its router's errors quote it (it holds keys). Routers keep
+    their rules: Routheon reads keys from them, and never shows them.
+    """
+    secrets = secrets | {router.rule for router in verdict.routers if router.rule}
+    routers = tuple(
+        replace(router, errors=tuple(_told(error, secrets, copy, folder) for error in router.errors))
+        for router in verdict.routers
+    )
+    return replace(verdict, reason=_told(verdict.reason, secrets, copy, folder), routers=routers)
 
 
 def _python_routers(folder: Folder) -> dict[str, tuple[Path, Router]]:

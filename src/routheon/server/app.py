@@ -129,7 +129,8 @@ async def health(request: web.Request) -> web.Response:
 
     Always 200 while the process serves: a broken mapping file is no reason for a
     supervisor to restart this server. Anyone may ask through Traefik without a key, so the
-    answer names files, lines and reasons, never a key or a rule.
+    answer names files, lines and reasons, never a key or a rule (Traefik's texts are redacted
+    where they enter Routheon, in verdict.ask_traefik).
     """
     folder = await request.app[FOLDER].current()
     return _json(
