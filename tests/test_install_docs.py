@@ -94,3 +94,11 @@ def test_the_production_docs_start_llama_server_from_a_model_file() -> None:
     assert len(starts) >= 2
     for block in starts:
         assert "--hf-repo" not in block and re.search(r"--model /\S+\.gguf", block), block
+
+
+def test_the_short_version_names_the_ports_traefik_needs() -> None:
+    """Tried as a new user would, Traefik did not start: 8081 was taken, and nothing said Traefik needs it."""
+    short = section("### The short version")
+    assert "`8080`" in short and "`127.0.0.1:8081`" in short and "loopback only" in short
+    shipped = (REPO / "traefik" / "traefik.yml").read_text(encoding="utf-8")
+    assert 'address: ":8080"' in shipped and 'address: "127.0.0.1:8081"' in shipped

@@ -185,15 +185,63 @@ def test_declaring_models_keeps_the_keys_the_file_routes_at_that_moment(folder: 
     assert smol.keys() == [OLD] and read_grants(folder).service("smol").models == ("SmolLM2",)
 
 
-def test_a_static_configuration_without_the_hop_leaves_the_port_as_it_is(
+def test_a_grant_is_refused_where_traefik_has_no_loopback_hop_and_a_revocation_is_not(
     folder: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """A static file without routheon-hop disables every hop router; one on every interface lets
+    anybody name a service in the header it trusts. Both used to pass without a word."""
     etc = tmp_path_factory.mktemp("etc")
     (etc / "hop.yml").write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n  routheon-hop: {address: '127.0.0.1:9999'}\n")
     (etc / "nohop.yml").write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n")
+    (etc / "open.yml").write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n  routheon-hop: {address: ':27181'}\n")
+    (etc / "any.yml").write_text("entryPoints:\n  routheon-hop: {address: '0.0.0.0:27181'}\n  llama-servers: {address: ':8080'}\n")
     routheon("mapping", "add", "--service", "smol", "--port", "8011", "--model", "A", "--traefik-config", str(etc / "hop.yml"))
-    routheon("key", "add", BOTH, "--service", "smol", "--traefik-config", str(etc / "nohop.yml"))
-    assert read_grants(folder).hop_port == 9999
+    routheon("key", "add", OLD, "--service", "smol", "--traefik-config", str(etc / "hop.yml"))
+    before = (folder / GRANTS_FILE).read_text()
+    for config, words in (("nohop.yml", "has no routheon-hop entry point"), ("open.yml", "listens on ':27181' (every interface)"),
+                          ("any.yml", "listens on '0.0.0.0:27181' (every interface)")):
+        for command in (["key", "add", BOTH, "--service", "smol"],
+                        ["mapping", "add", "--service", "smol", "--port", "8011", "--model", "B"]):
+            result = run_routheon(*command, "--traefik-config", str(etc / config))
+            assert result.returncode == 1 and "routheon: error: nothing was written:" in result.stderr, result.stderr
+            assert words in result.stderr and str(etc / config) in result.stderr, result.stderr
+        assert (folder / GRANTS_FILE).read_text() == before
+    # a revocation goes through, keeping the port, with a warning
+    result = run_routheon("key", "remove", OLD, "--traefik-config", str(etc / "open.yml"))
+    assert result.returncode == 0 and "warning:" in result.stderr and "keeps the hop port" in result.stderr
+    assert read_grants(folder).key(OLD) is None and read_grants(folder).hop_port == 9999
+
+
+def test_check_reports_a_grants_file_that_sends_elsewhere_than_traefiks_hop(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Grants written without --traefik-config name 127.0.0.1:8081; check with a traefik.yml whose hop
+    is elsewhere said ok. `mapping upgrade` with that file moves them onto Traefik's port."""
+    services()
+    routheon("key", "add", BOTH, "--service", "smol", "--service", "gemma")
+    assert read_grants(folder).hop_port == 8081
+    etc = tmp_path_factory.mktemp("etc")
+    config = etc / "traefik.yml"
+    config.write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n  routheon-hop: {address: '127.0.0.1:27181'}\n")
+    unchecked = run_routheon("mapping", "check", "--no-connect")
+    assert unchecked.returncode == 0
+    assert "routheon-grants.yml: warning: sends granted requests to 127.0.0.1:8081, unchecked" in unchecked.stdout
+    checked = run_routheon("mapping", "check", "--no-connect", "--traefik-config", str(config))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert (
+        f"routheon-grants.yml: error: sends granted requests to 127.0.0.1:8081, but the routheon-hop entry point of"
+        f" {config} listens on 127.0.0.1:27181"
+    ) in checked.stdout
+    assert f"routheon mapping upgrade --traefik-config {config}" in checked.stdout
+    listed = run_routheon("key", "list", "--traefik-config", str(config))
+    assert listed.returncode == 1 and "listens on 127.0.0.1:27181" in listed.stderr
+    routheon("mapping", "upgrade", "--traefik-config", str(config))
+    assert read_grants(folder).hop_port == 27181 and read_grants(folder).models_of(BOTH)
+    assert run_routheon("mapping", "check", "--no-connect", "--traefik-config", str(config)).returncode == 0
+    config.write_text("entryPoints:\n  llama-servers: {address: ':8080'}\n  routheon-hop: {address: ':27181'}\n")
+    exposed = run_routheon("mapping", "check", "--no-connect", "--traefik-config", str(config))
+    assert exposed.returncode == 1 and f"{config}: error: " in exposed.stdout and "(every interface)" in exposed.stdout
+
 
 
 # Hand-edited key files that Traefik applies and `mapping check` passes: Traefik reads only the

@@ -67,6 +67,7 @@ def test_health_names_broken_files(tmp_path: Path, folder: Path) -> None:
         healthy = health(server)
         assert healthy["status"] == "ok"
         assert healthy["mappings"].pop("traefik")["version"]
+        assert healthy["mappings"].pop("hop") == {"state": "off", "url": "", "reason": ""}  # no grants file
         warnings = healthy["mappings"].pop("warnings")
         assert {warning["file"] for warning in warnings} == {"good.yml"}
         assert any("every user can read it" in warning["message"] for warning in warnings)

@@ -33,7 +33,7 @@ from routheon.mappings.folder import (
     Folder,
     read_folder,
 )
-from routheon.mappings.grants import GRANTS_FILE, GrantedService, Grants
+from routheon.mappings.grants import GRANTS_FILE, HOP_ENTRY_POINT, HOP_PORT, GrantedService, Grants
 from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, InputError, MappingFormatError, MappingSpec
 from routheon.mappings.keys import InvalidKeyError, generate_key, key_warnings, mask_key, mask_url
 from routheon.mappings.rules import rule_keys
@@ -41,10 +41,12 @@ from routheon.mappings.verdict import (
     DEFAULT_TIMEOUT,
     DEFAULT_TRAEFIK_CONFIG,
     TRAEFIK_ENV,
+    HopError,
     VerdictUnavailable,
     ask_traefik,
     entry_points_of,
     find_traefik,
+    hop_findings,
     hop_port_of,
     judged,
     remove_private_copies,
@@ -239,15 +241,31 @@ def _traefik_config(args: argparse.Namespace) -> Path | None:
     return config
 
 
-def _hop_port(args: argparse.Namespace) -> int | None:
-    """routheon-hop's port from --traefik-config, for the grants file; None when there is no such file."""
+def _hop_port(args: argparse.Namespace, granting: bool = False) -> int | None:
+    """routheon-hop's port from Traefik's static file, for the grants file; None keeps the one it names.
+
+    A command that grants (``key add``, ``mapping add --model``) refuses a static file whose
+    hop is missing or listens beyond 127.0.0.1, and says when there is no static file to ask.
+    A revocation never fails for it: the grants file keeps its port, with a warning.
+    """
     config = _traefik_config(args)
-    if config is None or not config.is_file():
+    if config is None:
+        if granting:
+            log.warning(
+                "no Traefik static configuration (--traefik-config FILE; %s is not there): %s keeps the hop"
+                " port it names (%d when new), unchecked against Traefik's %s entry point",
+                DEFAULT_TRAEFIK_CONFIG, GRANTS_FILE, HOP_PORT, HOP_ENTRY_POINT,
+            )
         return None
     try:
         return hop_port_of(config)
     except VerdictUnavailable as exc:
         raise CommandError(str(exc)) from None
+    except HopError as exc:
+        if granting:
+            raise CommandError(f"nothing was written: {exc}") from None
+        log.warning("%s; %s keeps the hop port it names", exc, GRANTS_FILE)
+        return None
 
 
 def _confirmation(folder: Path, args: argparse.Namespace) -> Confirmation:
@@ -317,7 +335,7 @@ def cmd_mapping_add(args: argparse.Namespace) -> int:
         backups=backups,
         confirm=confirmation,
         models=models,
-        hop_port=_hop_port(args),
+        hop_port=_hop_port(args, granting=models is not None),
         keep_keys=models is not None,
     )
     status = _report(changes, confirmation)
@@ -421,7 +439,7 @@ def cmd_mapping_prune(args: argparse.Namespace) -> int:
 def cmd_mapping_upgrade(args: argparse.Namespace) -> int:
     folder = _existing_folder(args.mappings)
     confirmation = _confirmation(folder, args)
-    changes = upgrade_mappings(folder, backups=_backups(args.backups), confirm=confirmation)
+    changes = upgrade_mappings(folder, backups=_backups(args.backups), confirm=confirmation, hop_port=_hop_port(args))
     status = _report([change for change in changes if change.action != "left"], confirmation)
     for change in changes:
         if change.action == "left":
@@ -432,8 +450,15 @@ def cmd_mapping_upgrade(args: argparse.Namespace) -> int:
 
 
 def _traefik_judges(folder: Folder, args: argparse.Namespace) -> tuple[Folder, str]:
-    """``folder``'s findings with Traefik's own verdict in them (or a warning saying why there is none),
-    and the verdict in words."""
+    """``folder``'s findings with Traefik's in them, and the verdict in words: its verdict (or a
+    warning saying why there is none), and whether the grants file sends to its hop."""
+    hop = hop_findings(folder, _traefik_config(args))
+    judged_folder, said = _verdict_of(folder, args)
+    findings = (*judged_folder.findings, *hop)
+    return Folder(judged_folder.path, judged_folder.files, findings, judged_folder.exists), said
+
+
+def _verdict_of(folder: Folder, args: argparse.Namespace) -> tuple[Folder, str]:
     binary = _traefik_binary(args)
     if _skips_traefik(args):
         return folder, "not asked of Traefik (--traefik none)"
@@ -495,7 +520,8 @@ def cmd_key_add(args: argparse.Namespace) -> int:
     confirmation = _confirmation(folder, args)
     try:
         changes = grant_keys(
-            folder, keys, args.service, backups=_backups(args.backups), confirm=confirmation, hop_port=_hop_port(args)
+            folder, keys, args.service, backups=_backups(args.backups), confirm=confirmation,
+            hop_port=_hop_port(args, granting=True),
         )
     except LookupError as exc:
         raise CommandError(str(exc).strip("'\"")) from None
@@ -747,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
             " Files that say more (other middlewares, rules, services, priorities, settings such as tls),"
             " share a key or a name with another file, are not named after their service or lie in a"
             " subfolder are named and left as they are; the command still succeeds (`mapping check` says"
-            " which of them are errors)."
+            " which of them are errors). routheon-grants.yml is rewritten as Routheon writes it now, onto the"
+            " port of the routheon-hop entry point of --traefik-config."
         ),
     )
     _add_folder_flags(upgrade, writes=True)

@@ -31,8 +31,8 @@ from routheon.mappings.format import (
 )
 from routheon.mappings.grants import (
     GRANTS_FILE,
-    GRANTS_ROUTER,
     HOP_SERVICE,
+    KEYLESS_ROUTERS,
     MODELS_ROUTER,
     SERVER_SERVICE,
     parse_grants,
@@ -76,7 +76,7 @@ def is_grants(mapping: MappingFile) -> bool:
 
 def is_grants_router(mapping: MappingFile, router: Router) -> bool:
     """The grants file's routers for every Bearer key: their rules hold no key by design."""
-    return is_grants(mapping) and router.name in (GRANTS_ROUTER, MODELS_ROUTER)
+    return is_grants(mapping) and router.name in KEYLESS_ROUTERS
 
 
 def _rule_findings(path: Path, router: str, rule: str, line: int | None) -> list[Finding]:
@@ -153,11 +153,12 @@ def _dangling_references(checked: Checked, defined: Definitions) -> list[Finding
             line = lines.get("http", "routers", router.name)
             if "@" not in router.service and router.service not in defined["services"]:
                 if is_grants_router(mapping, router) and router.service == SERVER_SERVICE:
-                    message = (
-                        f"router {router.name!r}: routheon-server.yml is not in the folder, so /v1/models with a"
-                        " granted key is not answered from the grants"
-                    )
-                    findings.append(Finding(mapping.path, message, WARNING, line))
+                    if router.name == MODELS_ROUTER:  # said once, for the router users notice
+                        message = (
+                            f"router {router.name!r}: routheon-server.yml is not in the folder, so /v1/models with a"
+                            " granted key is not answered from the grants"
+                        )
+                        findings.append(Finding(mapping.path, message, WARNING, line))
                     continue
                 message = f"router {router.name!r}: service {router.service!r} is not defined"
                 findings.append(Finding(mapping.path, message, ERROR, line))

@@ -53,6 +53,14 @@ HOP_IDLE_CONNECTIONS = 64
 HOP_REQUEST_BODY = "routheon-hop-request-body"
 HOP_ROUTER_PREFIX = "routheon-hop-"
 SERVER_SERVICE = "routheon-server"
+# routheon-server's /health proves the hop works: it asks its own HOP_PROBE_PATH through the
+# hop address of this file, with HOP_HEADER naming routheon-server; this router, on the hop
+# entry point only, sends that back to routheon-server (server/hop.py).
+HOP_PROBE_ROUTER = "routheon-grants-hop-probe"
+HOP_PROBE_PATH = "/health/hop"
+HOP_PROBE_RULE = f"Header(`{HOP_HEADER}`, `{SERVER_SERVICE}`) && Path(`{HOP_PROBE_PATH}`)"
+# The routers of this file that route without a key in their rule (the plugin checks keys by hash).
+KEYLESS_ROUTERS = (GRANTS_ROUTER, MODELS_ROUTER, HOP_PROBE_ROUTER)
 # Every router of a key file outranks both grants routers, so a key written in the original
 # format keeps its route: key routers have priority len(rule) (35 or more), their fallbacks
 # without error pages FALLBACK_PRIORITY (4). routheon-server.yml's 401 catch-all is 1.
@@ -264,6 +272,12 @@ def render_grants(grants: Grants) -> str:
         f"        - {grants.entry_point}",
         "      middlewares:",
         f"        - '{MODELS_ROUTER}'",
+        "    # routheon-server's /health asks itself through the hop: it works end to end.",
+        f"    '{HOP_PROBE_ROUTER}':",
+        f"      rule: '{HOP_PROBE_RULE}'",
+        f"      service: '{SERVER_SERVICE}'",
+        "      entryPoints:",
+        f"        - {HOP_ENTRY_POINT}",
     ]
     for service in grants.services:
         for suffix, middlewares, priority in (

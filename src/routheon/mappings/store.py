@@ -631,18 +631,23 @@ def _conflict(rendered: MappingFile, files: list[MappingFile]) -> str | None:
     return None
 
 
-def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None) -> list[Change]:
+def upgrade_mappings(
+    folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: Confirm | None = None, hop_port: int | None = None
+) -> list[Change]:
     """Rewrite every key file in an older format as ``routheon mapping add`` writes it today.
 
     Files of an earlier Routheon or of routheon-server 1.0.x (``_upgrade_of``) gain what they
     lack (each key's guard, the request-body middleware, error pages), keys and URLs unchanged;
     the rest are named and left as they are: those that say more, those in subfolders (where
-    Routheon does not write), and those whose rewrite would clash with another file.
+    Routheon does not write), and those whose rewrite would clash with another file. The grants
+    file is rewritten as today's Routheon writes it (the probe router of /health's hop check),
+    onto ``hop_port`` when that is given (Traefik's routheon-hop port).
     """
     with folder_lock(folder):
         steps: list[_Step] = []
         left: list[Change] = []
         files = _parsed_files(folder)
+        steps += _grants_upgrade(folder, hop_port, left)
         for mapping in files:
             if mapping.path.name == GRANTS_FILE or not mapping.key_clauses():
                 continue
@@ -663,6 +668,21 @@ def upgrade_mappings(folder: Path, *, backups: int = DEFAULT_BACKUPS, confirm: C
             if _read_bytes(mapping.path) != text.encode("utf-8"):
                 steps.append(_Step(mapping.path, text.encode("utf-8"), "upgraded"))
         return _with_pruning(folder, _apply(steps, confirm, backups), backups) + left
+
+
+def _grants_upgrade(folder: Path, hop_port: int | None, left: list[Change]) -> list[_Step]:
+    """The grants file as Routheon writes it today, when that differs from the file; a broken one is ``left``."""
+    path = folder / GRANTS_FILE
+    if not path.exists():
+        return []
+    try:
+        grants = _on_hop_port(read_grants(folder), hop_port)
+    except ValueError as exc:
+        left.append(Change("left", path, f"{str(exc).removeprefix(f'{GRANTS_FILE}: ')}; see `routheon mapping check`"))
+        return []
+    _refuse_unsafe(path)
+    data = render_grants(grants).encode("utf-8")
+    return [] if _read_bytes(path) == data else [_Step(path, data, "upgraded")]
 
 
 def prune(folder: Path, keep: int = DEFAULT_BACKUPS) -> list[Change]:

@@ -36,15 +36,24 @@ from typing import Any
 import yaml
 
 from routheon.mappings.folder import ERROR, WARNING, Finding, Folder, read_plain_file, traefik_paths
-from routheon.mappings.format import ENTRY_POINT, ERRORS_MIDDLEWARE, MappingFormatError, Router, fallback_router
+from routheon.mappings.format import (
+    ENTRY_POINT,
+    ERRORS_MIDDLEWARE,
+    InputError,
+    MappingFormatError,
+    Router,
+    fallback_router,
+)
 from routheon.mappings.grants import (
     GRANTS_FILE,
-    GRANTS_ROUTER,
     HOP_ENTRY_POINT,
-    MODELS_ROUTER,
+    HOP_HEADER,
+    HOP_HOST,
+    KEYLESS_ROUTERS,
     PLUGIN_MODULE,
     PLUGIN_NAME,
     SERVER_SERVICE,
+    parse_grants,
 )
 from routheon.mappings.keys import redact, secrets_in
 from routheon.mappings.rules import rule_keys, selects_by_key
@@ -148,16 +157,75 @@ def entry_points_of(static_config: Path | None) -> tuple[str, ...]:
     return tuple(str(name) for name in _entry_points(static_config)) or (ENTRY_POINT,)
 
 
-def hop_port_of(static_config: Path | None) -> int | None:
-    """The port of the ``routheon-hop`` entry point in a Traefik static file; None when it has none.
+class HopError(InputError):
+    """Traefik's static file has no routheon-hop entry point that the grants file can send to."""
 
-    The grants file names it, so the plugin's requests come back to that entry point. A file
-    without it says nothing about the port: the grants file keeps the one it has.
+
+_ADDRESS = re.compile(r"(?P<host>.*):(?P<port>\d{1,5})(?:/tcp)?")
+
+
+def hop_port_of(static_config: Path) -> int:
+    """The port of the ``routheon-hop`` entry point in a Traefik static file, for the grants file.
+
+    HopError when it has none (Traefik would disable every hop router: no granted key routes)
+    or when it listens beyond 127.0.0.1: the hop trusts the header that names a key's service,
+    so whoever reaches it uses any service without a key (``":27181"`` is every interface).
     """
     settings = _entry_points(static_config).get(HOP_ENTRY_POINT)
-    address = settings.get("address") if isinstance(settings, dict) else None
-    port = str(address).rpartition(":")[2] if address else ""
-    return int(port) if port.isdigit() and 0 < int(port) < 65536 else None
+    if settings is None:
+        raise HopError(
+            f"{static_config} has no {HOP_ENTRY_POINT} entry point, so Traefik disables the hop routers of"
+            f" {GRANTS_FILE} and no granted key routes: add it as traefik/traefik.yml has it"
+            f" (address: \"{HOP_HOST}:8081\", or another free port)"
+        )
+    address = str(settings.get("address", "")) if isinstance(settings, dict) else ""
+    match = _ADDRESS.fullmatch(address)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise HopError(f"{static_config}: the {HOP_ENTRY_POINT} entry point's address {address!r} is not HOST:PORT")
+    if match["host"] != HOP_HOST:
+        where = "every interface" if match["host"] in ("", "0.0.0.0", "[::]", "::") else match["host"]
+        raise HopError(
+            f"{static_config}: the {HOP_ENTRY_POINT} entry point listens on {address!r} ({where}): it trusts the"
+            f" {HOP_HEADER} header that names a key's service, so whoever reaches it uses any service without a"
+            f" key; make it \"{HOP_HOST}:{match['port']}\" ({GRANTS_FILE} sends to {HOP_HOST} only)"
+        )
+    return int(match["port"])
+
+
+def hop_findings(folder: Folder, static_config: Path | None) -> list[Finding]:
+    """Whether the grants file sends granted requests where Traefik's routheon-hop listens.
+
+    Written without --traefik-config, the grants file named 127.0.0.1:8081 whatever traefik.yml
+    said: granted requests went to whatever listens there (on a shared host, another Traefik's
+    hop, which trusts the header too). routheon-server's /health proves the hop end to end.
+    """
+    grants_file = next((mapping for mapping in folder.files if mapping.path == folder.path / GRANTS_FILE), None)
+    if grants_file is None:
+        return []
+    try:
+        grants = parse_grants(grants_file.text)
+    except ValueError:
+        return []  # reported with the file's other problems
+    sends_to = f"{HOP_HOST}:{grants.hop_port}"
+    if static_config is None:
+        message = (
+            f"sends granted requests to {sends_to}, unchecked: no Traefik static configuration to compare"
+            f" (--traefik-config FILE; {DEFAULT_TRAEFIK_CONFIG} is not there). routheon-server's /health"
+            " says whether the hop works"
+        )
+        return [Finding(grants_file.path, message, WARNING)]
+    try:
+        port = hop_port_of(static_config)
+    except HopError as exc:
+        return [Finding(static_config, str(exc))]
+    if port != grants.hop_port:
+        message = (
+            f"sends granted requests to {sends_to}, but the {HOP_ENTRY_POINT} entry point of {static_config}"
+            f" listens on {HOP_HOST}:{port}: they go to whatever listens on {sends_to}; `routheon mapping"
+            f" upgrade --traefik-config {static_config}` rewrites {GRANTS_FILE} onto Traefik's port"
+        )
+        return [Finding(grants_file.path, message)]
+    return []
 
 
 def find_plugins(static_config: Path | None = None) -> Path | None:
@@ -476,7 +544,7 @@ def _router_findings(folder: Folder, verdict: Verdict) -> list[Finding]:
             and fallback_router(router.name) in enabled
         ):
             continue  # its keys route through the fallback until routheon-server.yml is in
-        grants_router = path.name == GRANTS_FILE and router.name in (GRANTS_ROUTER, MODELS_ROUTER)
+        grants_router = path.name == GRANTS_FILE and router.name in KEYLESS_ROUTERS
         if (
             not router.enabled
             and grants_router

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from routheon import __version__
 from routheon.mappings.folder import Finding
-from routheon.mappings.grants import GRANTED_MODELS_HEADER
+from routheon.mappings.grants import GRANTED_MODELS_HEADER, HOP_PROBE_PATH
 from routheon.mappings.format import ENTRY_POINT
 from routheon.mappings.verdict import (
     DEFAULT_TRAEFIK_CONFIG,
@@ -27,6 +27,7 @@ from routheon.mappings.verdict import (
 from routheon.server import errors
 from routheon.server.config import ServerConfig
 from routheon.server.discovery import FolderWatch
+from routheon.server.hop import MAX_NONCE, HopProbe, hop_url
 from routheon.server.key_models import KeyModels
 from routheon.server.models import TTL, ModelCatalog
 from routheon.server.stats import StatsConfig, StatsService
@@ -38,6 +39,7 @@ FOLDER = web.AppKey("folder", FolderWatch)
 CATALOG = web.AppKey("catalog", ModelCatalog)
 STATS = web.AppKey("stats", StatsService)
 KEY_MODELS = web.AppKey("key_models", KeyModels)
+HOP = web.AppKey("hop", HopProbe)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -133,9 +135,10 @@ async def health(request: web.Request) -> web.Response:
     where they enter Routheon, in verdict.ask_traefik).
     """
     folder = await request.app[FOLDER].current()
+    hop = await request.app[HOP].state(hop_url(folder))
     return _json(
         {
-            "status": "ok" if folder.exists and not folder.errors else "degraded",
+            "status": "ok" if folder.exists and not folder.errors and hop.state != "failed" else "degraded",
             "version": __version__,
             "mappings": {
                 "folder": str(folder.path),
@@ -144,9 +147,18 @@ async def health(request: web.Request) -> web.Response:
                 "problems": [_problem_json(problem, folder.path) for problem in folder.errors],
                 "warnings": [_problem_json(problem, folder.path) for problem in folder.warnings],
                 "traefik": dataclasses.asdict(request.app[FOLDER].verdict),
+                "hop": dataclasses.asdict(hop),
             },
         }
     )
+
+
+async def hop_probe(request: web.Request) -> web.Response:
+    """The answer /health's hop probe expects when it comes back through Traefik (server/hop.py)."""
+    nonce = request.query.get("nonce", "")
+    if not 0 < len(nonce) <= MAX_NONCE:
+        return errors.not_found(request.path).response()
+    return _json({"hop": request.app[HOP].proof(nonce)})
 
 
 async def error_page(request: web.Request) -> web.Response:
@@ -175,6 +187,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None))
     app[FOLDER] = folder
     app[KEY_MODELS] = KeyModels(config.mappings)
+    app[HOP] = HopProbe(session, max_age=TTL)
     app[CATALOG] = ModelCatalog(folder, session, config.mapping_timeout)
     await app[STATS].start()
     await folder.current()  # reports a missing folder or broken files at start-up
@@ -194,5 +207,6 @@ def create_app(config: ServerConfig, stats_config: StatsConfig | None = None) ->
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/stats", stats)
     app.router.add_get("/health", health)
+    app.router.add_get(HOP_PROBE_PATH, hop_probe)
     app.router.add_route("*", "/errors/{status}", error_page)
     return app
