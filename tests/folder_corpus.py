@@ -9,6 +9,10 @@ or ``check`` must report the router as one it cannot manage (``unmanaged``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from routheon.mappings.format import MappingSpec
+from routheon.mappings.store import add_mapping
 
 
 @dataclass(frozen=True)
@@ -98,3 +102,14 @@ CASES = (
     Case("key clause joined with a path test", "and.yml", _router("and", "Header(`Authorization`, `Bearer sk-and-00000000000`) && PathPrefix(`/v1`)"),
          True, ("sk-and-00000000000",), unmanaged=True),
 )
+
+
+def folder_with(root: Path, case: Case, key: str) -> Path:
+    """``root/mappings``: a valid key mapping routing ``key``, and the case's file beside it."""
+    folder = root / "mappings"
+    folder.mkdir()
+    add_mapping(folder, MappingSpec("valid", ("http://127.0.0.1:8011",), (key,)))
+    target = folder / case.file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(case.text, encoding="utf-8")
+    return folder

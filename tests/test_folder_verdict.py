@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from folder_corpus import ALIASES, CASES, Case
+from folder_corpus import ALIASES, CASES, Case, folder_with
 from routheon import cli
 from routheon.mappings.check import inspect_folder
 from routheon.mappings.folder import read_folder
@@ -25,16 +25,6 @@ pytestmark = pytest.mark.traefik
 KEY = "sk-corpus-valid-key-0000"
 
 
-def _folder_with(tmp_path: Path, case: Case) -> Path:
-    folder = tmp_path / "mappings"
-    folder.mkdir()
-    add_mapping(folder, MappingSpec("valid", ("http://127.0.0.1:8011",), (KEY,)))
-    target = folder / case.file
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(case.text, encoding="utf-8")
-    return folder
-
-
 def _check(folder: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
     code = cli.main(["mapping", "check", "--no-connect", "--mappings", str(folder), *extra])
     captured = capsys.readouterr()
@@ -43,7 +33,7 @@ def _check(folder: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tup
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_check_says_what_traefik_does(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: Case) -> None:
-    folder = _folder_with(tmp_path, case)
+    folder = folder_with(tmp_path, case, KEY)
     code, output = _check(folder, capsys)
     assert ("rejects the whole folder" not in output) == case.applied, output
     if not case.applied:
@@ -59,13 +49,13 @@ def test_check_says_what_traefik_does(tmp_path: Path, capsys: pytest.CaptureFixt
 
 @pytest.mark.parametrize("case", [case for case in CASES if case.applied], ids=lambda case: case.name)
 def test_routheons_reader_never_calls_a_folder_traefik_applies_rejected(tmp_path: Path, case: Case) -> None:
-    folder = _folder_with(tmp_path, case)
+    folder = folder_with(tmp_path, case, KEY)
     assert [str(finding) for finding in inspect_folder(folder).findings if finding.rejects] == []
 
 
 def test_a_key_in_a_parked_subfolder_is_listed_and_revocable(tmp_path: Path) -> None:
     (parked,) = [case for case in CASES if case.file.startswith("disabled/")]
-    folder = _folder_with(tmp_path, parked)
+    folder = folder_with(tmp_path, parked, KEY)
     assert cli.main(["mapping", "remove", "--key", parked.keys[0], "--mappings", str(folder)]) == 0
     assert not (folder / parked.file).exists()
 

@@ -14,26 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from folder_corpus import CASES, LEAK, LEAK_TAIL, Case
-from routheon.mappings.format import MappingSpec
+from folder_corpus import CASES, LEAK, LEAK_TAIL, Case, folder_with
 from routheon.mappings.keys import REDACTED, redact, secrets_in
-from routheon.mappings.store import add_mapping
 from routheon.supervisor import eventually
 from server_helpers import serving
 from support import request, run_routheon
 
 LEAKY = [case for case in CASES if LEAK in case.text]
 VALID_KEY = "sk-valid-key-abcdefghijkl"
-
-
-def _folder_with(tmp_path: Path, case: Case) -> Path:
-    folder = tmp_path / "mappings"
-    folder.mkdir()
-    add_mapping(folder, MappingSpec("valid", ("http://127.0.0.1:8011",), (VALID_KEY,)))
-    target = folder / case.file
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(case.text, encoding="utf-8")
-    return folder
 
 
 def _health_once_judged(folder: Path, case: Case) -> tuple[str, str]:
@@ -58,7 +46,7 @@ def test_the_corpus_holds_the_kinds_of_broken_files_with_keys() -> None:
 @pytest.mark.traefik
 @pytest.mark.parametrize("case", LEAKY, ids=[case.name for case in LEAKY])
 def test_no_output_shows_the_key_of_a_broken_file(tmp_path: Path, case: Case) -> None:
-    folder = _folder_with(tmp_path, case)
+    folder = folder_with(tmp_path, case, VALID_KEY)
     health, log = _health_once_judged(folder, case)
     at = ("--mappings", str(folder))
     commands = {
