@@ -6,6 +6,7 @@ Helpers that are plain functions live in ``support.py`` (HTTP requests), ``serve
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from server_helpers import Backends, running_backends
 
 from routheon.demo.llama import BuildError, CheckError, proven_llama_server
 from routheon.demo.models import CHECK_MODEL
+from routheon.supervisor import Supervisor
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +42,12 @@ def llama_server() -> Path:
     if binary is None:
         pytest.skip("llama-server is missing: run `make demo-assets` first")
     return binary
+
+
+@pytest.fixture
+def busy_cpu(tmp_path: Path) -> Iterator[None]:
+    """Two busy loops beside the test, as on a host whose CPUs run llama-server."""
+    with Supervisor(tmp_path / "busy-loops") as burners:
+        for n in (1, 2):
+            burners.start(f"busy-loop-{n}", [sys.executable, "-c", "while True: pass"])
+        yield

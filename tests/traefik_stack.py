@@ -94,7 +94,8 @@ class Stack:
         """The shipped traefik.yml, moved to a free loopback port and this stack's folder."""
         static = shipped_static_config()
         if self.response_timeout:
-            static["serversTransport"]["forwardingTimeouts"] = {"responseHeaderTimeout": self.response_timeout}
+            timeouts = {"responseHeaderTimeout": self.response_timeout}
+            static.setdefault("serversTransport", {})["forwardingTimeouts"] = timeouts
         ports = {ENTRY_POINT: self.port, HOP_ENTRY_POINT: self.hop_port}
         loopback = LoopbackTraefik(self.mappings, ports, log_level="INFO", throttle="200ms")
         return loopback.write(self.workdir / "traefik.yml", static)
@@ -151,7 +152,10 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start_backend(self, name: str, chunk_interval: float = 0.2, chunks: int = 5) -> Backend:
+    def start_backend(
+        self, name: str, chunk_interval: float = 0.2, chunks: int = 5, close_after_stream: bool = False
+    ) -> Backend:
+        """A fake llama-server; ``close_after_stream``: it closes connections after streams, as llama-server does."""
         port = free_port()
         proc = start_child(
             f"backend-{name}",
@@ -159,6 +163,7 @@ class Stack:
                 sys.executable, str(FAKE_LLAMA),
                 "--port", str(port), "--name", name,
                 "--chunks", str(chunks), "--chunk-interval", str(chunk_interval),
+                *(["--close-after-stream"] if close_after_stream else []),
             ],
             self.workdir / f"backend-{name}-{port}.log",
         )
