@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 COLOURS = {"routheon": "#1f77b4", "original": "#d62728", "floor": "#7f7f7f",
-           "direct": "#7f7f7f", "traefik": "#1f77b4", "traefik-bare": "#aec7e8", "traefik-reuse": "#9467bd",
+           "direct": "#7f7f7f", "traefik": "#1f77b4", "traefik-bare": "#aec7e8", "traefik-new-conn": "#9467bd",
            "litellm": "#ff7f0e"}
 
 

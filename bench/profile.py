@@ -33,14 +33,17 @@ class Profile:
     # one-key files per folder, with and without each key's guard (bench/keyfiles.py; its
     # lengths are model_route's)
     key_files: int
+    # mixed streamed and plain requests per path against a backend that closes after streams
+    # (bench/reuse.py)
+    reuse_requests: int
 
 
 FULL = Profile("full", duration_s=8, slow_duration_s=20, slow_timeout_s=30, connections=(1, 16),
                chat_requests=100, rps_rounds=3, rps_round_s=5, startup_runs=5, backends_many=20,
                soak_streams=2000, model_route_s=4, model_route_rounds=3, model_route_attempts=3,
-               key_files=1000)
+               key_files=1000, reuse_requests=10_000)
 QUICK = Profile("quick", duration_s=1, slow_duration_s=3, slow_timeout_s=5, connections=(1, 16),
                 chat_requests=3, rps_rounds=1, rps_round_s=1, startup_runs=1, backends_many=4,
                 soak_streams=5, model_route_s=1, model_route_rounds=1, model_route_attempts=1,
-                key_files=20)
+                key_files=20, reuse_requests=200)
 PROFILES = {profile.name: profile for profile in (FULL, QUICK)}

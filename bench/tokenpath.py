@@ -6,10 +6,11 @@ Four paths to the same backends, measured the same way:
 - traefik: Traefik with the repo's static config, routheon-server.yml (401 catch-all, error
   pages) and a key mapping as ``routheon mapping add`` writes it, errors middleware included;
 - traefik-bare: Traefik with one plain router per key and nothing else (same backend
-  connections as traefik.yml), to tell Traefik's own cost from that of Routheon's routers and
-  middlewares;
-- traefik-reuse: as traefik, but with Traefik's default connection reuse (requests/s against
-  the instant backend only: with llama-server's streams it fails, see traefik.yml);
+  connections as traefik.yml: reused), to tell Traefik's own cost from that of Routheon's
+  routers and middlewares;
+- traefik-new-conn: as traefik, but with a new connection to the backend for every request
+  (``maxIdleConnsPerHost: -1``, traefik.yml's setting until issue 21), requests/s against the
+  instant backend only: what reusing connections gains;
 - traefik-models: the same traefik.yml with Routheon's plugin and its second hop, and a grants
   file (``routheon-grants.yml``) granting one key both backends: the request's ``model`` picks
   the backend (docs/model-routing.md);
@@ -268,17 +269,16 @@ def write_traefik_mappings(stk: stack.Stack, routheon_url: str, keys: dict[str, 
     return folder
 
 
-def start_traefik(stk: stack.Stack, folder: Path, keys: dict[str, str], reuse: bool = False) -> tuple[Child, str]:
+def start_traefik(stk: stack.Stack, folder: Path, keys: dict[str, str], new_conn: bool = False) -> tuple[Child, str]:
     """Traefik with the repo's own static config on the mappings in ``folder``, on free ports.
 
-    ``reuse`` drops traefik.yml's ``serversTransport`` (Traefik's default connection reuse):
-    unsafe with llama-server's streams, measured against the instant backend only, to show
-    what the new connection per request costs.
+    ``new_conn`` gives every request a new connection to the backend (``maxIdleConnsPerHost:
+    -1``, as traefik.yml did until issue 21), to show what reusing connections gains.
     """
     static = shipped_static_config()
-    if reuse:
-        del static["serversTransport"]
-    proc, base = _run_traefik(stk, "traefik-reuse" if reuse else "traefik", static, folder, next(iter(keys)))
+    if new_conn:
+        static.setdefault("serversTransport", {})["maxIdleConnsPerHost"] = -1
+    proc, base = _run_traefik(stk, "traefik-new-conn" if new_conn else "traefik", static, folder, next(iter(keys)))
     _check_catch_all(base)
     return proc, base
 
@@ -295,10 +295,10 @@ def write_bare_mappings(folder: Path, keys: dict[str, str]) -> Path:
 
 
 def bare_static_config() -> dict:
-    """Of traefik.yml only what a plain Traefik shares with it: the providers' settings and the
-    connections to the backends (a new one per request), so the comparison is the routers'."""
+    """Of traefik.yml only what a plain Traefik shares with it: the providers' settings and
+    those of the connections to the backends, so the comparison is the routers'."""
     static = shipped_static_config()
-    return {key: static[key] for key in ("providers", "serversTransport")}
+    return {key: static[key] for key in ("providers", "serversTransport") if key in static}
 
 
 def start_bare_traefik(stk: stack.Stack, keys: dict[str, str]) -> tuple[Child, str]:
@@ -448,7 +448,7 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
         keys = {LLAMA_KEY: llama_url, FAKE_KEY: fake_url}
         folder = write_traefik_mappings(stk, routheon_url, keys)
         traefik, traefik_url = start_traefik(stk, folder, keys)
-        reusing, reusing_url = start_traefik(stk, folder, keys, reuse=True)
+        new_conn, new_conn_url = start_traefik(stk, folder, keys, new_conn=True)
         bare, bare_url = start_bare_traefik(stk, keys)
         hop_port = free_port()
         models_folder = write_model_mappings(stk, routheon_url, {"llama-server": (llama_url, LLAMA_MODEL),
@@ -482,8 +482,8 @@ def run(profile: Profile, workdir: Path, fake_llama: bool = False) -> dict:
              wrk.Request(f"{traefik_url}/v1/chat/completions", "POST", fake_key, body)),
             (Route("traefik-bare", bare_url, pid=bare.pid),
              wrk.Request(f"{bare_url}/v1/chat/completions", "POST", fake_key, body)),
-            (Route("traefik-reuse", reusing_url, pid=reusing.pid),
-             wrk.Request(f"{reusing_url}/v1/chat/completions", "POST", fake_key, body)),
+            (Route("traefik-new-conn", new_conn_url, pid=new_conn.pid),
+             wrk.Request(f"{new_conn_url}/v1/chat/completions", "POST", fake_key, body)),
             (via_models, wrk.Request(f"{models_url}/v1/chat/completions", "POST",
                                      {**post, **via_models.headers}, body)),
             (via_litellm, wrk.Request(f"{litellm_url}/v1/chat/completions", "POST",

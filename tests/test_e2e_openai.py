@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from bench.reuse import mixed_requests
 from routheon.demo.models import SMOLLM2
 from routheon.demo.stack import Backend, Stack, StackConfig
 from routheon.loopback import LOOPBACK, free_port
@@ -107,13 +107,14 @@ def test_streaming_answers_with_text(stack: Stack) -> None:
 
 
 def test_llama_server_closes_the_connection_after_a_stream(stack: Stack) -> None:
-    """Why traefik.yml opens a new connection per request (``maxIdleConnsPerHost: -1``).
+    """Why every key's guard sends a request again that failed on a reused connection.
 
     llama-server answers a streamed completion with ``Keep-Alive: timeout=5, max=100`` and then
     closes the connection anyway: its stream callback returns false after the last chunk, which
     cpp-httplib takes as "cancelled". A proxy that reuses that connection sends its next request
-    into a closing socket (Traefik answers 502 or 500). Plain answers keep the connection open.
-    If this test fails after a llama.cpp upgrade, the bug is fixed and reuse can come back.
+    into a closing socket (Traefik answers 502 or 500), which Routheon's plugin replays
+    (traefik.yml, docs/production.md "Connections to llama-server"). Plain answers keep the
+    connection open. If this test fails after a llama.cpp upgrade, the bug is fixed there.
     """
     backend = stack.config.backends[0]
     conn = http.client.HTTPConnection(LOOPBACK, backend.port, timeout=60)
@@ -135,16 +136,7 @@ def test_llama_server_closes_the_connection_after_a_stream(stack: Stack) -> None
     finally:
         conn.close()
     pytest.fail(f"{stack.config.llama_server} kept the connection open after a stream: the bug that "
-                "traefik.yml's maxIdleConnsPerHost: -1 works around is fixed there; reconsider the setting")
-
-
-@pytest.fixture
-def busy_cpu(tmp_path: Path) -> Iterator[None]:
-    """Two busy loops beside the stack, as on a host whose CPUs run llama-server."""
-    with Supervisor(tmp_path / "busy-loops") as burners:
-        for n in (1, 2):
-            burners.start(f"busy-loop-{n}", [sys.executable, "-c", "while True: pass"])
-        yield
+                "the guard's replay (traefik/plugins-local/.../replay.go) works around is fixed there")
 
 
 def _stream_many(sdk: openai.OpenAI, count: int, clients: int) -> list[str]:
@@ -175,6 +167,17 @@ def test_streams_arrive_whole_with_the_cpu_busy(stack: Stack, busy_cpu: None, cl
     """
     failures = _stream_many(client(stack, KEY_1), 1000, clients)
     assert failures == [], f"{len(failures)} of 1000 streams broke; first: {failures[0]}"
+
+
+@pytest.mark.parametrize("key", [KEY_1, SHARED_KEY], ids=["key file", "granted key"])
+def test_streamed_and_plain_requests_on_reused_connections_lose_none_with_the_cpu_busy(
+    stack: Stack, busy_cpu: None, key: str
+) -> None:
+    """400 requests from two clients, streamed and plain in turn, through the shipped traefik.yml,
+    which reuses its connections to llama-server: none lost to the connections llama-server
+    closes after its streams (test_connection_reuse.py has the same against a stand-in)."""
+    result = mixed_requests(stack.config.entry_url, {"Authorization": f"Bearer {key}"}, 400, model=ALIAS_1)
+    assert result.failures == [], f"{len(result.failures)} of {result.requests} failed; first: {result.failures[:3]}"
 
 
 def test_a_wrong_key_is_an_authentication_error(stack: Stack) -> None:

@@ -238,7 +238,8 @@ def _key_router_warnings(checked: Checked) -> list[Finding]:
                 message = (
                     f"router {router.name!r} lets its keys reach every path of the backend (/slots, /metrics,"
                     f" POST /props) with request bodies of any size, where Routheon's guard allows the inference"
-                    f" API only and {MAX_REQUEST_BODY_BYTES >> 20} MiB (docs/production.md); {fix}"
+                    f" API only and {MAX_REQUEST_BODY_BYTES >> 20} MiB, and sends a request again that failed on a"
+                    f" connection llama-server had closed (docs/production.md); {fix}"
                 )
                 findings.append(Finding(mapping.path, message, WARNING, line))
     return findings

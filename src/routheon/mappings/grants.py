@@ -307,7 +307,7 @@ def render_grants(grants: Grants) -> str:
         "        servers:",
         f"          - url: '{hop}'",
         "  serversTransports:",
-        "    # Traefik to itself: connections are kept, unlike those to llama-server (traefik.yml).",
+        "    # Traefik to itself over loopback: connections are kept, up to this many idle ones.",
         f"    '{HOP_SERVICE}':",
         f"      maxIdleConnsPerHost: {HOP_IDLE_CONNECTIONS}",
     ]

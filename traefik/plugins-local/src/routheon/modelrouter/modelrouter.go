@@ -206,7 +206,7 @@ func (m *ModelRouter) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	}
 	if m.keysInRule {
 		setBody(req, pieces)
-		m.next.ServeHTTP(rw, req)
+		m.serveReplaying(rw, req) // the connection to llama-server: replay.go
 		return
 	}
 	// One service without declared models: today's behaviour, whatever the body says.
@@ -339,7 +339,9 @@ func (m *ModelRouter) readBody(req *http.Request) ([][]byte, error) {
 	}
 }
 
-// setBody makes the pieces the request's body, replayable (GetBody) for Traefik's proxy.
+// setBody makes the pieces the request's body, replayable for Traefik's proxy: GetBody, and
+// marked idempotent for Go's transport, which then resends it on a reused connection that
+// turns out closed (replay.go).
 func setBody(req *http.Request, pieces [][]byte) {
 	var length int64
 	for _, piece := range pieces {
@@ -356,6 +358,9 @@ func setBody(req *http.Request, pieces [][]byte) {
 	req.GetBody = open
 	req.ContentLength = length
 	req.TransferEncoding = nil
+	if _, sent := req.Header[idempotencyKey]; !sent {
+		req.Header[idempotencyKey] = nil
+	}
 	if length == 0 {
 		req.Body = http.NoBody
 	}
