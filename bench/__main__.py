@@ -12,12 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import env, keyfiles, machine, modelroute, report, servers, tokenpath
+from . import env, keyfiles, machine, modelroute, report, reuse, servers, tokenpath
 from .profile import PROFILES
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-PARTS = ("servers", "startup", "tokenpath", "modelroute", "keyfiles")
+PARTS = ("servers", "startup", "tokenpath", "reuse", "modelroute", "keyfiles")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             _save(results, out)
         if "tokenpath" in args.parts:
             results["tokenpath"] = tokenpath.run(profile, workdir, args.fake_llama)
+            _save(results, out)
+        if "reuse" in args.parts:
+            results["reuse"] = reuse.run_profile(profile, workdir)
             _save(results, out)
         if "modelroute" in args.parts:
             results["modelroute"] = modelroute.run_profile(profile, workdir)

@@ -112,6 +112,20 @@ def stream_rows(results: dict) -> list[list[str]]:
             for row in results.get("tokenpath", {}).get("streams", [])]
 
 
+def reuse_rows(results: dict) -> list[list[str]]:
+    """bench/reuse.py's paths: lost requests and backend connections, with the streams' share
+    (each stream costs a connection: the backend closes it) beside them."""
+    return [[row["path"], f"{row['requests']:,}", f"{row['streams']:,}", str(row["failed"]),
+             f"{row['backend_connections']:,}", f"{row['connections_per_request']:.3f}",
+             f"{_beyond_streams(row):.3f}", _num(row["rps"])]
+            for row in results.get("reuse", {}).get("rows", [])]
+
+
+def _beyond_streams(row: dict) -> float:
+    """Backend connections per request beyond the one each stream costs."""
+    return max(0, row["backend_connections"] - row["streams"]) / row["requests"]
+
+
 def model_route_rows(results: dict) -> list[list[str]]:
     """bench/modelroute.py's paths, each with its p50 above the single-service key's (per-key)."""
     rows = results.get("modelroute", {}).get("paths", [])
@@ -220,20 +234,42 @@ def goals(results: dict) -> list[dict]:
     share = None if not shares or None in shares else min(shares)
     out.append(_goal("/v1/models, every case: routheon ÷ floor req/s", ">= 50%", share,
                      share is not None and share >= 0.5, "–" if share is None else f"{share * 100:.0f}%"))
+    startup = results.get("startup", {})
+    if "routheon" in startup and "original" in startup:
+        ratio = _div(startup["routheon"]["median_s"], startup["original"]["median_s"])
+        out.append(_goal("start-up: routheon ÷ original (median, exec to first answer)", "<= 1.1×", ratio,
+                         ratio is not None and ratio <= 1.1, _ratio(ratio)))
     token = results.get("tokenpath", {})
     direct = _find(token.get("chat", []), path="direct", stream=True)
-    traefik = _find(token.get("chat", []), path="traefik", stream=True)
-    added = traefik["p50_ms"] - direct["p50_ms"] if direct and traefik else None
-    out.append(_goal("Traefik adds to time to first token (p50)", "<= 2 ms", added,
-                     added is not None and added <= 2, "–" if added is None else f"{added:+.2f} ms"))
+    for path, label in (("traefik", "key file"), ("traefik-models", "granted key")):
+        routed = _find(token.get("chat", []), path=path, stream=True)
+        added = routed["p50_ms"] - direct["p50_ms"] if direct and routed else None
+        out.append(_goal(f"Routheon adds to time to first token (p50), {label}", "<= +1.0 ms", added,
+                         added is not None and added <= 1.0, "–" if added is None else f"{added:+.2f} ms"))
     rps = token.get("rps", [])
-    ratios = []
-    for row in (r for r in rps if r["case"] == "chat" and r["path"] == "traefik"):
-        litellm = _find(rps, case="chat", path="litellm", connections=row["connections"])
-        ratios.append(_div(row["rps"], litellm["rps"]) if litellm else None)
-    ratio = None if not ratios or None in ratios else min(ratios)
-    out.append(_goal("token path: Routheon (Traefik) ÷ LiteLLM req/s", ">= 20×", ratio,
-                     ratio is not None and ratio >= 20, _ratio(ratio)))
+
+    def worst_chat_ratio(other: str) -> float | None:
+        ratios = []
+        for row in (r for r in rps if r["case"] == "chat" and r["path"] == "traefik"):
+            base = _find(rps, case="chat", path=other, connections=row["connections"])
+            ratios.append(_div(row["rps"], base["rps"]) if base else None)
+        return None if not ratios or None in ratios else min(ratios)
+
+    ratio = worst_chat_ratio("litellm")
+    out.append(_goal("token path: Routheon (Traefik) ÷ LiteLLM req/s", ">= 30×", ratio,
+                     ratio is not None and ratio >= 30, _ratio(ratio)))
+    ratio = worst_chat_ratio("traefik-bare")
+    out.append(_goal("token path: Routheon ÷ plain Traefik (connections reused) req/s", ">= 90%", ratio,
+                     ratio is not None and ratio >= 0.9, "–" if ratio is None else f"{ratio * 100:.0f}%"))
+    reuse = results.get("reuse", {}).get("rows", [])
+    for path, label in (("traefik", "key file"), ("traefik-models", "granted key")):
+        row = _find(reuse, path=path)
+        out.append(_goal(f"requests lost to a backend closing after streams, {label}", "0",
+                         None if row is None else row["failed"], row is not None and row["failed"] == 0,
+                         "–" if row is None else f"{row['failed']} of {row['requests']:,}"))
+        beyond = None if row is None else _beyond_streams(row)
+        out.append(_goal(f"backend connections per request beyond the streams', {label}", "<= 0.1", beyond,
+                         beyond is not None and beyond <= 0.1, "–" if beyond is None else f"{beyond:.3f}"))
     cut = _find(token.get("streams", []), path="traefik")
     out.append(_goal("streams broken through Routheon under CPU load", "0", None if cut is None else cut["broken"],
                      cut is not None and cut["broken"] == 0,
@@ -257,6 +293,10 @@ SECTIONS = (
     ("Token path: requests/s", ["case", "conns", "path", "req/s", "p50 ms", "p99 ms", "failed", "÷ LiteLLM", "proxy peak RSS MiB"], rps_rows),
     ("Token path: streams broken under CPU load (two busy loops, two-token streams, paths in turns)",
      ["path", "streams", "broken", "share"], stream_rows),
+    ("Connection reuse: a backend that closes after streams, as llama-server does (two clients, "
+     "streamed and plain in turn, two busy loops)",
+     ["path", "requests", "streams", "failed", "backend connections", "per request", "beyond the streams'", "req/s"],
+     reuse_rows),
     ("One key, many models: Traefik paths to the instant backend (wrk; p50 / p99 at 1 connection)",
      ["path", "p50 ms", "p99 ms", "p50 − per-key", "req/s (conns)", "RSS MiB", "failed"], model_route_rows),
     ("One key, many models: 10,000 keys over 20 services (s)", ["measure", "median", "min", "max", "runs"],

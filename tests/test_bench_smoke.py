@@ -102,6 +102,53 @@ def test_one_broken_stream_through_routheon_misses_its_goal() -> None:
     assert {item["goal"]: item for item in report.goals({})}[goal]["met"] is None
 
 
+def _reuse(path: str, failed: int, connections: int) -> dict:
+    return {"path": path, "requests": 10_000, "streams": 5_000, "failed": failed, "backend_connections": connections,
+            "connections_per_request": connections / 10_000, "rps": 120.0}
+
+
+def test_a_lost_request_or_a_new_connection_per_request_misses_the_reuse_goals() -> None:
+    results = {"reuse": {"rows": [_reuse("traefik", 0, 5_032), _reuse("traefik-models", 1, 10_000),
+                                  _reuse("traefik-bare", 74, 5_012)]}}
+    goals = {item["goal"]: item for item in report.goals(results)}
+    assert goals["requests lost to a backend closing after streams, key file"]["met"] is True
+    assert goals["backend connections per request beyond the streams', key file"]["shown"] == "0.003"
+    assert goals["requests lost to a backend closing after streams, granted key"]["shown"] == "1 of 10,000"
+    assert goals["requests lost to a backend closing after streams, granted key"]["met"] is False
+    assert goals["backend connections per request beyond the streams', granted key"]["met"] is False
+    assert report.reuse_rows(results)[2] == ["traefik-bare", "10,000", "5,000", "74", "5,012", "0.501", "0.001", "120"]
+
+
+def test_token_path_goals_hold_routheon_against_plain_traefik_and_direct() -> None:
+    chat = [{"path": path, "stream": True, "p50_ms": p50} for path, p50 in
+            (("direct", 16.8), ("traefik", 17.6), ("traefik-models", 18.0))]
+    rps = [{"case": "chat", "path": path, "connections": 1, "rps": value} for path, value in
+           (("traefik", 3000), ("traefik-bare", 3200), ("litellm", 90))]
+    results = {"tokenpath": {"chat": chat, "rps": rps},
+               "startup": {"routheon": {"median_s": 0.2}, "original": {"median_s": 0.146}}}
+    goals = {item["goal"]: item for item in report.goals(results)}
+    assert goals["Routheon adds to time to first token (p50), key file"]["met"] is True
+    assert goals["Routheon adds to time to first token (p50), granted key"]["shown"] == "+1.20 ms"
+    assert goals["Routheon adds to time to first token (p50), granted key"]["met"] is False
+    assert goals["token path: Routheon ÷ plain Traefik (connections reused) req/s"]["shown"] == "94%"
+    assert goals["token path: Routheon (Traefik) ÷ LiteLLM req/s"]["met"] is True
+    assert goals["start-up: routheon ÷ original (median, exec to first answer)"]["met"] is False
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_quick_run_measures_connection_reuse(tmp_path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "reuse", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["reuse"]["rows"]
+    assert [row["path"] for row in rows] == ["traefik", "traefik-models", "traefik-bare"]
+    assert all(row["requests"] == 200 and row["streams"] == 100 and row["backend_connections"] > 0 for row in rows)
+    assert "Connection reuse" in proc.stdout
+
+
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_instant_backend_answers_what_the_python_fakes_answer(tmp_path) -> None:
     """The C++ stand-in for llama-server builds from the pinned source and serves the bodies
