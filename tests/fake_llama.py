@@ -15,7 +15,8 @@ completion token per chunk. As llama-server does, a stream carries its usage eve
 (``"choices": []``) only when asked (``stream_options.include_usage``); ``/v1/embeddings`` counts
 prompt tokens only, and llama.cpp's own ``/completion`` answers ``tokens_evaluated`` and
 ``tokens_predicted``. A body's ``"fault"`` makes a bad backend: ``garbage`` (a broken usage
-object), ``no_usage``, or ``huge`` (megabytes of text around the usage).
+object), ``no_usage``, or ``huge`` (megabytes of text around the usage); ``trickle`` sends an
+answer a few bytes at a time, so that keys and events arrive split between reads.
 """
 
 from __future__ import annotations
@@ -65,12 +66,25 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         usage = usage_of(body, chunks)
+        trickle = body.get("fault") == "trickle"
+
+        async def send(response: web.StreamResponse, data: bytes) -> None:
+            for start in range(0, len(data), 3 if trickle else len(data)):
+                await response.write(data[start:start + 3] if trickle else data)
+                if trickle:
+                    await asyncio.sleep(0.002)
+
         if not body.get("stream"):
             message = {"role": "assistant", "content": f"hello from {name}"}
             answer = {"object": "chat.completion", "model": name, "choices": [{"index": 0, "message": message}],
                       "usage": usage}
-            return web.Response(body=with_fault(answer, body.get("fault")), headers=headers,
-                                content_type="application/json")
+            data = with_fault(answer, body.get("fault"))
+            if not trickle:
+                return web.Response(body=data, headers=headers, content_type="application/json")
+            trickled = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
+            await trickled.prepare(request)
+            await send(trickled, data)
+            return trickled
         response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await response.prepare(request)
         for index in range(chunks):
@@ -85,11 +99,11 @@ def build_app(name: str, chunks: int, chunk_interval: float) -> web.Application:
                 "sent_at": time.time(),
                 "choices": [{"index": 0, "delta": {"content": f"{index} "}}],
             }
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await send(response, f"data: {json.dumps(chunk)}\n\n".encode())
         if (body.get("stream_options") or {}).get("include_usage"):
             last = {"object": "chat.completion.chunk", "model": name, "choices": [], "usage": usage}
-            await response.write(b"data: " + with_fault(last, body.get("fault")) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+            await send(response, b"data: " + with_fault(last, body.get("fault")) + b"\n\n")
+        await send(response, b"data: [DONE]\n\n")
         return response
 
     async def embeddings(request: web.Request) -> web.Response:

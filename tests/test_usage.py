@@ -213,6 +213,19 @@ def test_a_bad_backend_is_counted_as_such_and_its_answer_passes_unharmed(
     assert tokens(record) == ((None, None) if outcome == "no_usage" else expected(streamed))
 
 
+def test_an_answer_arriving_a_few_bytes_at_a_time_is_counted(stack: Stack) -> None:
+    """Its "usage": key, numbers and events are split between writes: what each write carries
+    over finds the key, and the usage event is held whole until it can be taken out."""
+    body = {"model": "trickled", "messages": MESSAGES, "fault": "trickle"}
+    assert chat(stack, ANY_KEY, body).json()["usage"]["prompt_tokens"] == expected(body)[0]
+    assert tokens(record_of(stack, "trickled")) == expected(body)
+    streamed = {**body, "model": "trickled-stream", "stream": True}
+    events = [event for event in chat(stack, ANY_KEY, streamed).body.split(b"\n\n") if event]
+    assert events[-1] == b"data: [DONE]" and len(events) == CHUNKS + 1
+    assert all(json.loads(event.removeprefix(b"data: "))["choices"] for event in events[:-1])
+    assert tokens(record_of(stack, "trickled-stream")) == expected(streamed)
+
+
 def test_refusals_and_errors_of_a_known_key_are_recorded_and_unknown_keys_are_not(stack: Stack) -> None:
     assert chat(stack, KEY, {"model": "no-such-model"}).status == 404
     record = record_of(stack, "no-such-model")

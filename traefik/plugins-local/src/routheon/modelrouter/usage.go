@@ -5,8 +5,12 @@
 // goes on at once and is flushed), and hands one record per request to the folder's writer.
 // Design and record format: docs/usage.md.
 //
-// Written for Yaegi: per request and per Write only a few statements run interpreted; the
-// scanning (bytes.LastIndex) and decoding (encoding/json) run compiled.
+// Written for Yaegi, where every interpreted statement allocates (a few reflect.Values each):
+// a Write only copies and searches (bytes.LastIndex, compiled) and the tokens are decoded
+// once, when the answer ends (encoding/json, compiled). Measured with Yaegi 0.16.1 (Traefik
+// 3.7.15's) on a plain answer: about 700 allocations more per request than without
+// accounting, three quarters of them the wrapper's calls, the record and the body's fields;
+// the cost in Traefik is in docs/usage.md, "Cost".
 package modelrouter
 
 import (
@@ -28,14 +32,13 @@ import (
 const (
 	// What a Write keeps of the previous one: a key split across two writes is found.
 	carrySize = 64
-	// At most this much of a usage object (or count) split across writes is kept: llama-server's
-	// is about 150 bytes.
+	// What is kept of an answer from its last token key on, to be read when the answer ends:
+	// llama-server's usage object is about 150 bytes, its counts are next to each other.
 	captureLimit = 4096
 	// While the usage event is taken out of a stream, an unfinished event is held until its end;
 	// one longer than this is no event Routheon knows, and the stream is passed on unparsed.
 	eventLimit = 64 << 10
-	// The writer wakes for new records at most this often: records reach the file about this
-	// long after their request ended, and a busy Traefik writes one batch per pause.
+	// How often the writer writes what waits (see run).
 	flushPause = 50 * time.Millisecond
 	// Records waiting for a stuck disk beyond this many bytes are dropped (and said so).
 	pendingLimit = 16 << 20
@@ -46,11 +49,15 @@ const (
 )
 
 var (
-	usageKey     = []byte(`"usage":`)
+	usageKey    = []byte(`"usage":`)
+	modelField  = []byte(`"model"`)
+	streamField = []byte(`"stream"`)
+	// llama.cpp's own counts (its /completion): "tokens_predicted":N,"tokens_evaluated":N
+	countsKey    = []byte(`"tokens_`)
 	evaluatedKey = []byte(`"tokens_evaluated":`)
 	predictedKey = []byte(`"tokens_predicted":`)
-	// the end of an OpenAI-style stream: a client may hang up once it has it, before the proxy
-	// has read the end of the answer
+	// the end of an OpenAI-style stream (in the last bytes of the answer): a client may hang up
+	// once it has it, before the proxy has read the end of the answer
 	doneEvent = []byte("data: [DONE]")
 	// llama-server's usage event of a stream: `data: {"choices":[],...,"usage":{...}}`; json.dumps
 	// (Python backends) writes a space after the colon
@@ -71,13 +78,12 @@ var (
 	watchShutdown sync.Once
 )
 
-// usageLog queues whole lines per UTC day and appends them to <folder>/<day>.<pid>.jsonl.
+// usageLog queues whole lines of one UTC day and appends them to <folder>/<day>.<pid>.jsonl.
 type usageLog struct {
 	folder  string
-	wake    chan struct{}
 	mu      sync.Mutex
-	pending map[string][]byte
-	size    int
+	day     string
+	pending []byte
 	dropped int
 	// set once Traefik is told to stop: each record is then written before its request ends
 	direct   bool
@@ -99,7 +105,7 @@ func openUsage(folder string) (*usageLog, error) {
 	defer usageLogsMu.Unlock()
 	log := usageLogs[folder]
 	if log == nil {
-		log = &usageLog{folder: folder, wake: make(chan struct{}, 1), pending: map[string][]byte{}}
+		log = &usageLog{folder: folder}
 		usageLogs[folder] = log
 		go log.run()
 	}
@@ -136,43 +142,65 @@ func sigterm() os.Signal {
 	return signal.Interface().(os.Signal)
 }
 
+// add queues a record: on the request's path, so as little as can be.
 func (l *usageLog) add(day string, line []byte) {
 	l.mu.Lock()
-	if l.direct {
+	if l.direct || (day != l.day && len(l.pending) > 0) || len(l.pending)+len(line) > pendingLimit {
 		l.mu.Unlock()
-		l.write(day, line)
+		l.addNow(day, line)
 		return
 	}
-	if l.size+len(line) > pendingLimit {
-		l.dropped++
-		l.mu.Unlock()
-		return
-	}
-	l.pending[day] = append(l.pending[day], line...)
-	l.size += len(line)
+	l.day = day
+	l.pending = append(l.pending, line...)
 	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
+}
+
+// addNow is add when Traefik stops (the record is written at once), at midnight UTC (the last
+// day's records are written first) and when records pile up (it is dropped).
+func (l *usageLog) addNow(day string, line []byte) {
+	l.mu.Lock()
+	direct, full := l.direct, len(l.pending)+len(line) > pendingLimit
+	if full {
+		l.dropped++
+	}
+	l.mu.Unlock()
+	if direct {
+		l.write(day, line)
+	} else if !full {
+		l.flush()
+		l.add(day, line)
 	}
 }
 
+// run writes what waits every flushPause: records reach their file that long after their
+// request ended, and a busy Traefik writes one batch per pause.
 func (l *usageLog) run() {
-	for range l.wake {
-		l.flush()
+	for {
 		time.Sleep(flushPause)
+		l.safely(l.flush)
 	}
+}
+
+// safely runs step, stopping a panic there: one in a goroutine would end Traefik.
+func (l *usageLog) safely(step func()) {
+	defer func() {
+		if failure := recover(); failure != nil {
+			l.complain(fmt.Errorf("%v", failure), 0)
+		}
+	}()
+	step()
 }
 
 func (l *usageLog) flush() {
 	l.mu.Lock()
-	batch, dropped := l.pending, l.dropped
-	l.pending, l.size, l.dropped = map[string][]byte{}, 0, 0
+	day, lines, dropped := l.day, l.pending, l.dropped
+	l.pending = nil // one statement each: Yaegi 0.16 panics on `a, b = nil, 0`
+	l.dropped = 0
 	l.mu.Unlock()
 	if dropped > 0 {
 		l.complain(fmt.Errorf("more than %d bytes of records waited to be written", pendingLimit), dropped)
 	}
-	for day, lines := range batch {
+	if len(lines) > 0 {
 		l.write(day, lines)
 	}
 }
@@ -230,54 +258,52 @@ type record struct {
 
 // requestFacts is what a record needs from the request body, and include_usage's injection.
 type requestFacts struct {
-	model      string
-	stream     bool
-	askedUsage bool
-	options    json.RawMessage
-	body       []byte
+	model   string
+	stream  bool
+	options json.RawMessage
+	body    []byte
 }
 
-// readFacts reads the body again (readBody left it in memory) as llama-server reads it: field
-// names case-sensitive, the last of duplicate fields wins.
+// requestFields are the body's fields that requestFacts come from. Decoding into a struct
+// matches field names case-insensitively (llama-server does not): a field counts only when its
+// name is in the body as such.
+type requestFields struct {
+	Model         json.RawMessage `json:"model"`
+	Stream        json.RawMessage `json:"stream"`
+	StreamOptions json.RawMessage `json:"stream_options"`
+}
+
+// readFacts reads the body again (readBody left it in memory).
 func readFacts(req *http.Request) requestFacts {
 	facts := requestFacts{}
 	if req.GetBody == nil {
 		return facts
 	}
 	reader, err := req.GetBody()
-	if err != nil {
+	if err == nil {
+		facts.body, err = io.ReadAll(reader)
+	}
+	fields := requestFields{}
+	if err != nil || json.Unmarshal(facts.body, &fields) != nil {
 		return facts
 	}
-	var buffer bytes.Buffer
-	if req.ContentLength > 0 {
-		buffer.Grow(int(req.ContentLength))
+	if len(fields.Model) > 0 && fields.Model[0] == '"' && bytes.Contains(facts.body, modelField) {
+		json.Unmarshal(fields.Model, &facts.model)
 	}
-	if _, err := io.Copy(&buffer, reader); err != nil {
-		return facts
-	}
-	facts.body = buffer.Bytes()
-	var fields map[string]json.RawMessage
-	if json.Unmarshal(facts.body, &fields) != nil {
-		return facts
-	}
-	if raw := fields["model"]; len(raw) > 0 && raw[0] == '"' {
-		json.Unmarshal(raw, &facts.model)
-	}
-	facts.stream = string(fields["stream"]) == "true"
-	facts.options = fields["stream_options"]
-	var options map[string]json.RawMessage
-	if json.Unmarshal(facts.options, &options) == nil {
-		facts.askedUsage = string(options["include_usage"]) == "true"
-	}
+	facts.stream = string(fields.Stream) == "true" && bytes.Contains(facts.body, streamField)
+	facts.options = fields.StreamOptions
 	return facts
 }
 
 // withUsageAsked is the body with stream_options.include_usage set (other options kept), or
-// nil when stream_options is there but no object. The new field goes last: llama-server takes
-// the last of duplicate fields.
+// nil when the client asked for usage itself or stream_options is no object. The new field
+// goes last: llama-server takes the last of duplicate fields.
 func (facts requestFacts) withUsageAsked() []byte {
 	options := map[string]json.RawMessage{}
 	if len(facts.options) > 0 && json.Unmarshal(facts.options, &options) != nil {
+		return nil
+	}
+	if string(options["include_usage"]) == "true" {
 		return nil
 	}
 	options["include_usage"] = json.RawMessage("true")
@@ -293,90 +319,27 @@ func (facts requestFacts) withUsageAsked() []byte {
 	return append(result, '}')
 }
 
-// tokenField follows the last occurrence of one key ("usage":, "tokens_evaluated":) in an
-// answer and keeps its value once complete.
-type tokenField struct {
-	key   []byte
-	held  []byte
-	value json.RawMessage
-}
-
-// feed looks at one write; joint is the carry-over of the previous writes (carried bytes)
-// followed by the start of p, for a key split across the two.
-func (f *tokenField) feed(joint []byte, carried int, p []byte) {
-	if at := bytes.LastIndex(p, f.key); at >= 0 {
-		f.held = append(f.held[:0], p[at:]...)
-	} else if at := bytes.LastIndex(joint, f.key); at >= 0 && at < carried && at+len(f.key) > carried {
-		f.held = append(append(f.held[:0], joint[at:carried]...), p...)
-	} else if len(f.held) > 0 {
-		f.held = append(f.held, p...)
+// look keeps the answer from its last token key on (captureLimit bytes at most), carrying the
+// last bytes of each write over to the next for a key split between two. The tokens are read
+// once, when the answer ends (tokens): per Write only a few statements run interpreted.
+func (w *usageMeter) look(p []byte) {
+	w.window = append(append(w.window[:0], w.carry...), p...)
+	at := bytes.LastIndex(w.window, usageKey)
+	if at < 0 {
+		at = bytes.Index(w.window, countsKey)
+	}
+	if at >= 0 {
+		w.found = append(w.found[:0], w.window[at:]...)
+	} else if len(w.found) > 0 && len(w.found) < captureLimit {
+		w.found = append(w.found, p...)
+	}
+	if len(w.found) > captureLimit {
+		w.found = w.found[:captureLimit]
+	}
+	if len(w.window) > carrySize {
+		w.carry = append(w.carry[:0], w.window[len(w.window)-carrySize:]...)
 	} else {
-		return
-	}
-	f.settle(false)
-}
-
-// settle takes the held value once it is complete. A number must be followed by something
-// (its next digits may be in the next write) unless the answer is over (final).
-func (f *tokenField) settle(final bool) {
-	if len(f.held) == 0 {
-		return
-	}
-	if len(f.held) > captureLimit {
-		f.held = f.held[:captureLimit]
-	}
-	text := f.held[len(f.key):]
-	decoder := json.NewDecoder(bytes.NewReader(text))
-	var value json.RawMessage
-	err := decoder.Decode(&value)
-	if err == nil && (final || value[0] == '{' || int(decoder.InputOffset()) < len(text)) {
-		if string(value) != "null" {
-			f.value = value
-		}
-		f.held = f.held[:0]
-		return
-	}
-	if final || len(f.held) >= captureLimit || (err != nil && err != io.ErrUnexpectedEOF && err != io.EOF) {
-		f.held = f.held[:0]
-	}
-}
-
-// tailScan finds the tokens in an answer as it passes, keeping only a few bytes of it.
-type tailScan struct {
-	carry     []byte
-	joint     []byte
-	usage     tokenField
-	evaluated tokenField
-	predicted tokenField
-	done      bool
-}
-
-func newTailScan() *tailScan {
-	return &tailScan{
-		usage:     tokenField{key: usageKey},
-		evaluated: tokenField{key: evaluatedKey},
-		predicted: tokenField{key: predictedKey},
-	}
-}
-
-func (s *tailScan) feed(p []byte) {
-	head := p
-	if len(head) > carrySize {
-		head = head[:carrySize]
-	}
-	s.joint = append(append(s.joint[:0], s.carry...), head...)
-	carried := len(s.carry)
-	s.usage.feed(s.joint, carried, p)
-	s.evaluated.feed(s.joint, carried, p)
-	s.predicted.feed(s.joint, carried, p)
-	s.done = s.done || bytes.Contains(p, doneEvent) || bytes.Contains(s.joint, doneEvent)
-	if len(p) >= carrySize {
-		s.carry = append(s.carry[:0], p[len(p)-carrySize:]...)
-	} else {
-		s.carry = append(s.carry, p...)
-		if len(s.carry) > carrySize {
-			s.carry = append(s.carry[:0], s.carry[len(s.carry)-carrySize:]...)
-		}
+		w.carry = append(w.carry[:0], w.window...)
 	}
 }
 
@@ -387,30 +350,38 @@ type usageCounts struct {
 
 // tokens are the answer's last usage object (embeddings: prompt only, so no completion
 // tokens), else llama.cpp's own counts; nil when unknown.
-func (s *tailScan) tokens() (*int64, *int64) {
-	s.usage.settle(true)
-	s.evaluated.settle(true)
-	s.predicted.settle(true)
+func (w *usageMeter) tokens() (*int64, *int64) {
+	if !bytes.HasPrefix(w.found, usageKey) {
+		prompt, completion := count(w.found, evaluatedKey), count(w.found, predictedKey)
+		if prompt == nil || completion == nil {
+			return nil, nil
+		}
+		return prompt, completion
+	}
 	counts := usageCounts{}
-	if len(s.usage.value) > 0 && json.Unmarshal(s.usage.value, &counts) == nil && counts.PromptTokens != nil {
-		if counts.CompletionTokens == nil {
-			counts.CompletionTokens = new(int64)
-		}
-		if *counts.PromptTokens >= 0 && *counts.CompletionTokens >= 0 {
-			return counts.PromptTokens, counts.CompletionTokens
-		}
+	err := json.NewDecoder(bytes.NewReader(w.found[len(usageKey):])).Decode(&counts)
+	if err != nil || counts.PromptTokens == nil || *counts.PromptTokens < 0 {
 		return nil, nil
 	}
-	prompt, completion := count(s.evaluated.value), count(s.predicted.value)
-	if prompt == nil || completion == nil {
+	if counts.CompletionTokens == nil {
+		counts.CompletionTokens = new(int64)
+	}
+	if *counts.CompletionTokens < 0 {
 		return nil, nil
 	}
-	return prompt, completion
+	return counts.PromptTokens, counts.CompletionTokens
 }
 
-func count(value json.RawMessage) *int64 {
+// count is the number after key in text, when something follows it (its last digits might
+// otherwise be missing).
+func count(text, key []byte) *int64 {
+	at := bytes.Index(text, key)
+	if at < 0 {
+		return nil
+	}
 	var number int64
-	if len(value) == 0 || json.Unmarshal(value, &number) != nil || number < 0 {
+	decoder := json.NewDecoder(bytes.NewReader(text[at+len(key):]))
+	if decoder.Decode(&number) != nil || number < 0 || int(decoder.InputOffset()) >= len(text)-at-len(key) {
 		return nil
 	}
 	return &number
@@ -425,7 +396,7 @@ type usageMeter struct {
 	key         string
 	hint        string
 	start       time.Time
-	facts       *requestFacts
+	facts       requestFacts
 	service     string
 	code        int
 	wroteHeader bool
@@ -435,33 +406,41 @@ type usageMeter struct {
 	hideUsage bool
 	stripping bool
 	event     []byte
-	scan      *tailScan
+	window    []byte
+	carry     []byte
+	found     []byte
 }
 
 func (m *ModelRouter) meter(rw http.ResponseWriter, req *http.Request, digest string) *usageMeter {
 	flusher, _ := rw.(http.Flusher)
 	return &usageMeter{
 		rw: rw, flusher: flusher, req: req, log: m.usage, key: digest, hint: m.hints[digest],
-		start: time.Now(), scan: newTailScan(),
+		start: time.Now(),
 	}
 }
 
-// serve forwards the request to the chosen service, asking for usage in a stream that did
-// not ask for it.
+// serve forwards the request to the chosen service.
 func (w *usageMeter) serve(next http.Handler, req *http.Request, service string) {
 	w.service = service
-	facts := readFacts(req)
-	w.facts = &facts
-	if facts.stream && !facts.askedUsage && streamPaths[req.URL.Path] {
-		if body := facts.withUsageAsked(); body != nil {
-			req.Body = io.NopCloser(bytes.NewReader(body))
-			req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
-			req.ContentLength = int64(len(body))
-			w.hideUsage = true
-		}
+	w.facts = readFacts(req)
+	if w.facts.stream && streamPaths[req.URL.Path] {
+		w.askUsage(req)
 	}
 	next.ServeHTTP(w, req)
 	w.completed = true
+}
+
+// askUsage asks for usage in a stream that did not ask for it: its usage event is then kept
+// from the client (Write).
+func (w *usageMeter) askUsage(req *http.Request) {
+	body := w.facts.withUsageAsked()
+	if body == nil {
+		return
+	}
+	req.Body = io.NopCloser(bytes.NewReader(body))
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	req.ContentLength = int64(len(body))
+	w.hideUsage = true
 }
 
 func (w *usageMeter) Header() http.Header {
@@ -488,7 +467,7 @@ func (w *usageMeter) Write(p []byte) (int, error) {
 	if !w.wroteHeader {
 		w.WriteHeader(http.StatusOK)
 	}
-	w.scan.feed(p)
+	w.look(p)
 	out := p
 	if w.stripping {
 		out = w.withoutUsageEvent(p)
@@ -566,15 +545,14 @@ func (w *usageMeter) end() {
 			w.writeFailed = true
 		}
 	}
-	if w.facts == nil {
-		facts := readFacts(w.req)
-		w.facts = &facts
+	if w.service == "" {
+		w.facts = readFacts(w.req) // refused: serve did not read them
 	}
 	finished := time.Now().UTC()
 	code := w.code
-	prompt, completion := w.scan.tokens()
+	prompt, completion := w.tokens()
 	// answered: a client that hangs up after the tokens or the stream's end got its answer
-	answered := w.completed || prompt != nil || w.scan.done
+	answered := w.completed || prompt != nil || bytes.Contains(w.carry, doneEvent)
 	outcome := "no_usage"
 	switch {
 	case w.service == "":
