@@ -7,6 +7,9 @@ Paths to the same instant backend (bench/instant_backend.cpp), the same POST cha
   to the service (no second hop): what the plugin itself costs (hash, body, header);
 - model-routed: the same plus routheon-grants.yml (1 key granted two services): Routheon's
   plugin reads the body's model, the second hop routes by the header it sets;
+- model-routed-usage: model-routed with usage accounting on (docs/usage.md): the plugin meters
+  every answer and writes a record per request; afterwards the records are counted against the
+  requests wrk completed on that path (none may be missing);
 - model-routed-10k: 10,000 keys over 20 services in the grants file, one of them measured.
 
 Latency is wrk with one connection (p50/p99), requests/s wrk with several; the paths take
@@ -23,6 +26,7 @@ lengths) and docs/benchmarks.md shows it; alone, for a look at this part only:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -70,6 +74,7 @@ CONNECTIONS = 8
 BODY = json.dumps({"model": "model-01", "messages": [{"role": "user", "content": "Name three colours."}],
                    "max_tokens": 8})
 POST = {"Content-Type": "application/json"}
+WARM_REQUESTS = 10
 KEY_HASH = key_hash(KEY)
 
 
@@ -159,12 +164,13 @@ def rss_mib(proc: Child) -> float:
 
 
 def measure_paths(paths: dict[str, str], seconds: int, rounds: int, connections: int) -> list[dict]:
-    """Per path: median over rounds of wrk's p50/p99 (1 connection) and requests/s."""
+    """Per path: median over rounds of wrk's p50/p99 (1 connection) and requests/s; with the
+    requests sent in all (wrk's completed ones and the warm-up)."""
     runs: dict[str, list[tuple[wrk.WrkResult, wrk.WrkResult]]] = {name: [] for name in paths}
     requests = {name: wrk.Request(f"{base}/v1/chat/completions", "POST", {**POST, **bearer(KEY)}, BODY)
                 for name, base in paths.items()}
     for request in requests.values():
-        wrk.warm(request)
+        wrk.warm(request, WARM_REQUESTS)
     for index in range(rounds):
         names = list(paths)
         for name in names[index % len(names):] + names[:index % len(names)]:
@@ -182,8 +188,15 @@ def measure_paths(paths: dict[str, str], seconds: int, rounds: int, connections:
             "rps": round(statistics.median(r[1].rps for r in results)),
             "connections": connections,
             "failed": sum(r[0].failed + r[1].failed for r in results),
+            "requests": WARM_REQUESTS + sum(r[0].requests + r[1].requests for r in results),
         })
     return rows
+
+
+def usage_records(folder: Path) -> int:
+    """Records of KEY in the usage folder; every line whole."""
+    lines = [line for path in folder.glob("*.jsonl") for line in path.read_text().splitlines()]
+    return sum(json.loads(line)["key"] == KEY_HASH for line in lines)
 
 
 def changes_applied(base: str, grants_file: Path, grant: Grants, times: int) -> dict[str, list[float]]:
@@ -230,10 +243,14 @@ def run(workdir: Path, seconds: int, rounds: int, connections: int, attempts: in
             "per-key": workdir / "per-key",
             "plugin-only": plugin_only_folder(workdir / "plugin-only", backend, server),
             "model-routed": workdir / "model-routed",
+            "model-routed-usage": workdir / "model-routed-usage",
             "model-routed-10k": workdir / "model-routed-10k",
         }
+        usage = workdir / "usage"
         write_folder(folders["per-key"], backend, server, None, key_file=True)
         write_folder(folders["model-routed"], backend, server, grants(1, free_port()), key_file=False)
+        write_folder(folders["model-routed-usage"], backend, server,
+                     dataclasses.replace(grants(1, free_port()), usage_dir=str(usage)), key_file=False)
         many = grants(KEYS, free_port())
         write_folder(folders["model-routed-10k"], backend, server, many, key_file=False)
 
@@ -242,6 +259,9 @@ def run(workdir: Path, seconds: int, rounds: int, connections: int, attempts: in
         rows = measure_paths(paths, seconds, rounds, connections)
         for row in rows:
             row["rss_mib"] = rss_mib(started[row["path"]][0])
+        metered = next(row for row in rows if row["path"] == "model-routed-usage")
+        time.sleep(1.0)  # records reach their file within 50 ms of their request
+        recorded = usage_records(usage)
         applied = changes_applied(paths["model-routed-10k"], folders["model-routed-10k"] / GRANTS_FILE, many, attempts)
         for proc, _, _ in started.values():
             proc.stop(signal.SIGKILL)
@@ -256,6 +276,8 @@ def run(workdir: Path, seconds: int, rounds: int, connections: int, attempts: in
             "ready_s": ready,
             "applied_s": applied,
             "python": python_side(folders["model-routed-10k"]),
+            # the readiness checks are recorded too: at least as many records as requests
+            "usage": {"records": recorded, "requests": metered["requests"]},
             "keys": KEYS,
             "services": SERVICES,
             "settings": {"seconds": seconds, "rounds": rounds, "connections": connections, "attempts": attempts},

@@ -180,7 +180,25 @@ def model_route_goals(part: dict) -> list[dict]:
     worst = max(part.get("ready_s", {}).get("model-routed-10k") or [], default=None)
     out.append(_goal("10,000 keys: Traefik ready after start", "<= 5 s", worst, worst is not None and worst <= 5,
                      "–" if worst is None else f"{worst:.2f} s"))
-    return out
+    return out + usage_goals(part)
+
+
+def usage_goals(part: dict) -> list[dict]:
+    """Issue 19's goals for usage accounting: its cost per request, and no record lost."""
+    one, metered = _find(part.get("paths", []), path="model-routed"), _find(part.get("paths", []),
+                                                                             path="model-routed-usage")
+    if metered is None:
+        return []
+    added = metered["p50_ms"] - one["p50_ms"] if one else None
+    usage = part.get("usage", {})
+    missing = usage["requests"] - usage["records"] if usage else None
+    return [
+        _goal("usage accounting: p50 above model-routed", "<= +0.05 ms", added, added is not None and added <= 0.05,
+              "–" if added is None else f"{added:+.3f} ms"),
+        _goal("usage accounting: a record for every request", "none missing", missing,
+              missing is not None and missing <= 0,
+              "–" if missing is None else f"{usage['records']:,} records, {usage['requests']:,} requests"),
+    ]
 
 
 def _goal(name: str, wanted: str, value: float | None, met: bool | None, shown: str) -> dict:

@@ -138,6 +138,21 @@ def test_ten_thousand_keys_goals_count_the_worst_attempt() -> None:
     assert not any(item["goal"].startswith("10,000 keys") for item in report.goals({}))
 
 
+def test_usage_goals_compare_with_model_routed_and_count_the_records() -> None:
+    results = _model_route(0.5, 0.6, 1.0, 1.0)
+    part = results["modelroute"]
+    part["paths"].append({**part["paths"][1], "path": "model-routed-usage", "p50_ms": 0.53})
+    part["usage"] = {"records": 20_011, "requests": 20_010}
+    met = {item["goal"]: item for item in report.goals(results)}
+    assert met["usage accounting: p50 above model-routed"]["met"] is True
+    assert met["usage accounting: a record for every request"]["shown"] == "20,011 records, 20,010 requests"
+    part["paths"][-1]["p50_ms"], part["usage"]["records"] = 0.56, 20_009
+    missed = {item["goal"]: item for item in report.goals(results)}
+    assert missed["usage accounting: p50 above model-routed"]["shown"] == "+0.060 ms"
+    assert [missed[goal]["met"] for goal in ("usage accounting: p50 above model-routed",
+                                             "usage accounting: a record for every request")] == [False, False]
+
+
 def test_model_route_table_compares_with_the_single_service_key() -> None:
     results = _model_route(0.55, 0.6, 1.0, 1.0)
     rows = report.model_route_rows(results)
@@ -181,10 +196,13 @@ def test_quick_run_measures_model_routing_and_ten_thousand_keys(tmp_path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     rows = results["modelroute"]["paths"]
-    assert [row["path"] for row in rows] == ["plain", "per-key", "plugin-only", "model-routed", "model-routed-10k"]
+    assert [row["path"] for row in rows] == [
+        "plain", "per-key", "plugin-only", "model-routed", "model-routed-usage", "model-routed-10k"]
     assert all(row["rps"] > 0 and row["failed"] == 0 for row in rows)
-    goals = [goal for goal in results["goals"] if goal["goal"].startswith("10,000 keys")]
-    assert len(goals) == 4 and all(goal["value"] is not None for goal in goals)
+    goals = [goal for goal in results["goals"] if goal["goal"].startswith(("10,000 keys", "usage accounting"))]
+    assert len(goals) == 6 and all(goal["value"] is not None for goal in goals)
+    usage = results["modelroute"]["usage"]
+    assert usage["records"] >= usage["requests"] > 0
     folders = results["keyfiles"]["folders"]
     assert [row["path"] for row in folders] == ["guarded", "unguarded"]
     assert all(row["rps"] > 0 and row["failed"] == 0 and row["files"] == 20 for row in folders)
