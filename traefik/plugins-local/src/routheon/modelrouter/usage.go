@@ -319,30 +319,6 @@ func (facts requestFacts) withUsageAsked() []byte {
 	return append(result, '}')
 }
 
-// look keeps the answer from its last token key on (captureLimit bytes at most), carrying the
-// last bytes of each write over to the next for a key split between two. The tokens are read
-// once, when the answer ends (tokens): per Write only a few statements run interpreted.
-func (w *usageMeter) look(p []byte) {
-	w.window = append(append(w.window[:0], w.carry...), p...)
-	at := bytes.LastIndex(w.window, usageKey)
-	if at < 0 {
-		at = bytes.Index(w.window, countsKey)
-	}
-	if at >= 0 {
-		w.found = append(w.found[:0], w.window[at:]...)
-	} else if len(w.found) > 0 && len(w.found) < captureLimit {
-		w.found = append(w.found, p...)
-	}
-	if len(w.found) > captureLimit {
-		w.found = w.found[:captureLimit]
-	}
-	if len(w.window) > carrySize {
-		w.carry = append(w.carry[:0], w.window[len(w.window)-carrySize:]...)
-	} else {
-		w.carry = append(w.carry[:0], w.window...)
-	}
-}
-
 type usageCounts struct {
 	PromptTokens     *int64 `json:"prompt_tokens"`
 	CompletionTokens *int64 `json:"completion_tokens"`
@@ -463,13 +439,37 @@ func (w *usageMeter) WriteHeader(code int) {
 
 // Write passes p on at once and flushes it: Traefik's proxy cannot see this wrapper's Flush
 // through Yaegi (traefik#10269), so a stream would otherwise arrive only at its end.
+//
+// On the way it keeps the answer from its last token key on (about captureLimit bytes), and
+// the last bytes of each write for a key split between two; the tokens are read once, when
+// the answer ends (tokens). It is one function on purpose: a call costs Yaegi an allocation
+// per variable of the function called, and this runs for every chunk of every stream.
 func (w *usageMeter) Write(p []byte) (int, error) {
 	if !w.wroteHeader {
 		w.WriteHeader(http.StatusOK)
 	}
-	w.look(p)
+	window := append(append(w.window[:0], w.carry...), p...)
+	found := w.found
+	at := bytes.LastIndex(window, usageKey)
+	if at < 0 {
+		at = bytes.Index(window, countsKey)
+	}
+	if at >= 0 {
+		found = append(found[:0], window[at:]...)
+	} else if len(found) > 0 && len(found) < captureLimit {
+		found = append(found, p...) // bounded: it grows no more once past captureLimit
+	}
+	cut := len(window) - carrySize
+	if cut < 0 {
+		cut = 0
+	}
+	w.window = window
+	w.found = found
+	w.carry = append(w.carry[:0], window[cut:]...)
 	out := p
-	if w.stripping {
+	// most writes of a stream are whole events, none of them to take out
+	if w.stripping && (len(w.event) > 0 || !bytes.HasSuffix(p, eventEnds[0]) ||
+		bytes.Contains(p, emptyChoices[0]) || bytes.Contains(p, emptyChoices[1])) {
 		out = w.withoutUsageEvent(p)
 	}
 	if len(out) > 0 {
