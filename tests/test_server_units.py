@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from unittest import mock
 
+import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -103,7 +104,7 @@ class TestCpuSampler:
             intervals.append(interval)
             return 37.5
 
-        monkeypatch.setattr(stats.psutil, "cpu_percent", cpu_percent)
+        monkeypatch.setattr(psutil, "cpu_percent", cpu_percent)
         monkeypatch.setattr(stats, "FIRST_SAMPLE_AFTER", 0.01)
 
         async def scenario() -> tuple[float, float]:

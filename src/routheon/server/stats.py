@@ -5,6 +5,11 @@ Section and field names are those of routheon-server 1.0.6/1.0.7, so an existing
 readings over time; the original took them one second apart inside every request and so
 served one request per second. Here a background task reads the CPU counters once a second
 and requests only read the last value.
+
+Nothing here runs before the server's first answer: psutil is imported where it is first used
+(about 7 ms on two busy cores), the host's identity is read with the first ``/stats`` body
+(``platform.processor()`` runs ``uname -p``, 12 to 18 ms), and the sampler takes its first
+reading FIRST_SAMPLE_AFTER after the start (routheon-server's start-up, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
 
 log = logging.getLogger(__name__)
@@ -154,6 +158,8 @@ def system_identity() -> dict[str, str]:
 def _percent_since_boot() -> float:
     """CPU busy share since boot: the arithmetic psutil.cpu_percent applies to two samples,
     applied to one (boot is the other)."""
+    import psutil
+
     times = psutil.cpu_times()
     # Linux counts guest time inside user and nice already
     total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
@@ -163,6 +169,8 @@ def _percent_since_boot() -> float:
 
 def collect(cpu_percent: float, identity: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
     """Every section of ``/stats``; all readings here are cheap, non-blocking psutil calls."""
+    import psutil
+
     now = time.time() if now is None else now
     uptime = max(0, int(now - psutil.boot_time()))
     load = psutil.getloadavg()
@@ -206,18 +214,16 @@ class StatsService:
     def __init__(self, config: StatsConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config or StatsConfig()
         self._clock = clock
-        self._identity = system_identity()
-        self._cpu_percent = 0.0
+        self._identity: dict[str, str] | None = None
+        # None until the first sample: /stats then shows the average since boot, a real value
+        # rather than a made-up 0
+        self._cpu_percent: float | None = None
         self._body: bytes | None = None
         self._built_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        # Starting never waits for a measurement: until the first one lands (FIRST_SAMPLE_AFTER
-        # later), /stats shows the average since boot, a real value rather than a made-up 0.
-        self._cpu_percent = _percent_since_boot()
-        # the reference point the first sample is measured from
-        psutil.cpu_percent(interval=None)
+        """Start sampling in the background; never waits for a reading."""
         self._task = asyncio.create_task(self._sample_forever(), name="cpu-sampler")
 
     async def stop(self) -> None:
@@ -228,6 +234,10 @@ class StatsService:
 
     async def _sample_forever(self) -> None:
         delay = FIRST_SAMPLE_AFTER
+        await asyncio.sleep(delay)  # the server answers meanwhile
+        import psutil
+
+        psutil.cpu_percent(interval=None)  # the reference point the first sample is measured from
         while True:
             await asyncio.sleep(delay)
             delay = SAMPLE_INTERVAL
@@ -242,7 +252,10 @@ class StatsService:
         now = self._clock()
         if self._body is None or now - self._built_at >= SAMPLE_INTERVAL:
             try:
-                stats = collect(self._cpu_percent, self._identity)
+                if self._identity is None:
+                    self._identity = system_identity()
+                cpu = self._cpu_percent if self._cpu_percent is not None else _percent_since_boot()
+                stats = collect(cpu, self._identity)
             except Exception:
                 log.exception("collecting host stats failed")
                 return self._body
