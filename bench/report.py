@@ -75,8 +75,10 @@ def memory_rows(results: dict) -> list[list[str]]:
 
 
 def startup_rows(results: dict) -> list[list[str]]:
+    startup = results.get("startup", {})
+    original = startup.get("original", {}).get("median_s")
     return [[target, _num(item["median_s"] * 1000), _num(item["min_s"] * 1000), _num(item["max_s"] * 1000),
-             str(item["runs"])] for target, item in results.get("startup", {}).items()]
+             str(item["runs"]), _ratio(_div(item["median_s"], original))] for target, item in startup.items()]
 
 
 def chat_rows(results: dict) -> list[list[str]]:
@@ -286,7 +288,8 @@ def goal_rows(results: dict) -> list[list[str]]:
 
 SECTIONS = (
     ("routheon-server against the original and the floor (req/s, latency p50 / p99 in ms)", SERVER_HEADER, server_rows),
-    ("Start-up: exec to first answer (ms)", ["server", "median", "min", "max", "runs"], startup_rows),
+    ("Start-up: exec to first answer (ms; floor: a bare aiohttp app)", ["server", "median", "min", "max", "runs",
+                                                                       "median ÷ original"], startup_rows),
     ("Peak RSS under load (MiB, process and children)", ["case", "conns", "server", "peak RSS"], memory_rows),
     ("Token path: sequential chat requests (ms)",
      ["measure", "path", "n", "failed", "p50", "p99", "p50 − direct p50", "median of paired Δ"], chat_rows),

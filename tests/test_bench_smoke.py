@@ -50,7 +50,7 @@ def test_header_values_cannot_break_out_of_the_lua_script() -> None:
 def test_quick_run_measures_routheon_against_the_floor(tmp_path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "servers", "--only", "models-2",
+        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "servers,startup", "--only", "models-2",
          "--targets", "routheon,floor", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
@@ -62,6 +62,8 @@ def test_quick_run_measures_routheon_against_the_floor(tmp_path) -> None:
         ("routheon", 1), ("routheon", 16), ("floor", 1), ("floor", 16)}
     assert all(row["requests"] > 0 and row["failed"] == 0 for row in rows)
     assert next(row for row in rows if row["target"] == "routheon")["answer"] == {"models": 2}
+    assert set(results["startup"]) == {"routheon", "floor"}
+    assert all(item["runs"] == 1 and item["median_s"] > 0 for item in results["startup"].values())
     share = next(goal for goal in results["goals"] if goal["goal"].startswith("/v1/models"))
     assert share["value"] is not None
     assert report.text_tables(results) in proc.stdout
