@@ -82,7 +82,7 @@ def free_port(preferred: int | None = None) -> int:
 
     A port is free only until someone binds it, and the caller's child binds it a moment
     later. A port from ``bind(0)`` lies in the ephemeral range, where every outgoing connection
-    (a test's client, Traefik's new connection per request) takes its local port too: one took
+    (a test's client, Traefik's connections to backends) takes its local port too: one took
     a port in that moment in a CI run with two busy loops ("address already in use" for a test
     backend, 6 errors in 450 tests). Below that range only programs that bind on purpose pick
     ports, and a random choice keeps two of them (parallel test workers) apart: drawn from the
