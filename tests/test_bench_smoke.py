@@ -46,17 +46,21 @@ def test_header_values_cannot_break_out_of_the_lua_script() -> None:
     assert "[==[Bearer a]]b]=]c]==]" in script
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
-def test_quick_run_measures_routheon_against_the_floor(tmp_path) -> None:
+def quick_run(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``python -m bench --profile quick ARGS``: it succeeded; its stdout and its results."""
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "servers,startup", "--only", "models-2",
-         "--targets", "routheon,floor", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--profile", "quick", *args, "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_quick_run_measures_routheon_against_the_floor(tmp_path) -> None:
+    proc, results = quick_run(tmp_path, "--parts", "servers,startup", "--only", "models-2", "--targets", "routheon,floor")
     assert "/v1/models, 2 live" in proc.stdout
-    results = json.loads(out.read_text())
     rows = results["servers"]
     assert {(row["target"], row["connections"]) for row in rows} == {
         ("routheon", 1), ("routheon", 16), ("floor", 1), ("floor", 16)}
@@ -139,13 +143,8 @@ def test_token_path_goals_hold_routheon_against_plain_traefik_and_direct() -> No
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_quick_run_measures_connection_reuse(tmp_path) -> None:
-    out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "reuse", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["reuse"]["rows"]
+    proc, results = quick_run(tmp_path, "--parts", "reuse")
+    rows = results["reuse"]["rows"]
     assert [row["path"] for row in rows] == ["traefik", "traefik-models", "traefik-bare"]
     assert all(row["requests"] == 200 and row["streams"] == 100 and row["backend_connections"] > 0 for row in rows)
     assert "Connection reuse" in proc.stdout
@@ -222,13 +221,7 @@ def test_key_file_folders_differ_only_in_the_guards(tmp_path) -> None:
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_quick_run_measures_model_routing_and_ten_thousand_keys(tmp_path) -> None:
-    out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--profile", "quick", "--parts", "modelroute,keyfiles", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    proc, results = quick_run(tmp_path, "--parts", "modelroute,keyfiles")
     rows = results["modelroute"]["paths"]
     assert [row["path"] for row in rows] == ["plain", "per-key", "plugin-only", "model-routed", "model-routed-10k"]
     assert all(row["rps"] > 0 and row["failed"] == 0 for row in rows)
